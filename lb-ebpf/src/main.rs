@@ -1,0 +1,78 @@
+//! The XDP program of the failover load balancer.
+//!
+//! One entry point, [`lb_xdp`], runs on every NIC the agent attaches it to. Each packet goes
+//! through the same steps, top to bottom:
+//!
+//! 1. **parse** the Ethernet header (one optional 802.1Q tag) — [`parse`];
+//! 2. **ARP**: a request for a VIP on a client-facing NIC is answered in place — [`arp`];
+//! 3. **look up** the destination among the VIPs, or the source among the backends — [`maps`];
+//! 4. **rewrite** addresses and checksums — [`forward`], [`reverse`], [`rewrite`];
+//! 5. **forward** with `XDP_TX` or `XDP_REDIRECT` — [`rewrite::transmit`].
+//!
+//! Anything that is not VIP traffic, or that cannot be parsed and checksummed completely, is
+//! handed to the kernel untouched (`XDP_PASS`).
+#![no_std]
+#![no_main]
+
+mod arp;
+mod forward;
+mod maps;
+mod packet;
+mod parse;
+mod reverse;
+mod rewrite;
+mod stats;
+
+use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
+use lb_common::iface_flags;
+use network_types::eth::EtherType;
+
+/// Entry point: classifies one frame and returns its XDP action.
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let Some(iface) = maps::ingress_iface(&ctx) else {
+        // Not a NIC of ours (the agent has not configured it yet): hands off.
+        return xdp_action::XDP_PASS;
+    };
+    let action = process(&ctx, &iface);
+    stats::count_action(iface.slot, action);
+    action
+}
+
+/// Parse → look up → rewrite → forward for one frame on a configured NIC.
+#[inline(always)]
+fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
+    let Some(l2) = parse::ethernet(ctx) else {
+        return xdp_action::XDP_PASS;
+    };
+    if l2.ether_type == EtherType::Arp as u16 {
+        if iface.flags & iface_flags::CLIENT == 0 {
+            return xdp_action::XDP_PASS;
+        }
+        return arp::answer(ctx, &l2, iface);
+    }
+    if l2.ether_type != EtherType::Ipv4 as u16 {
+        return xdp_action::XDP_PASS;
+    }
+    let Some(addrs) = parse::ipv4_addresses(ctx, &l2) else {
+        return xdp_action::XDP_PASS;
+    };
+    if maps::is_vip(&addrs.dst) {
+        forward::forward(ctx, &l2, iface)
+    } else if iface.flags & iface_flags::BACKEND != 0 {
+        reverse::reverse(ctx, &l2)
+    } else {
+        xdp_action::XDP_PASS
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// License of the program; GPL-compatible so the kernel allows every helper it uses.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,145 @@
+//! Parsing: finds the headers of a frame, and refuses (returns `None` for) anything the
+//! program could not rewrite with correct checksums.
+//!
+//! Refused on purpose (the frame goes to the kernel untouched): IPv4 with options
+//! (IHL ≠ 5), fragments (MF set or non-zero offset), a bad IPv4 header checksum, a total
+//! length that disagrees with the frame, a transport header shorter than its minimum,
+//! ICMP other than echo.
+
+use aya_ebpf::programs::XdpContext;
+use lb_common::{csum, proto};
+use network_types::{
+    eth::{EthHdr, EtherType},
+    icmp::Icmpv4Hdr,
+    ip::Ipv4Hdr,
+    tcp::TcpHdr,
+    udp::UdpHdr,
+    vlan::VlanHdr,
+};
+
+use crate::packet::{frame_len, header_mut};
+
+/// Where the network layer starts, and what it is.
+pub struct L2 {
+    /// Ether type of the network layer (network order, as `EtherType as u16`).
+    pub ether_type: u16,
+    /// Offset of the network header.
+    pub l3: usize,
+}
+
+/// The two addresses of an IPv4 header, enough to decide whether a frame is ours.
+pub struct Addresses {
+    /// Destination address.
+    pub dst: [u8; 4],
+}
+
+/// A fully checked IPv4 packet the program may rewrite.
+pub struct Ipv4 {
+    /// Source address.
+    pub src: [u8; 4],
+    /// Destination address.
+    pub dst: [u8; 4],
+    /// [`proto`] number.
+    pub protocol: u8,
+    /// Source port (TCP, UDP) or `[0, 0]`.
+    pub src_port: [u8; 2],
+    /// Destination port (TCP, UDP) or `[0, 0]`.
+    pub dst_port: [u8; 2],
+    /// ICMP type, for ICMP.
+    pub icmp_type: u8,
+    /// Offset of the transport header.
+    pub l4: usize,
+}
+
+/// ICMP echo request type.
+pub const ICMP_ECHO_REQUEST: u8 = 8;
+/// ICMP echo reply type.
+pub const ICMP_ECHO_REPLY: u8 = 0;
+
+/// The Ethernet header and at most one 802.1Q tag.
+#[inline(always)]
+pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
+    let eth: &mut EthHdr = header_mut(ctx, 0)?;
+    let ether_type = eth.ether_type;
+    if ether_type != EtherType::Ieee8021q as u16 {
+        return Some(L2 { ether_type, l3: EthHdr::LEN });
+    }
+    let vlan: &mut VlanHdr = header_mut(ctx, EthHdr::LEN)?;
+    Some(L2 { ether_type: vlan.ether_type, l3: EthHdr::LEN + VlanHdr::LEN })
+}
+
+/// The addresses of an IPv4 header, if its fixed part is present.
+#[inline(always)]
+pub fn ipv4_addresses(ctx: &XdpContext, l2: &L2) -> Option<Addresses> {
+    let ip: &mut Ipv4Hdr = header_mut(ctx, l2.l3)?;
+    Some(Addresses { dst: ip.dst_addr })
+}
+
+/// The IPv4 header and the transport header, checked in full.
+#[inline(always)]
+pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Option<Ipv4> {
+    let ip: &mut Ipv4Hdr = header_mut(ctx, l2.l3)?;
+    if ip.vihl != 0x45 {
+        return None; // not IPv4, or options present
+    }
+    let frags = u16::from_be_bytes(ip.frags);
+    if frags & 0x3fff != 0 {
+        return None; // a fragment (MF or offset)
+    }
+    let total = u16::from_be_bytes(ip.tot_len) as usize;
+    if total < Ipv4Hdr::LEN || l2.l3 + total > frame_len(ctx) {
+        return None; // truncated, or a length that lies
+    }
+    if !csum::ipv4_header_ok(as_bytes(ip)) {
+        return None;
+    }
+    let l4 = l2.l3 + Ipv4Hdr::LEN;
+    let l4_len = total - Ipv4Hdr::LEN;
+    let mut packet = Ipv4 {
+        src: ip.src_addr,
+        dst: ip.dst_addr,
+        protocol: ip.proto,
+        src_port: [0, 0],
+        dst_port: [0, 0],
+        icmp_type: 0,
+        l4,
+    };
+    match packet.protocol {
+        proto::TCP => {
+            let tcp: &mut TcpHdr = header_mut(ctx, l4)?;
+            if l4_len < TcpHdr::LEN {
+                return None;
+            }
+            packet.src_port = tcp.source;
+            packet.dst_port = tcp.dest;
+        }
+        proto::UDP => {
+            let udp: &mut UdpHdr = header_mut(ctx, l4)?;
+            if l4_len < UdpHdr::LEN {
+                return None;
+            }
+            packet.src_port = udp.src;
+            packet.dst_port = udp.dst;
+        }
+        proto::ICMP => {
+            let icmp: &mut Icmpv4Hdr = header_mut(ctx, l4)?;
+            if l4_len < Icmpv4Hdr::LEN {
+                return None;
+            }
+            packet.icmp_type = icmp.type_;
+            if icmp.code != 0 {
+                return None;
+            }
+        }
+        _ => return None,
+    }
+    Some(packet)
+}
+
+/// The 20 bytes of an IPv4 header.
+#[inline(always)]
+pub fn as_bytes(ip: &Ipv4Hdr) -> &[u8; 20] {
+    // SAFETY: `Ipv4Hdr` is `#[repr(C)]`, 20 bytes of byte fields with no padding, so every
+    // byte is initialised and the layout is exactly the wire format.
+    unsafe { &*(ip as *const Ipv4Hdr as *const [u8; 20]) }
+}

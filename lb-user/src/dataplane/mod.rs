@@ -1,0 +1,146 @@
+//! The dataplane: the embedded XDP program, loaded, attached and fed from a [`Plan`].
+//!
+//! - [`Dataplane::load`] loads the program and takes ownership of its maps;
+//! - [`Dataplane::attach`] puts it on a NIC (detached again on drop, also if the agent dies:
+//!   attachments are kernel links owned by this process);
+//! - [`writer::MapWriter`] writes the plan and flips a service's active backend;
+//! - [`counters`] reads the per-CPU counters.
+
+pub mod counters;
+pub mod writer;
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    Ebpf,
+};
+use lb_common::PROGRAM_NAME;
+
+use crate::config::XdpModeSetting;
+pub use writer::MapWriter;
+
+/// The compiled XDP program, embedded at build time.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
+
+/// The loaded program, its maps and its attachments.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    /// Writer of the program's maps.
+    pub maps: MapWriter,
+    attached: Vec<Attachment>,
+}
+
+/// One NIC the program is attached to.
+#[derive(Debug)]
+pub struct Attachment {
+    /// NIC name.
+    pub iface: String,
+    /// The mode the kernel accepted.
+    pub mode: XdpModeSetting,
+    link: XdpLinkId,
+}
+
+impl Dataplane {
+    /// Loads the embedded program into the kernel (it is not attached anywhere yet).
+    pub fn load() -> Result<Self> {
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(OBJECT).context(
+            "cannot load the XDP program into the kernel (needs root or CAP_BPF + CAP_NET_ADMIN)",
+        )?;
+        let maps = MapWriter::take(&mut ebpf)?;
+        let mut dataplane = Dataplane { ebpf, maps, attached: Vec::new() };
+        dataplane
+            .program()?
+            .load()
+            .context("the kernel's verifier refused the XDP program")?;
+        Ok(dataplane)
+    }
+
+    /// The program, for attaching it or running it on test packets (`BPF_PROG_TEST_RUN`).
+    pub fn program(&mut self) -> Result<&mut Xdp> {
+        let program = self
+            .ebpf
+            .program_mut(PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PROGRAM_NAME} missing from the object file"))?;
+        Ok(program.try_into()?)
+    }
+
+    /// Attaches the program to `iface` in `mode`. Native mode falls back to generic mode,
+    /// with a warning, when the driver refuses it.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<XdpModeSetting> {
+        let program = self.program()?;
+        let attempt = |program: &mut Xdp, mode: XdpModeSetting| {
+            let flags = match mode {
+                XdpModeSetting::Native => XdpMode::Driver,
+                XdpModeSetting::Skb => XdpMode::Skb,
+            };
+            program.attach(iface, flags)
+        };
+        let (link, mode) = match attempt(program, mode) {
+            Ok(link) => (link, mode),
+            Err(native_error) if mode == XdpModeSetting::Native && !is_busy(&native_error) => {
+                tracing::warn!(
+                    iface,
+                    error = %native_error,
+                    "native XDP refused; attaching in generic (skb) mode, which is slower"
+                );
+                let link = attempt(program, XdpModeSetting::Skb)
+                    .map_err(|e| attach_error(iface, e))?;
+                (link, XdpModeSetting::Skb)
+            }
+            Err(error) => return Err(attach_error(iface, error)),
+        };
+        self.attached.push(Attachment { iface: iface.to_string(), mode, link });
+        Ok(mode)
+    }
+
+    /// The NICs the program is attached to.
+    pub fn attachments(&self) -> &[Attachment] {
+        &self.attached
+    }
+
+    /// Detaches the program from every NIC (dropping the dataplane does the same).
+    pub fn detach_all(&mut self) -> Result<()> {
+        let attached = std::mem::take(&mut self.attached);
+        let program = self.program()?;
+        for attachment in attached {
+            program
+                .detach(attachment.link)
+                .with_context(|| format!("cannot detach the XDP program from {}", attachment.iface))?;
+            tracing::info!(iface = attachment.iface, "detached");
+        }
+        Ok(())
+    }
+}
+
+/// Whether attaching failed because the NIC already carries an XDP program.
+fn is_busy(error: &aya::programs::ProgramError) -> bool {
+    use aya::programs::{xdp::XdpError, ProgramError};
+    let errno = match error {
+        ProgramError::SyscallError(e) => e.io_error.raw_os_error(),
+        ProgramError::XdpError(XdpError::NetlinkError(e)) => e.raw_os_error(),
+        _ => None,
+    };
+    matches!(errno, Some(libc::EBUSY) | Some(libc::EEXIST))
+}
+
+fn attach_error(iface: &str, error: aya::programs::ProgramError) -> anyhow::Error {
+    if is_busy(&error) {
+        anyhow!(
+            "interface {iface:?} already carries an XDP program (another lb, or another tool); \
+             stop it first (`ip link show {iface}` shows it)"
+        )
+    } else {
+        anyhow::Error::new(error).context(format!("cannot attach the XDP program to {iface:?}"))
+    }
+}
+
+/// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11).
+fn raise_memlock_limit() {
+    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit only reads the struct we pass.
+    let result = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    if result != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK; fine on kernels >= 5.11");
+    }
+}

@@ -1,0 +1,16 @@
+//! The agent of the XDP failover load balancer, as a library: the `lb` binary is a thin
+//! command line over it, and the end-to-end tests drive the same code.
+//!
+//! - [`config`]: the TOML file an operator writes;
+//! - [`plan`]: that file checked and resolved against the host's NICs;
+//! - [`dataplane`]: the embedded XDP program, its attachment and the map writer;
+//! - [`control`]: the HTTP endpoint (`/status`, manual activation);
+//! - [`agent`]: ties them together for `lb run`.
+#![deny(missing_docs)]
+
+pub mod agent;
+pub mod config;
+pub mod control;
+pub mod dataplane;
+pub mod net;
+pub mod plan;

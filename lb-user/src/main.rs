@@ -1,0 +1,202 @@
+//! `lb`: the command line of the XDP failover load balancer.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use lb_user::{
+    agent::{self, RunOptions},
+    config::{Config, XdpModeSetting, DEFAULT_LISTEN},
+    control::{Change, Status},
+    plan::Plan,
+};
+
+/// XDP failover load balancer: keeps each VIP on its best backend.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Attach the program to the NICs and serve the configured VIPs until SIGINT/SIGTERM.
+    Run {
+        /// The config file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// A further NIC to attach to (repeatable); NICs of backends are added automatically.
+        #[arg(long = "iface")]
+        ifaces: Vec<String>,
+        /// Attachment mode; overrides `xdp_mode` from the config.
+        #[arg(long, value_enum)]
+        xdp_mode: Option<XdpModeSetting>,
+    },
+    /// Validate a config file and print the resolved plan.
+    CheckConfig {
+        /// The config file (TOML).
+        config: PathBuf,
+    },
+    /// Print the state of the running agent.
+    Status {
+        /// The agent's endpoint.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        endpoint: String,
+    },
+    /// Make BACKEND the active backend of SERVICE now (manual failover).
+    Activate {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+        /// The agent's endpoint.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        endpoint: String,
+    },
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config, ifaces, xdp_mode } => {
+                let config = Config::load(&config)?;
+                agent::run(config, RunOptions { ifaces, xdp_mode }).await
+            }
+            Command::CheckConfig { config } => check_config(&config).await,
+            Command::Status { endpoint } => tokio::task::spawn_blocking(move || status(&endpoint)).await?,
+            Command::Activate { service, backend, endpoint } => {
+                tokio::task::spawn_blocking(move || activate(&endpoint, &service, &backend)).await?
+            }
+        }
+    })
+}
+
+async fn check_config(path: &PathBuf) -> Result<()> {
+    let config = Config::load(path)?;
+    let plan = Plan::resolve(&config, &[]).await?;
+    println!("config {} is valid", path.display());
+    for iface in &plan.interfaces {
+        println!("interface {} (ifindex {}, {}): {:?}", iface.name, iface.ifindex, lb_user::net::format_mac(&iface.mac), iface.role);
+    }
+    for service in &plan.services {
+        let proto = service.protocol.map_or("any".into(), |p| format!("{p:?}").to_lowercase());
+        let port = service.port.map_or("any".into(), |p| p.to_string());
+        println!("service {}: vip {} protocol {proto} port {port}", service.name, service.vip);
+        for (rank, b) in service.backends.iter().enumerate() {
+            println!(
+                "  {}. {} {} priority {} via {} to {}{}",
+                rank + 1,
+                b.name,
+                b.ip,
+                b.priority,
+                b.iface,
+                lb_user::net::format_mac(&b.mac),
+                if rank == 0 { " (starts active)" } else { "" }
+            );
+        }
+    }
+    Ok(())
+}
+
+fn endpoint_url(endpoint: &str, path: &str) -> String {
+    let base = endpoint.trim_end_matches('/');
+    if base.starts_with("http://") {
+        format!("{base}{path}")
+    } else {
+        format!("http://{base}{path}")
+    }
+}
+
+fn status(endpoint: &str) -> Result<()> {
+    let url = endpoint_url(endpoint, "/status");
+    let status: Status = ureq::get(&url)
+        .call()
+        .with_context(|| format!("cannot reach the agent at {url}; is `lb run` running (metrics_listen)?"))?
+        .body_mut()
+        .read_json()
+        .context("the agent's /status answer is not valid")?;
+    for iface in &status.interfaces {
+        println!("interface {} ({})", iface.name, iface.mode);
+    }
+    for service in &status.services {
+        println!(
+            "service {} vip {} {}{}: active {}",
+            service.name,
+            service.vip,
+            service.protocol.as_deref().unwrap_or("any"),
+            service.port.map(|p| format!("/{p}")).unwrap_or_default(),
+            service.active.as_deref().unwrap_or("none (dropping)")
+        );
+        for b in &service.backends {
+            println!(
+                "  {} {} {} via {} priority {}: {} packets forward, {} reverse",
+                if b.active { "*" } else { " " },
+                b.name,
+                b.ip,
+                b.iface,
+                b.priority,
+                b.packets_forward,
+                b.packets_reverse
+            );
+        }
+        if let Some(change) = &service.last_change {
+            println!(
+                "  last change: {} -> {} ({}), map write {:.1} us",
+                change.from.as_deref().unwrap_or("-"),
+                change.to.as_deref().unwrap_or("-"),
+                change.cause,
+                change.write_us
+            );
+        }
+    }
+    Ok(())
+}
+
+fn activate(endpoint: &str, service: &str, backend: &str) -> Result<()> {
+    let url = endpoint_url(endpoint, &format!("/services/{service}/activate/{backend}"));
+    let mut response = ureq::post(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_empty()
+        .with_context(|| format!("cannot reach the agent at {url}; is `lb run` running?"))?;
+    if !response.status().is_success() {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("the agent refused: {}", text.trim());
+    }
+    let change: Change = response.body_mut().read_json()?;
+    println!(
+        "service {service}: {} -> {} (map write {:.1} us)",
+        change.from.as_deref().unwrap_or("-"),
+        change.to.as_deref().unwrap_or("-"),
+        change.write_us
+    );
+    Ok(())
+}

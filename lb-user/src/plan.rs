@@ -1,0 +1,359 @@
+//! The plan: a [`Config`] checked for consistency and resolved against this host's NICs.
+//!
+//! [`validate`] needs nothing but the config (so `lb check-config` and the tests can run it
+//! anywhere); [`Plan::resolve`] then asks the kernel for each NIC's index and MAC.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    net::Ipv4Addr,
+};
+
+use anyhow::{bail, Context, Result};
+use lb_common::{MAX_BACKENDS, MAX_IFACES, MAX_SERVICES};
+use serde::Serialize;
+
+use crate::{
+    config::{Config, Protocol, Role},
+    net::{self, Link},
+};
+
+/// A NIC the program is attached to.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedInterface {
+    /// Name.
+    pub name: String,
+    /// Index in this namespace.
+    pub ifindex: u32,
+    /// Its MAC.
+    #[serde(serialize_with = "serialize_mac")]
+    pub mac: [u8; 6],
+    /// What is behind it.
+    pub role: Role,
+    /// Dense slot for per-NIC counters.
+    pub slot: u32,
+}
+
+/// A service with its backends in priority order.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedService {
+    /// Dense id (index into the dataplane's `ACTIVE` map).
+    pub id: u32,
+    /// Name from the config.
+    pub name: String,
+    /// Virtual IP.
+    pub vip: Ipv4Addr,
+    /// Protocol, if the service names one.
+    pub protocol: Option<Protocol>,
+    /// Port, if the service names one.
+    pub port: Option<u16>,
+    /// Backends, highest priority first.
+    pub backends: Vec<PlannedBackend>,
+}
+
+/// A backend and how it is reached.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedBackend {
+    /// Global index (into the dataplane's `BACKENDS` map).
+    pub index: u32,
+    /// Name from the config.
+    pub name: String,
+    /// Address.
+    pub ip: Ipv4Addr,
+    /// Priority from the config.
+    pub priority: i32,
+    /// Destination MAC.
+    #[serde(serialize_with = "serialize_mac")]
+    pub mac: [u8; 6],
+    /// NIC it is reached through.
+    pub iface: String,
+    /// That NIC's index.
+    pub ifindex: u32,
+    /// That NIC's MAC (the rewritten source MAC).
+    #[serde(serialize_with = "serialize_mac")]
+    pub egress_mac: [u8; 6],
+}
+
+/// Everything the dataplane is configured with.
+#[derive(Debug, Clone, Serialize)]
+pub struct Plan {
+    /// NICs, in slot order.
+    pub interfaces: Vec<PlannedInterface>,
+    /// Services, in id order.
+    pub services: Vec<PlannedService>,
+}
+
+fn serialize_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&net::format_mac(mac))
+}
+
+/// Checks everything that can be checked without the host: names, counts, uniqueness, MACs.
+/// Each error names the service and key at fault.
+pub fn validate(config: &Config) -> Result<()> {
+    if config.services.is_empty() {
+        bail!("no service configured: add at least one [[services]] table");
+    }
+    if config.services.len() > MAX_SERVICES as usize {
+        bail!("{} services configured, at most {MAX_SERVICES} are supported", config.services.len());
+    }
+    let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
+    if backends > MAX_BACKENDS as usize {
+        bail!("{backends} backends configured, at most {MAX_BACKENDS} are supported");
+    }
+    let mut names = HashSet::new();
+    let mut keys = HashSet::new();
+    let mut reverse_keys = BTreeMap::new();
+    let vips: HashSet<Ipv4Addr> = config.services.iter().map(|s| s.vip).collect();
+    for service in &config.services {
+        let name = &service.name;
+        if name.is_empty() {
+            bail!("services.name: a service has an empty name");
+        }
+        if !names.insert(name.as_str()) {
+            bail!("services.name: service {name:?} is defined twice");
+        }
+        if service.vip.is_unspecified() || service.vip.is_broadcast() || service.vip.is_multicast()
+        {
+            bail!("service {name:?}: vip {} is not a unicast address", service.vip);
+        }
+        if let Some(port) = service.port {
+            if service.protocol.is_none() {
+                bail!("service {name:?}: port = {port} needs protocol = \"tcp\" or \"udp\"");
+            }
+            if port == 0 {
+                bail!("service {name:?}: port must be 1-65535 (leave it out for every port)");
+            }
+        }
+        if !keys.insert((service.vip, service.protocol, service.port)) {
+            bail!(
+                "service {name:?}: another service already has vip {}, protocol {:?}, port {:?}",
+                service.vip,
+                service.protocol,
+                service.port
+            );
+        }
+        if service.backends.len() < 2 {
+            bail!(
+                "service {name:?}: backends: {} backend(s) given, a failover service needs at least 2",
+                service.backends.len()
+            );
+        }
+        let mut backend_names = HashSet::new();
+        for backend in &service.backends {
+            let b = &backend.name;
+            if b.is_empty() {
+                bail!("service {name:?}: backends.name: a backend has an empty name");
+            }
+            if !backend_names.insert(b.as_str()) {
+                bail!("service {name:?}: backend {b:?} is defined twice");
+            }
+            if vips.contains(&backend.ip) {
+                bail!("service {name:?}: backend {b:?}: ip {} is also a VIP", backend.ip);
+            }
+            net::parse_mac(&backend.mac)
+                .with_context(|| format!("service {name:?}: backend {b:?}: mac"))?;
+            if backend.iface.is_empty() {
+                bail!("service {name:?}: backend {b:?}: iface is empty");
+            }
+            let reverse = (backend.ip, service.protocol, service.port);
+            if let Some(other) = reverse_keys.insert(reverse, name.clone()) {
+                if &other != name {
+                    bail!(
+                        "service {name:?}: backend {b:?} ({}) already serves service {other:?} on the same protocol and port; replies could not be told apart",
+                        backend.ip
+                    );
+                }
+                bail!("service {name:?}: backend ip {} is listed twice", backend.ip);
+            }
+        }
+    }
+    let mut iface_names = HashSet::new();
+    for iface in &config.interfaces {
+        if !iface_names.insert(iface.name.as_str()) {
+            bail!("interfaces: {:?} is listed twice", iface.name);
+        }
+    }
+    Ok(())
+}
+
+impl Plan {
+    /// Validates `config`, adds the NICs named in `extra_ifaces`, and looks every NIC up.
+    pub async fn resolve(config: &Config, extra_ifaces: &[String]) -> Result<Plan> {
+        validate(config)?;
+        // NIC name → explicit role, in first-mention order.
+        let mut order: Vec<String> = Vec::new();
+        let mut explicit: BTreeMap<String, Option<Role>> = BTreeMap::new();
+        for iface in &config.interfaces {
+            order.push(iface.name.clone());
+            explicit.insert(iface.name.clone(), iface.role);
+        }
+        for name in extra_ifaces {
+            if !explicit.contains_key(name) {
+                order.push(name.clone());
+                explicit.insert(name.clone(), None);
+            }
+        }
+        let backend_ifaces: HashSet<&str> = config
+            .services
+            .iter()
+            .flat_map(|s| s.backends.iter().map(|b| b.iface.as_str()))
+            .collect();
+        for service in &config.services {
+            for backend in &service.backends {
+                if !explicit.contains_key(&backend.iface) {
+                    order.push(backend.iface.clone());
+                    explicit.insert(backend.iface.clone(), None);
+                }
+            }
+        }
+        if order.len() > MAX_IFACES as usize {
+            bail!("{} interfaces, at most {MAX_IFACES} are supported", order.len());
+        }
+        let mut interfaces = Vec::new();
+        let mut links: BTreeMap<String, Link> = BTreeMap::new();
+        for (slot, name) in order.iter().enumerate() {
+            let link = net::link_by_name(name)
+                .await
+                .with_context(|| format!("interface {name:?}"))?;
+            let role = explicit[name].unwrap_or(if backend_ifaces.contains(name.as_str()) {
+                Role::Backend
+            } else {
+                Role::Client
+            });
+            interfaces.push(PlannedInterface {
+                name: name.clone(),
+                ifindex: link.ifindex,
+                mac: link.mac,
+                role,
+                slot: slot as u32,
+            });
+            links.insert(name.clone(), link);
+        }
+        if !interfaces.iter().any(|i| matches!(i.role, Role::Client | Role::Both)) {
+            bail!("no client-facing interface: name the NIC clients arrive on with --iface or [[interfaces]]");
+        }
+
+        let mut services = Vec::new();
+        let mut next_backend = 0u32;
+        for (id, service) in config.services.iter().enumerate() {
+            let mut ordered: Vec<_> = service.backends.iter().collect();
+            ordered.sort_by_key(|b| std::cmp::Reverse(b.priority));
+            let mut backends = Vec::new();
+            for backend in ordered {
+                let link = &links[&backend.iface];
+                backends.push(PlannedBackend {
+                    index: next_backend,
+                    name: backend.name.clone(),
+                    ip: backend.ip,
+                    priority: backend.priority,
+                    mac: net::parse_mac(&backend.mac)?,
+                    iface: backend.iface.clone(),
+                    ifindex: link.ifindex,
+                    egress_mac: link.mac,
+                });
+                next_backend += 1;
+            }
+            services.push(PlannedService {
+                id: id as u32,
+                name: service.name.clone(),
+                vip: service.vip,
+                protocol: service.protocol,
+                port: service.port,
+                backends,
+            });
+        }
+        Ok(Plan { interfaces, services })
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Result<&PlannedService> {
+        self.services.iter().find(|s| s.name == name).with_context(|| {
+            let known: Vec<_> = self.services.iter().map(|s| s.name.as_str()).collect();
+            format!("no service {name:?} (services: {})", known.join(", "))
+        })
+    }
+}
+
+impl PlannedService {
+    /// The backend called `name`.
+    pub fn backend(&self, name: &str) -> Result<&PlannedBackend> {
+        self.backends.iter().find(|b| b.name == name).with_context(|| {
+            let known: Vec<_> = self.backends.iter().map(|b| b.name.as_str()).collect();
+            format!("service {:?} has no backend {name:?} (backends: {})", self.name, known.join(", "))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        [[services]]
+        name = "web"
+        vip = "198.18.1.100"
+        protocol = "tcp"
+        port = 80
+        backends = [
+          { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "sw-m" },
+          { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "sw-s" },
+        ]
+    "#;
+
+    fn error_of(text: &str) -> String {
+        match Config::parse(text).and_then(|c| validate(&c)) {
+            Ok(()) => panic!("accepted:\n{text}"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn good_config_validates() {
+        validate(&Config::parse(GOOD).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = error_of(&GOOD.replace("port = 80", "port = 80\nweight = 3"));
+        assert!(e.contains("unknown field `weight`"), "{e}");
+    }
+
+    #[test]
+    fn missing_vip_is_named() {
+        let e = error_of(&GOOD.replace("vip = \"198.18.1.100\"", ""));
+        assert!(e.contains("missing field `vip`"), "{e}");
+    }
+
+    #[test]
+    fn one_backend_is_refused() {
+        let text = GOOD.replace(
+            "{ name = \"slave\",  ip = \"198.18.3.2\", priority = 50,  mac = \"02:00:00:00:03:02\", iface = \"sw-s\" },",
+            "",
+        );
+        let e = error_of(&text);
+        assert!(e.contains("at least 2"), "{e}");
+    }
+
+    #[test]
+    fn port_without_protocol_is_refused() {
+        let e = error_of(&GOOD.replace("protocol = \"tcp\"", ""));
+        assert!(e.contains("needs protocol"), "{e}");
+    }
+
+    #[test]
+    fn bad_mac_is_named() {
+        let e = error_of(&GOOD.replace("02:00:00:00:03:02", "02:00:00:03:02"));
+        assert!(e.contains("backend \"slave\": mac"), "{e}");
+    }
+
+    #[test]
+    fn duplicate_backend_name_is_refused() {
+        let e = error_of(&GOOD.replace("name = \"slave\"", "name = \"master\""));
+        assert!(e.contains("defined twice"), "{e}");
+    }
+
+    #[test]
+    fn no_service_is_refused() {
+        let e = error_of("metrics_listen = \"127.0.0.1:9100\"\n");
+        assert!(e.contains("no service"), "{e}");
+    }
+}

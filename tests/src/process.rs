@@ -1,0 +1,56 @@
+//! Child processes that cannot outlive the test that started them.
+
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, Result};
+
+/// A running child, sent SIGTERM (then killed) on drop.
+pub struct Process {
+    child: Option<Child>,
+    what: String,
+}
+
+impl Process {
+    /// Starts `command`, with stdout and stderr inherited (shown when a test fails).
+    pub fn spawn(mut command: Command, what: &str) -> Result<Self> {
+        let child = command
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("cannot start {what}"))?;
+        Ok(Process { child: Some(child), what: what.to_string() })
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
+    pub fn terminate(&mut self) -> Result<bool> {
+        let Some(mut child) = self.child.take() else { return Ok(false) };
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status.success());
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                anyhow::bail!("{} did not stop within 10 s of SIGTERM", self.what);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the child is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Err(e) = self.terminate() {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
+    }
+}
