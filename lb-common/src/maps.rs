@@ -3,6 +3,9 @@
 /// Name of the XDP program inside the object file.
 pub const PROGRAM_NAME: &str = "lb_xdp";
 
+/// Name of the pass-through program for veth peers inside the object file.
+pub const PASS_PROGRAM_NAME: &str = "lb_pass";
+
 /// Upper bound on services (VIP, protocol, port) the dataplane holds.
 pub const MAX_SERVICES: u32 = 1024;
 /// Upper bound on backends over all services.

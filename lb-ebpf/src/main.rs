@@ -39,6 +39,16 @@ pub fn lb_xdp(ctx: XdpContext) -> u32 {
     action
 }
 
+/// Passes every frame untouched.
+///
+/// veth delivers frames sent with `XDP_TX` or `XDP_REDIRECT` only to a peer that runs an XDP
+/// program itself; attached to the far end of a veth pair (a container or test host), this
+/// one makes that end receive them. Real NICs do not need it.
+#[xdp]
+pub fn lb_pass(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_PASS
+}
+
 /// Parse → look up → rewrite → forward for one frame on a configured NIC.
 #[inline(always)]
 fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {

@@ -7,3 +7,4 @@
 pub mod checks;
 pub mod netns;
 pub mod process;
+pub mod testbed;

@@ -14,7 +14,7 @@ use aya::{
     programs::{xdp::XdpLinkId, Xdp, XdpMode},
     Ebpf,
 };
-use lb_common::PROGRAM_NAME;
+use lb_common::{PASS_PROGRAM_NAME, PROGRAM_NAME};
 
 use crate::config::XdpModeSetting;
 pub use writer::MapWriter;
@@ -110,6 +110,30 @@ impl Dataplane {
             tracing::info!(iface = attachment.iface, "detached");
         }
         Ok(())
+    }
+}
+
+/// The pass-through program attached to one NIC, detached on drop.
+///
+/// veth hands frames sent with `XDP_TX` or `XDP_REDIRECT` only to a peer that runs an XDP
+/// program itself. Attach this to the far end of each veth the balancer sends into (a
+/// container's or a test host's interface); real NICs do not need it.
+pub struct PassProgram {
+    _ebpf: Ebpf,
+}
+
+impl PassProgram {
+    /// Loads the pass-through program and attaches it to `iface` (native mode).
+    pub fn attach(iface: &str) -> Result<Self> {
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(OBJECT).context("cannot load the XDP object")?;
+        let program: &mut Xdp = ebpf
+            .program_mut(PASS_PROGRAM_NAME)
+            .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object file"))?
+            .try_into()?;
+        program.load().context("the kernel refused the pass-through program")?;
+        program.attach(iface, XdpMode::Driver).map_err(|e| attach_error(iface, e))?;
+        Ok(PassProgram { _ebpf: ebpf })
     }
 }
 

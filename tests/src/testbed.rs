@@ -1,0 +1,326 @@
+//! The reference topology, built from network namespaces and veth pairs:
+//!
+//! ```text
+//!  client ──eth0───c0── switch ──m0───eth0── master   198.18.2.2
+//! 198.18.1.2        (lb, XDP)  ──s0───eth0── slave    198.18.3.2
+//!          VIP 198.18.1.100 on the client segment, answered by XDP
+//! ```
+//!
+//! Hosts send with checksum offload off (so rewritten frames carry complete checksums), and
+//! their end of each veth runs the pass-through XDP program: veth delivers frames sent with
+//! `XDP_TX` or `XDP_REDIRECT` only to a peer that runs XDP.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use crate::{
+    netns::{veth, Netns},
+    process::Process,
+};
+
+/// The VIP of the testbed.
+pub const VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 100);
+/// The client's address.
+pub const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 1, 2);
+/// The master's address.
+pub const MASTER_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 2, 2);
+/// The slave's address.
+pub const SLAVE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
+/// The master's MAC.
+pub const MASTER_MAC: &str = "02:00:00:00:02:02";
+/// The slave's MAC.
+pub const SLAVE_MAC: &str = "02:00:00:00:03:02";
+/// The UDP port of the testbed's request/response service.
+pub const UDP_PORT: u16 = 5353;
+
+/// Four hosts, each a namespace; everything goes away on drop.
+pub struct Testbed {
+    /// Processes (servers, agents), stopped before the namespaces go.
+    pub processes: Vec<Process>,
+    responders: Vec<UdpResponder>,
+    veth_peers: Vec<lb_user::dataplane::PassProgram>,
+    /// The client host.
+    pub client: Netns,
+    /// The switch host, where `lb` runs.
+    pub switch: Netns,
+    /// The master backend.
+    pub master: Netns,
+    /// The slave backend.
+    pub slave: Netns,
+    files: Vec<PathBuf>,
+}
+
+impl Testbed {
+    /// Builds the topology with namespaces named `PREFIX-client` … `PREFIX-slave`.
+    pub fn new(prefix: &str) -> Result<Self> {
+        let mut testbed = Testbed {
+            processes: Vec::new(),
+            responders: Vec::new(),
+            veth_peers: Vec::new(),
+            client: Netns::new(&format!("{prefix}-client"))?,
+            switch: Netns::new(&format!("{prefix}-switch"))?,
+            master: Netns::new(&format!("{prefix}-master"))?,
+            slave: Netns::new(&format!("{prefix}-slave"))?,
+            files: Vec::new(),
+        };
+        let (c, s, m, v) = (&testbed.client, &testbed.switch, &testbed.master, &testbed.slave);
+        veth(c, "eth0", "02:00:00:00:01:02", s, "c0", "02:00:00:00:01:01")?;
+        veth(m, "eth0", MASTER_MAC, s, "m0", "02:00:00:00:02:01")?;
+        veth(v, "eth0", SLAVE_MAC, s, "s0", "02:00:00:00:03:01")?;
+        c.ip(&["addr", "add", "198.18.1.2/24", "dev", "eth0"])?;
+        s.ip(&["addr", "add", "198.18.1.1/24", "dev", "c0"])?;
+        s.ip(&["addr", "add", "198.18.2.1/24", "dev", "m0"])?;
+        s.ip(&["addr", "add", "198.18.3.1/24", "dev", "s0"])?;
+        m.ip(&["addr", "add", "198.18.2.2/24", "dev", "eth0"])?;
+        v.ip(&["addr", "add", "198.18.3.2/24", "dev", "eth0"])?;
+        c.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
+        m.ip(&["route", "add", "default", "via", "198.18.2.1"])?;
+        v.ip(&["route", "add", "default", "via", "198.18.3.1"])?;
+        for host in [c, m, v] {
+            host.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
+        }
+        for host in [Host::Client, Host::Master, Host::Slave] {
+            let peer = testbed.host(host).enter(|| lb_user::dataplane::PassProgram::attach("eth0"))??;
+            testbed.veth_peers.push(peer);
+        }
+        Ok(testbed)
+    }
+
+    /// The agent config for this testbed: service `web` (TCP 80) and `echo` (UDP), master
+    /// preferred.
+    pub fn config(&self, listen: &str) -> String {
+        format!(
+            r#"metrics_listen = "{listen}"
+
+[[interfaces]]
+name = "c0"
+role = "client"
+
+[[services]]
+name = "web"
+vip = "{VIP}"
+protocol = "tcp"
+port = 80
+backends = [
+  {{ name = "master", ip = "{MASTER_IP}", priority = 100, mac = "{MASTER_MAC}", iface = "m0" }},
+  {{ name = "slave",  ip = "{SLAVE_IP}",  priority = 50,  mac = "{SLAVE_MAC}",  iface = "s0" }},
+]
+
+[[services]]
+name = "echo"
+vip = "{VIP}"
+protocol = "udp"
+port = {UDP_PORT}
+backends = [
+  {{ name = "master", ip = "{MASTER_IP}", priority = 100, mac = "{MASTER_MAC}", iface = "m0" }},
+  {{ name = "slave",  ip = "{SLAVE_IP}",  priority = 50,  mac = "{SLAVE_MAC}",  iface = "s0" }},
+]
+"#
+        )
+    }
+
+    /// Writes `text` to a file removed with the testbed; returns its path.
+    pub fn write_file(&mut self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = std::env::temp_dir().join(format!("{}-{name}", self.switch.name()));
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        self.files.push(path.clone());
+        Ok(path)
+    }
+
+    /// Starts a real web server (Python's http.server) on port 80 of `host`, serving a page
+    /// that says `name`, and waits until it answers.
+    pub fn start_web_server(&mut self, host: Host, name: &str) -> Result<()> {
+        let dir = std::env::temp_dir().join(format!("{}-www-{name}", self.switch.name()));
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("index.html"), format!("{name}\n"))?;
+        self.files.push(dir.clone());
+        let ns = self.host(host);
+        let mut command = ns.command("python3");
+        command.args(["-m", "http.server", "80", "--bind", "0.0.0.0", "--directory"]).arg(&dir);
+        command.stderr(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        let process = Process::spawn(command, &format!("web server on {name}"))?;
+        self.processes.push(process);
+        let ns = self.host(host);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let ok = ns
+                .command("curl")
+                .args(["-sf", "--max-time", "1", "http://127.0.0.1/"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("the web server on {name} did not start within 15 s")
+    }
+
+    /// Starts a UDP responder on `host`: every datagram to port [`UDP_PORT`] is answered
+    /// with `name` followed by the request.
+    pub fn start_udp_responder(&mut self, host: Host, name: &str) -> Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = name.to_string();
+        let socket = self.host(host).enter(move || -> Result<UdpSocket> {
+            let socket = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
+            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(socket)
+        })??;
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let mut reply = name.as_bytes().to_vec();
+                    reply.push(b' ');
+                    reply.extend_from_slice(&buf[..len]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        });
+        self.responders.push(UdpResponder { stop, thread: Some(thread) });
+        Ok(())
+    }
+
+    /// The namespace of `host`.
+    pub fn host(&self, host: Host) -> &Netns {
+        match host {
+            Host::Client => &self.client,
+            Host::Switch => &self.switch,
+            Host::Master => &self.master,
+            Host::Slave => &self.slave,
+        }
+    }
+
+    /// `curl` from the client to `http://VIP/`: the body, or an error.
+    pub fn http_get_vip(&self) -> Result<String> {
+        let output = self
+            .client
+            .command("curl")
+            .args(["-sS", "--max-time", "3", &format!("http://{VIP}/")])
+            .output()?;
+        if !output.status.success() {
+            bail!("curl http://{VIP}/ failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
+    }
+
+    /// One UDP request from the client to the VIP: (answer, address it came from).
+    pub fn udp_request_vip(&self, payload: &str) -> Result<(String, SocketAddrV4)> {
+        let payload = payload.to_string();
+        self.client.enter(move || -> Result<(String, SocketAddrV4)> {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+            socket.send_to(payload.as_bytes(), (VIP, UDP_PORT))?;
+            let mut buf = [0u8; 2048];
+            let (len, from) = socket.recv_from(&mut buf).context("no UDP answer within 2 s")?;
+            let std::net::SocketAddr::V4(from) = from else { bail!("answer from {from}") };
+            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+        })?
+    }
+
+    /// Runs `program args…` in `host` and returns (success, stdout, stderr).
+    pub fn output(&self, host: Host, program: &str, args: &[&str]) -> Result<(bool, String, String)> {
+        let output: std::process::Output = self.host(host).command(program).args(args).output()?;
+        Ok((
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// Starts `lb ARGS…` on the switch.
+    pub fn start_lb(&mut self, args: &[&str]) -> Result<usize> {
+        let mut command = self.switch.command(&lb_binary()?);
+        command.args(args);
+        self.processes.push(Process::spawn(command, "lb")?);
+        Ok(self.processes.len() - 1)
+    }
+
+    /// Waits until the agent on the switch answers on `listen`.
+    pub fn wait_for_agent(&mut self, index: usize, listen: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if !self.processes[index].is_running() {
+                bail!("lb exited before it was ready");
+            }
+            let (ok, _, _) = self.output(Host::Switch, "curl", &["-sf", "--max-time", "1", &format!("http://{listen}/healthz")])?;
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("lb did not answer on {listen} within 20 s")
+    }
+
+    /// Whether any NIC of the switch still carries an XDP program.
+    pub fn switch_has_xdp(&self) -> Result<bool> {
+        let (_, links, _) = self.output(Host::Switch, "ip", &["link", "show"])?;
+        Ok(links.contains("xdp"))
+    }
+}
+
+/// Hosts of the testbed.
+#[derive(Clone, Copy, Debug)]
+pub enum Host {
+    /// The client.
+    Client,
+    /// The switch.
+    Switch,
+    /// The master backend.
+    Master,
+    /// The slave backend.
+    Slave,
+}
+
+struct UdpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for UdpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.processes.clear();
+        self.responders.clear();
+        self.veth_peers.clear();
+        for path in &self.files {
+            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
+        }
+    }
+}
+
+/// Path of the `lb` binary: `$LB_BIN`, else `target/debug/lb` of this workspace.
+pub fn lb_binary() -> Result<String> {
+    let path = match std::env::var("LB_BIN") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb"),
+    };
+    if !path.exists() {
+        bail!(
+            "the lb binary is not built at {} (run `cargo xtask test`, or `cargo build -p lb-user` first, or set LB_BIN)",
+            path.display()
+        );
+    }
+    let _ = Command::new("true");
+    Ok(path.canonicalize()?.to_string_lossy().into_owned())
+}

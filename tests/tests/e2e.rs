@@ -1,0 +1,105 @@
+//! End to end: real hosts in network namespaces, the real `lb` binary attaching the real
+//! program natively to the switch's NICs, real TCP (HTTP), UDP and ICMP through the VIP.
+
+use tests::testbed::{Host, Testbed, MASTER_IP, UDP_PORT, VIP};
+
+const LISTEN: &str = "127.0.0.1:9100";
+
+#[test]
+fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
+    let mut bed = Testbed::new("lbe2e-flip").expect("testbed");
+    bed.start_web_server(Host::Master, "master").unwrap();
+    bed.start_web_server(Host::Slave, "slave").unwrap();
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    bed.start_udp_responder(Host::Slave, "slave").unwrap();
+    let config = bed.write_file("lb.toml", &bed.config(LISTEN)).unwrap();
+    let agent = bed.start_lb(&["run", "--config", config.to_str().unwrap()]).unwrap();
+    bed.wait_for_agent(agent, LISTEN).unwrap();
+
+    // TCP: a real HTTP GET of the VIP lands on the master (the handshake only completes
+    // because the master's replies are rewritten to come from the VIP).
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+
+    // UDP request/response: answered by the master, seen by the client as from the VIP.
+    let (answer, from) = bed.udp_request_vip("hello").unwrap();
+    assert_eq!(answer, "master hello");
+    assert_eq!(from, std::net::SocketAddrV4::new(VIP, UDP_PORT));
+
+    // ICMP echo to the VIP.
+    let vip = VIP.to_string();
+    let (ok, out, err) = bed.output(Host::Client, "ping", &["-c", "3", "-i", "0.2", "-W", "2", &vip]).unwrap();
+    assert!(ok, "ping of the VIP failed: {out}{err}");
+
+    // The client only ever learnt the switch's MAC for the VIP, never a backend address.
+    let (_, neigh, _) = bed.output(Host::Client, "ip", &["neigh", "show", &vip]).unwrap();
+    assert!(neigh.contains("02:00:00:00:01:01"), "VIP resolved to {neigh}");
+    let (_, neigh, _) = bed.output(Host::Client, "ip", &["neigh", "show"]).unwrap();
+    assert!(!neigh.contains(&MASTER_IP.to_string()), "client saw the master: {neigh}");
+
+    // Flip the web service by hand: new requests go to the slave, the UDP service stays.
+    let lb = tests::testbed::lb_binary().unwrap();
+    let (ok, out, err) = bed.output(Host::Switch, &lb, &["activate", "web", "slave"]).unwrap();
+    assert!(ok, "lb activate failed: {out}{err}");
+    assert!(out.contains("master -> slave"), "{out}");
+    for _ in 0..3 {
+        assert_eq!(bed.http_get_vip().unwrap(), "slave");
+    }
+    assert_eq!(bed.udp_request_vip("again").unwrap().0, "master again");
+
+    // `lb status` reports it.
+    let (ok, status, err) = bed.output(Host::Switch, &lb, &["status"]).unwrap();
+    assert!(ok, "{err}");
+    assert!(status.contains("service web vip 198.18.1.100 tcp/80: active slave"), "{status}");
+    assert!(status.contains("last change: master -> slave (manual activation)"), "{status}");
+
+    // And back.
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["activate", "web", "master"]).unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+
+    // An unknown backend is refused with a clear message.
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["activate", "web", "nobody"]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("has no backend \"nobody\""), "{err}");
+
+    // SIGTERM: the agent exits cleanly and leaves no XDP program behind.
+    assert!(bed.switch_has_xdp().unwrap());
+    assert!(bed.processes[agent].terminate().unwrap(), "lb did not exit successfully");
+    assert!(!bed.switch_has_xdp().unwrap(), "an XDP program was left attached");
+}
+
+#[test]
+fn a_second_agent_on_the_same_nics_is_refused() {
+    let mut bed = Testbed::new("lbe2e-twice").expect("testbed");
+    bed.start_web_server(Host::Master, "master").unwrap();
+    let config = bed.write_file("lb.toml", &bed.config(LISTEN)).unwrap();
+    let first = bed.start_lb(&["run", "--config", config.to_str().unwrap()]).unwrap();
+    bed.wait_for_agent(first, LISTEN).unwrap();
+
+    let second = bed.write_file("lb2.toml", &bed.config("127.0.0.1:9101")).unwrap();
+    let lb = tests::testbed::lb_binary().unwrap();
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["run", "--config", second.to_str().unwrap()]).unwrap();
+    assert!(!ok, "a second agent took over the NICs");
+    assert!(err.contains("already carries an XDP program"), "{err}");
+
+    // The first agent is unharmed.
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+    assert!(bed.processes[first].terminate().unwrap());
+    assert!(!bed.switch_has_xdp().unwrap());
+}
+
+#[test]
+fn a_missing_interface_is_a_clear_error_and_leaves_nothing_attached() {
+    let mut bed = Testbed::new("lbe2e-noif").expect("testbed");
+    let config = bed.config(LISTEN).replace("iface = \"s0\"", "iface = \"nosuch0\"");
+    let config = bed.write_file("lb.toml", &config).unwrap();
+    let lb = tests::testbed::lb_binary().unwrap();
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["run", "--config", config.to_str().unwrap()]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("network interface \"nosuch0\" does not exist"), "{err}");
+    assert!(!bed.switch_has_xdp().unwrap());
+
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["check-config", config.to_str().unwrap()]).unwrap();
+    assert!(!ok);
+    assert!(err.contains("nosuch0"), "{err}");
+}
