@@ -79,8 +79,8 @@ mod tests {
     }
 
     const HEADER: [u8; 20] = [
-        0x45, 0x00, 0x00, 0x54, 0x12, 0x34, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 198, 18, 1, 2,
-        198, 18, 1, 100,
+        0x45, 0x00, 0x00, 0x54, 0x12, 0x34, 0x40, 0x00, 0x40, 0x06, 0x00, 0x00, 198, 18, 1, 2, 198,
+        18, 1, 100,
     ];
 
     #[test]
@@ -100,13 +100,21 @@ mod tests {
         let mut h = HEADER;
         let c = ipv4_header(&h);
         h[10..12].copy_from_slice(&c.to_be_bytes());
-        for new in [[198, 18, 2, 2], [0, 0, 0, 0], [255, 255, 255, 255], [198, 19, 255, 1]] {
+        for new in [
+            [198, 18, 2, 2],
+            [0, 0, 0, 0],
+            [255, 255, 255, 255],
+            [198, 19, 255, 1],
+        ] {
             let old = [h[16], h[17], h[18], h[19]];
             let updated = replace4(u16::from_be_bytes([h[10], h[11]]), old, new);
             h[16..20].copy_from_slice(&new);
             let full = ipv4_header(&h);
             // 0x0000 and 0xffff are the same one's-complement value.
-            assert!(updated == full || (updated ^ full) == 0xffff, "{updated:#x} {full:#x}");
+            assert!(
+                updated == full || (updated ^ full) == 0xffff,
+                "{updated:#x} {full:#x}"
+            );
             h[10..12].copy_from_slice(&full.to_be_bytes());
         }
     }

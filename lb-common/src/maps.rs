@@ -241,7 +241,13 @@ mod tests {
     fn counter_indexes_do_not_overlap() {
         assert_eq!(traffic_index(0, Direction::Forward), 0);
         assert_eq!(traffic_index(0, Direction::Reverse), 1);
-        assert_eq!(traffic_index(MAX_BACKENDS - 1, Direction::Reverse), TRAFFIC_ENTRIES - 1);
-        assert_eq!(action_index(MAX_IFACES - 1, XDP_ACTIONS - 1), ACTIONS_ENTRIES - 1);
+        assert_eq!(
+            traffic_index(MAX_BACKENDS - 1, Direction::Reverse),
+            TRAFFIC_ENTRIES - 1
+        );
+        assert_eq!(
+            action_index(MAX_IFACES - 1, XDP_ACTIONS - 1),
+            ACTIONS_ENTRIES - 1
+        );
     }
 }

@@ -8,9 +8,9 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    proto, Backend, Iface, Neighbor, ReverseKey, ReverseValue, ServiceKey, ServiceValue,
-    Traffic, VipInfo, ACTIONS_ENTRIES, MAX_BACKENDS, MAX_CLIENTS, MAX_IFACES, MAX_SERVICES,
-    NO_BACKEND, TRAFFIC_ENTRIES,
+    proto, Backend, Iface, Neighbor, ReverseKey, ReverseValue, ServiceKey, ServiceValue, Traffic,
+    VipInfo, ACTIONS_ENTRIES, MAX_BACKENDS, MAX_CLIENTS, MAX_IFACES, MAX_SERVICES, NO_BACKEND,
+    TRAFFIC_ENTRIES,
 };
 
 /// Service key → service id.
@@ -75,9 +75,20 @@ pub fn is_vip(ip: &[u8; 4]) -> bool {
 /// The service a packet to `vip` belongs to: most specific key first.
 #[inline(always)]
 pub fn service(vip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<u32> {
-    let exact = ServiceKey { vip, port, proto: protocol, pad: 0 };
-    let any_port = ServiceKey { port: [0, 0], ..exact };
-    let any_proto = ServiceKey { proto: proto::ANY, ..any_port };
+    let exact = ServiceKey {
+        vip,
+        port,
+        proto: protocol,
+        pad: 0,
+    };
+    let any_port = ServiceKey {
+        port: [0, 0],
+        ..exact
+    };
+    let any_proto = ServiceKey {
+        proto: proto::ANY,
+        ..any_port
+    };
     [exact, any_port, any_proto]
         .iter()
         .find_map(|key| SERVICES.get_ptr(key))
@@ -100,9 +111,20 @@ pub fn active_backend(id: u32) -> Option<(u32, Backend)> {
 /// The VIP that replies from `ip:port` must carry, if that is a backend of a service.
 #[inline(always)]
 pub fn reverse(ip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<ReverseValue> {
-    let exact = ReverseKey { ip, port, proto: protocol, pad: 0 };
-    let any_port = ReverseKey { port: [0, 0], ..exact };
-    let any_proto = ReverseKey { proto: proto::ANY, ..any_port };
+    let exact = ReverseKey {
+        ip,
+        port,
+        proto: protocol,
+        pad: 0,
+    };
+    let any_port = ReverseKey {
+        port: [0, 0],
+        ..exact
+    };
+    let any_proto = ReverseKey {
+        proto: proto::ANY,
+        ..any_port
+    };
     [exact, any_port, any_proto]
         .iter()
         .find_map(|key| REVERSE.get_ptr(key))

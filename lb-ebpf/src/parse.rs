@@ -62,10 +62,16 @@ pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
     let eth: &mut EthHdr = header_mut(ctx, 0)?;
     let ether_type = eth.ether_type;
     if ether_type != EtherType::Ieee8021q as u16 {
-        return Some(L2 { ether_type, l3: EthHdr::LEN });
+        return Some(L2 {
+            ether_type,
+            l3: EthHdr::LEN,
+        });
     }
     let vlan: &mut VlanHdr = header_mut(ctx, EthHdr::LEN)?;
-    Some(L2 { ether_type: vlan.ether_type, l3: EthHdr::LEN + VlanHdr::LEN })
+    Some(L2 {
+        ether_type: vlan.ether_type,
+        l3: EthHdr::LEN + VlanHdr::LEN,
+    })
 }
 
 /// The addresses of an IPv4 header, if its fixed part is present.

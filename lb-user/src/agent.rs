@@ -28,7 +28,10 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let plan = Plan::resolve(&config, &options.ifaces).await?;
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
     let mut dataplane = Dataplane::load()?;
-    dataplane.maps.write_plan(&plan).context("cannot write the plan into the maps")?;
+    dataplane
+        .maps
+        .write_plan(&plan)
+        .context("cannot write the plan into the maps")?;
     for iface in &plan.interfaces {
         let mode = dataplane.attach(&iface.name, mode)?;
         tracing::info!(iface = iface.name, role = ?iface.role, ?mode, "attached");
@@ -44,12 +47,14 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         );
     }
     let state = Arc::new(Mutex::new(AgentState::new(plan, dataplane)));
-    let listener = tokio::net::TcpListener::bind(config.metrics_listen).await.with_context(|| {
-        format!(
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
             "cannot listen on {} (metrics_listen); is another lb running with the same address?",
             config.metrics_listen
         )
-    })?;
+        })?;
     tracing::info!(listen = %config.metrics_listen, "endpoint ready: /status /healthz");
     axum::serve(listener, control::router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())

@@ -3,7 +3,10 @@
 //! Unknown keys are errors, so a typo never silently changes behaviour. See
 //! `examples/lb.toml` for a complete, commented example.
 
-use std::{net::{Ipv4Addr, SocketAddr}, path::Path};
+use std::{
+    net::{Ipv4Addr, SocketAddr},
+    path::Path,
+};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};

@@ -51,9 +51,18 @@ pub type Shared = Arc<Mutex<AgentState>>;
 impl AgentState {
     /// State for a freshly written plan: every service on its first backend.
     pub fn new(plan: Plan, dataplane: Dataplane) -> Self {
-        let active = plan.services.iter().map(|s| (!s.backends.is_empty()).then_some(0)).collect();
+        let active = plan
+            .services
+            .iter()
+            .map(|s| (!s.backends.is_empty()).then_some(0))
+            .collect();
         let last_change = vec![None; plan.services.len()];
-        AgentState { plan, dataplane, active, last_change }
+        AgentState {
+            plan,
+            dataplane,
+            active,
+            last_change,
+        }
     }
 
     /// Makes `backend` the active backend of `service`; returns the change made.
@@ -70,7 +79,10 @@ impl AgentState {
             from,
             to: Some(backend.to_string()),
             cause: cause.to_string(),
-            at_unix_s: SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs_f64(),
+            at_unix_s: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or(Duration::ZERO)
+                .as_secs_f64(),
             write_us: write.as_secs_f64() * 1e6,
         };
         self.active[id as usize] = position;
@@ -107,8 +119,12 @@ impl AgentState {
                         .enumerate()
                         .map(|(position, b)| {
                             let maps = &self.dataplane.maps;
-                            let forward = maps.traffic_of(b.index, Direction::Forward).unwrap_or_default();
-                            let reverse = maps.traffic_of(b.index, Direction::Reverse).unwrap_or_default();
+                            let forward = maps
+                                .traffic_of(b.index, Direction::Forward)
+                                .unwrap_or_default();
+                            let reverse = maps
+                                .traffic_of(b.index, Direction::Reverse)
+                                .unwrap_or_default();
                             BackendStatus {
                                 name: b.name.clone(),
                                 ip: b.ip.to_string(),
@@ -127,9 +143,15 @@ impl AgentState {
             .dataplane
             .attachments()
             .iter()
-            .map(|a| InterfaceStatus { name: a.iface.clone(), mode: format!("{:?}", a.mode).to_lowercase() })
+            .map(|a| InterfaceStatus {
+                name: a.iface.clone(),
+                mode: format!("{:?}", a.mode).to_lowercase(),
+            })
             .collect();
-        Status { services, interfaces }
+        Status {
+            services,
+            interfaces,
+        }
     }
 }
 

@@ -5,7 +5,8 @@
 //! - [`plan`]: that file checked and resolved against the host's NICs;
 //! - [`dataplane`]: the embedded XDP program, its attachment and the map writer;
 //! - [`control`]: the HTTP endpoint (`/status`, manual activation);
-//! - [`agent`]: ties them together for `lb run`.
+//! - [`agent`]: ties them together for `lb run`;
+//! - [`testbed`]: a namespace network for `lb demo` and the end-to-end tests.
 #![deny(missing_docs)]
 
 pub mod agent;
@@ -14,3 +15,4 @@ pub mod control;
 pub mod dataplane;
 pub mod net;
 pub mod plan;
+pub mod testbed;

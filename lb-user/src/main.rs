@@ -1,5 +1,7 @@
 //! `lb`: the command line of the XDP failover load balancer.
 
+mod demo;
+
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
@@ -53,6 +55,13 @@ enum Command {
         #[arg(long, default_value = DEFAULT_LISTEN)]
         endpoint: String,
     },
+    /// Build a small namespace network (client, switch, master, slave with web servers), run
+    /// the agent on it and show who answers the VIP; Ctrl-C tears it all down.
+    Demo {
+        /// Stop by itself after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        duration: u64,
+    },
     /// Make BACKEND the active backend of SERVICE now (manual failover).
     Activate {
         /// Service name.
@@ -68,7 +77,9 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -85,30 +96,52 @@ fn main() -> Result<()> {
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config, ifaces, xdp_mode } => {
+            Command::Run {
+                config,
+                ifaces,
+                xdp_mode,
+            } => {
                 let config = Config::load(&config)?;
                 agent::run(config, RunOptions { ifaces, xdp_mode }).await
             }
             Command::CheckConfig { config } => check_config(&config).await,
-            Command::Status { endpoint } => tokio::task::spawn_blocking(move || status(&endpoint)).await?,
-            Command::Activate { service, backend, endpoint } => {
+            Command::Demo { duration } => demo::run(std::time::Duration::from_secs(duration)).await,
+            Command::Status { endpoint } => {
+                tokio::task::spawn_blocking(move || status(&endpoint)).await?
+            }
+            Command::Activate {
+                service,
+                backend,
+                endpoint,
+            } => {
                 tokio::task::spawn_blocking(move || activate(&endpoint, &service, &backend)).await?
             }
         }
     })
 }
 
-async fn check_config(path: &PathBuf) -> Result<()> {
+async fn check_config(path: &std::path::Path) -> Result<()> {
     let config = Config::load(path)?;
     let plan = Plan::resolve(&config, &[]).await?;
     println!("config {} is valid", path.display());
     for iface in &plan.interfaces {
-        println!("interface {} (ifindex {}, {}): {:?}", iface.name, iface.ifindex, lb_user::net::format_mac(&iface.mac), iface.role);
+        println!(
+            "interface {} (ifindex {}, {}): {:?}",
+            iface.name,
+            iface.ifindex,
+            lb_user::net::format_mac(&iface.mac),
+            iface.role
+        );
     }
     for service in &plan.services {
-        let proto = service.protocol.map_or("any".into(), |p| format!("{p:?}").to_lowercase());
+        let proto = service
+            .protocol
+            .map_or("any".into(), |p| format!("{p:?}").to_lowercase());
         let port = service.port.map_or("any".into(), |p| p.to_string());
-        println!("service {}: vip {} protocol {proto} port {port}", service.name, service.vip);
+        println!(
+            "service {}: vip {} protocol {proto} port {port}",
+            service.name, service.vip
+        );
         for (rank, b) in service.backends.iter().enumerate() {
             println!(
                 "  {}. {} {} priority {} via {} to {}{}",
@@ -138,7 +171,9 @@ fn status(endpoint: &str) -> Result<()> {
     let url = endpoint_url(endpoint, "/status");
     let status: Status = ureq::get(&url)
         .call()
-        .with_context(|| format!("cannot reach the agent at {url}; is `lb run` running (metrics_listen)?"))?
+        .with_context(|| {
+            format!("cannot reach the agent at {url}; is `lb run` running (metrics_listen)?")
+        })?
         .body_mut()
         .read_json()
         .context("the agent's /status answer is not valid")?;

@@ -61,7 +61,10 @@ pub fn parse_mac(text: &str) -> Result<[u8; 6]> {
 
 /// Formats a MAC as `aa:bb:cc:dd:ee:ff`.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 #[cfg(test)]
@@ -77,7 +80,13 @@ mod tests {
 
     #[test]
     fn bad_macs_are_rejected() {
-        for bad in ["", "02:00:00:00:00", "02:00:00:00:00:0g", "2:00:00:00:00:01", "02-00-00-00-00-01"] {
+        for bad in [
+            "",
+            "02:00:00:00:00",
+            "02:00:00:00:00:0g",
+            "2:00:00:00:00:01",
+            "02-00-00-00-00-01",
+        ] {
             assert!(parse_mac(bad).is_err(), "{bad}");
         }
     }

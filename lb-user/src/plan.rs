@@ -93,7 +93,10 @@ pub fn validate(config: &Config) -> Result<()> {
         bail!("no service configured: add at least one [[services]] table");
     }
     if config.services.len() > MAX_SERVICES as usize {
-        bail!("{} services configured, at most {MAX_SERVICES} are supported", config.services.len());
+        bail!(
+            "{} services configured, at most {MAX_SERVICES} are supported",
+            config.services.len()
+        );
     }
     let backends: usize = config.services.iter().map(|s| s.backends.len()).sum();
     if backends > MAX_BACKENDS as usize {
@@ -113,7 +116,10 @@ pub fn validate(config: &Config) -> Result<()> {
         }
         if service.vip.is_unspecified() || service.vip.is_broadcast() || service.vip.is_multicast()
         {
-            bail!("service {name:?}: vip {} is not a unicast address", service.vip);
+            bail!(
+                "service {name:?}: vip {} is not a unicast address",
+                service.vip
+            );
         }
         if let Some(port) = service.port {
             if service.protocol.is_none() {
@@ -147,7 +153,10 @@ pub fn validate(config: &Config) -> Result<()> {
                 bail!("service {name:?}: backend {b:?} is defined twice");
             }
             if vips.contains(&backend.ip) {
-                bail!("service {name:?}: backend {b:?}: ip {} is also a VIP", backend.ip);
+                bail!(
+                    "service {name:?}: backend {b:?}: ip {} is also a VIP",
+                    backend.ip
+                );
             }
             net::parse_mac(&backend.mac)
                 .with_context(|| format!("service {name:?}: backend {b:?}: mac"))?;
@@ -162,7 +171,10 @@ pub fn validate(config: &Config) -> Result<()> {
                         backend.ip
                     );
                 }
-                bail!("service {name:?}: backend ip {} is listed twice", backend.ip);
+                bail!(
+                    "service {name:?}: backend ip {} is listed twice",
+                    backend.ip
+                );
             }
         }
     }
@@ -206,7 +218,10 @@ impl Plan {
             }
         }
         if order.len() > MAX_IFACES as usize {
-            bail!("{} interfaces, at most {MAX_IFACES} are supported", order.len());
+            bail!(
+                "{} interfaces, at most {MAX_IFACES} are supported",
+                order.len()
+            );
         }
         let mut interfaces = Vec::new();
         let mut links: BTreeMap<String, Link> = BTreeMap::new();
@@ -228,7 +243,10 @@ impl Plan {
             });
             links.insert(name.clone(), link);
         }
-        if !interfaces.iter().any(|i| matches!(i.role, Role::Client | Role::Both)) {
+        if !interfaces
+            .iter()
+            .any(|i| matches!(i.role, Role::Client | Role::Both))
+        {
             bail!("no client-facing interface: name the NIC clients arrive on with --iface or [[interfaces]]");
         }
 
@@ -261,25 +279,38 @@ impl Plan {
                 backends,
             });
         }
-        Ok(Plan { interfaces, services })
+        Ok(Plan {
+            interfaces,
+            services,
+        })
     }
 
     /// The service called `name`.
     pub fn service(&self, name: &str) -> Result<&PlannedService> {
-        self.services.iter().find(|s| s.name == name).with_context(|| {
-            let known: Vec<_> = self.services.iter().map(|s| s.name.as_str()).collect();
-            format!("no service {name:?} (services: {})", known.join(", "))
-        })
+        self.services
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| {
+                let known: Vec<_> = self.services.iter().map(|s| s.name.as_str()).collect();
+                format!("no service {name:?} (services: {})", known.join(", "))
+            })
     }
 }
 
 impl PlannedService {
     /// The backend called `name`.
     pub fn backend(&self, name: &str) -> Result<&PlannedBackend> {
-        self.backends.iter().find(|b| b.name == name).with_context(|| {
-            let known: Vec<_> = self.backends.iter().map(|b| b.name.as_str()).collect();
-            format!("service {:?} has no backend {name:?} (backends: {})", self.name, known.join(", "))
-        })
+        self.backends
+            .iter()
+            .find(|b| b.name == name)
+            .with_context(|| {
+                let known: Vec<_> = self.backends.iter().map(|b| b.name.as_str()).collect();
+                format!(
+                    "service {:?} has no backend {name:?} (backends: {})",
+                    self.name,
+                    known.join(", ")
+                )
+            })
     }
 }
 

@@ -23,30 +23,42 @@ pub fn verify_checksums(frame: &[u8]) -> Result<Summary> {
     let Some(etherparse::LinkSlice::Ethernet2(eth)) = &packet.link else {
         bail!("no Ethernet II header");
     };
-    let Some(NetSlice::Ipv4(ip)) = &packet.net else { bail!("no IPv4 header") };
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else {
+        bail!("no IPv4 header")
+    };
     let header = ip.header().to_header();
     if header.calc_header_checksum() != header.header_checksum {
         bail!("bad IPv4 header checksum {:#06x}", header.header_checksum);
     }
     match &packet.transport {
         Some(TransportSlice::Tcp(tcp)) => {
-            let expected = tcp.calc_checksum_ipv4(ip.header().source(), ip.header().destination())?;
+            let expected =
+                tcp.calc_checksum_ipv4(ip.header().source(), ip.header().destination())?;
             if expected != tcp.checksum() {
-                bail!("bad TCP checksum {:#06x}, expected {expected:#06x}", tcp.checksum());
+                bail!(
+                    "bad TCP checksum {:#06x}, expected {expected:#06x}",
+                    tcp.checksum()
+                );
             }
         }
         Some(TransportSlice::Udp(udp)) => {
             if udp.checksum() != 0 {
                 let expected = udp.to_header().calc_checksum_ipv4(&header, udp.payload())?;
                 if expected != udp.checksum() {
-                    bail!("bad UDP checksum {:#06x}, expected {expected:#06x}", udp.checksum());
+                    bail!(
+                        "bad UDP checksum {:#06x}, expected {expected:#06x}",
+                        udp.checksum()
+                    );
                 }
             }
         }
         Some(TransportSlice::Icmpv4(icmp)) => {
             let expected = icmp.header().icmp_type.calc_checksum(icmp.payload());
             if expected != icmp.checksum() {
-                bail!("bad ICMP checksum {:#06x}, expected {expected:#06x}", icmp.checksum());
+                bail!(
+                    "bad ICMP checksum {:#06x}, expected {expected:#06x}",
+                    icmp.checksum()
+                );
             }
         }
         other => bail!("unexpected transport {other:?}"),

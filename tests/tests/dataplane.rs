@@ -11,8 +11,9 @@ use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use lb_common::{Direction, NO_BACKEND};
+use lb_user::testbed::netns::Netns;
 use lb_user::{config::Config, dataplane::Dataplane, plan::Plan};
-use tests::{checks::verify_checksums, netns::Netns};
+use tests::checks::verify_checksums;
 
 const XDP_ABORTED: u32 = 0;
 const XDP_DROP: u32 = 1;
@@ -86,12 +87,25 @@ struct Bench {
 impl Bench {
     fn new() -> Result<Self> {
         let config = Config::parse(CONFIG)?;
-        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let plan = runtime.block_on(Plan::resolve(&config, &[]))?;
         let mut dataplane = Dataplane::load()?;
         dataplane.maps.write_plan(&plan)?;
-        let ifindex = |name: &str| plan.interfaces.iter().find(|i| i.name == name).unwrap().ifindex;
-        Ok(Bench { client_if: ifindex("t-cli"), backend_if: ifindex("t-bck"), dataplane, plan })
+        let ifindex = |name: &str| {
+            plan.interfaces
+                .iter()
+                .find(|i| i.name == name)
+                .unwrap()
+                .ifindex
+        };
+        Ok(Bench {
+            client_if: ifindex("t-cli"),
+            backend_if: ifindex("t-bck"),
+            dataplane,
+            plan,
+        })
     }
 
     /// Runs the program on `frame` as if it arrived on `ifindex`: (action, frame after).
@@ -108,7 +122,11 @@ impl Bench {
             ctx_in: Some(&ctx),
             ..TestRunOptions::default()
         };
-        let result = self.dataplane.program()?.test_run(options).context("BPF_PROG_TEST_RUN")?;
+        let result = self
+            .dataplane
+            .program()?
+            .test_run(options)
+            .context("BPF_PROG_TEST_RUN")?;
         out.truncate(result.data_size_out as usize);
         Ok((result.return_value, out))
     }
@@ -123,8 +141,21 @@ impl Bench {
 /// Runs `test` on a fresh [`Bench`] inside a fresh namespace called `name`.
 fn with_bench(name: &str, test: impl FnOnce(&mut Bench) -> Result<()> + Send + 'static) {
     let ns = Netns::new(name).expect("create namespace");
-    ns.ip(&["link", "add", "t-cli", "address", "02:00:00:00:01:01", "type", "veth", "peer", "name", "t-bck", "address", "02:00:00:00:02:01"])
-        .expect("create veth pair");
+    ns.ip(&[
+        "link",
+        "add",
+        "t-cli",
+        "address",
+        "02:00:00:00:01:01",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "t-bck",
+        "address",
+        "02:00:00:00:02:01",
+    ])
+    .expect("create veth pair");
     ns.enter(move || {
         let mut bench = Bench::new()?;
         test(&mut bench)
@@ -133,7 +164,14 @@ fn with_bench(name: &str, test: impl FnOnce(&mut Bench) -> Result<()> + Send + '
     .expect("test body");
 }
 
-fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+fn tcp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src, dst, 64)
@@ -144,7 +182,14 @@ fn tcp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u1
     frame
 }
 
-fn udp(src_mac: [u8; 6], dst_mac: [u8; 6], src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+fn udp(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
     let mut frame = Vec::new();
     PacketBuilder::ethernet2(src_mac, dst_mac)
         .ipv4(src, dst, 64)
@@ -201,7 +246,10 @@ fn tcp_to_vip_is_rewritten_to_the_master_and_redirected() {
 fn reply_from_master_is_rewritten_to_come_from_the_vip() {
     with_bench("lbt-rev-tcp", |b| {
         // The client must have been seen on the forward path first.
-        let (action, _) = b.run(b.client_if, &tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80))?;
+        let (action, _) = b.run(
+            b.client_if,
+            &tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80),
+        )?;
         assert_eq!(action, XDP_REDIRECT);
         let reply = tcp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 80, 40_000);
         let (action, out) = b.run(b.backend_if, &reply)?;
@@ -210,7 +258,10 @@ fn reply_from_master_is_rewritten_to_come_from_the_vip() {
         assert_eq!((s.dst_mac, s.src_mac), (CLIENT_MAC, CLIENT_IF_MAC));
         assert_eq!((s.src_ip, s.dst_ip), (VIP, CLIENT));
         assert_only_changed(&reply, &out, &[0..12, IP_CHECK, IP_SRC, TCP_CHECK]);
-        assert_eq!(b.dataplane.maps.traffic_of(0, Direction::Reverse)?.packets, 1);
+        assert_eq!(
+            b.dataplane.maps.traffic_of(0, Direction::Reverse)?.packets,
+            1
+        );
         Ok(())
     })
 }
@@ -228,7 +279,10 @@ fn reply_to_an_unknown_client_goes_to_the_kernel_untouched() {
 #[test]
 fn backend_traffic_from_other_ports_is_untouched() {
     with_bench("lbt-rev-port", |b| {
-        b.run(b.client_if, &tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80))?;
+        b.run(
+            b.client_if,
+            &tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80),
+        )?;
         let other = tcp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 22, 40_000);
         let (action, out) = b.run(b.backend_if, &other)?;
         assert_eq!((action, out), (XDP_PASS, other));
@@ -313,7 +367,10 @@ fn ping_of_the_vip_is_carried_both_ways() {
 fn flipping_the_active_entry_moves_the_next_packet_to_the_slave() {
     with_bench("lbt-flip", |b| {
         let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
-        assert_eq!(verify_checksums(&b.run(b.client_if, &frame)?.1)?.dst_ip, MASTER);
+        assert_eq!(
+            verify_checksums(&b.run(b.client_if, &frame)?.1)?.dst_ip,
+            MASTER
+        );
         b.activate("web", "slave")?;
         let (action, out) = b.run(b.client_if, &frame)?;
         assert_eq!(action, XDP_REDIRECT);
@@ -321,9 +378,15 @@ fn flipping_the_active_entry_moves_the_next_packet_to_the_slave() {
         assert_eq!((s.dst_ip, s.dst_mac), (SLAVE, SLAVE_MAC));
         // The other service on the same VIP did not move.
         let query = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5353, 53);
-        assert_eq!(verify_checksums(&b.run(b.client_if, &query)?.1)?.dst_ip, MASTER);
+        assert_eq!(
+            verify_checksums(&b.run(b.client_if, &query)?.1)?.dst_ip,
+            MASTER
+        );
         b.activate("web", "master")?;
-        assert_eq!(verify_checksums(&b.run(b.client_if, &frame)?.1)?.dst_ip, MASTER);
+        assert_eq!(
+            verify_checksums(&b.run(b.client_if, &frame)?.1)?.dst_ip,
+            MASTER
+        );
         Ok(())
     })
 }
@@ -346,7 +409,10 @@ fn backend_behind_the_ingress_nic_is_sent_with_xdp_tx() {
         let (action, out) = b.run(b.client_if, &frame)?;
         assert_eq!(action, XDP_TX);
         let s = verify_checksums(&out)?;
-        assert_eq!((s.dst_ip, s.dst_mac, s.src_mac), (LOCAL_A, LOCAL_A_MAC, CLIENT_IF_MAC));
+        assert_eq!(
+            (s.dst_ip, s.dst_mac, s.src_mac),
+            (LOCAL_A, LOCAL_A_MAC, CLIENT_IF_MAC)
+        );
         Ok(())
     })
 }
@@ -379,7 +445,9 @@ fn arp_request_for_the_vip_is_answered_on_the_client_nic() {
         let (action, out) = b.run(b.client_if, &request)?;
         assert_eq!(action, XDP_TX);
         let packet = etherparse::SlicedPacket::from_ethernet(&out)?;
-        let Some(etherparse::NetSlice::Arp(arp)) = packet.net else { panic!("no ARP in reply") };
+        let Some(etherparse::NetSlice::Arp(arp)) = packet.net else {
+            panic!("no ARP in reply")
+        };
         assert_eq!(arp.operation(), etherparse::ArpOperation::REPLY);
         assert_eq!(arp.sender_hw_addr(), &CLIENT_IF_MAC);
         assert_eq!(arp.sender_protocol_addr(), &VIP);
@@ -439,8 +507,12 @@ fn non_vip_traffic_is_byte_identical() {
 #[test]
 fn frames_on_an_unconfigured_nic_are_untouched() {
     let ns = Netns::new("lbt-unconf").unwrap();
-    ns.ip(&["link", "add", "t-cli", "type", "veth", "peer", "name", "t-bck"]).unwrap();
-    ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"]).unwrap();
+    ns.ip(&[
+        "link", "add", "t-cli", "type", "veth", "peer", "name", "t-bck",
+    ])
+    .unwrap();
+    ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"])
+        .unwrap();
     ns.enter(|| -> Result<()> {
         let mut b = Bench::new()?;
         // SAFETY: if_nametoindex reads a NUL-terminated name.
@@ -530,7 +602,10 @@ fn malformed_frames_are_never_rewritten() {
             assert_eq!(action, XDP_PASS, "{what}: action");
             assert_eq!(out, frame, "{what}: frame must be untouched");
         }
-        assert_eq!(b.dataplane.maps.traffic_of(0, Direction::Forward)?.packets, 0);
+        assert_eq!(
+            b.dataplane.maps.traffic_of(0, Direction::Forward)?.packets,
+            0
+        );
         assert_ne!(b.run(b.client_if, &good)?.0, XDP_ABORTED);
         Ok(())
     })

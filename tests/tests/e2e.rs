@@ -1,7 +1,10 @@
 //! End to end: real hosts in network namespaces, the real `lb` binary attaching the real
 //! program natively to the switch's NICs, real TCP (HTTP), UDP and ICMP through the VIP.
 
-use tests::testbed::{Host, Testbed, MASTER_IP, UDP_PORT, VIP};
+use lb_user::testbed::{
+    topology::{lb_binary, MASTER_IP, UDP_PORT, VIP},
+    Host, Testbed,
+};
 
 const LISTEN: &str = "127.0.0.1:9100";
 
@@ -13,7 +16,9 @@ fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
     bed.start_udp_responder(Host::Master, "master").unwrap();
     bed.start_udp_responder(Host::Slave, "slave").unwrap();
     let config = bed.write_file("lb.toml", &bed.config(LISTEN)).unwrap();
-    let agent = bed.start_lb(&["run", "--config", config.to_str().unwrap()]).unwrap();
+    let agent = bed
+        .start_lb(&["run", "--config", config.to_str().unwrap()])
+        .unwrap();
     bed.wait_for_agent(agent, LISTEN).unwrap();
 
     // TCP: a real HTTP GET of the VIP lands on the master (the handshake only completes
@@ -27,18 +32,34 @@ fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
 
     // ICMP echo to the VIP.
     let vip = VIP.to_string();
-    let (ok, out, err) = bed.output(Host::Client, "ping", &["-c", "3", "-i", "0.2", "-W", "2", &vip]).unwrap();
+    let (ok, out, err) = bed
+        .output(
+            Host::Client,
+            "ping",
+            &["-c", "3", "-i", "0.2", "-W", "2", &vip],
+        )
+        .unwrap();
     assert!(ok, "ping of the VIP failed: {out}{err}");
 
     // The client only ever learnt the switch's MAC for the VIP, never a backend address.
-    let (_, neigh, _) = bed.output(Host::Client, "ip", &["neigh", "show", &vip]).unwrap();
-    assert!(neigh.contains("02:00:00:00:01:01"), "VIP resolved to {neigh}");
+    let (_, neigh, _) = bed
+        .output(Host::Client, "ip", &["neigh", "show", &vip])
+        .unwrap();
+    assert!(
+        neigh.contains("02:00:00:00:01:01"),
+        "VIP resolved to {neigh}"
+    );
     let (_, neigh, _) = bed.output(Host::Client, "ip", &["neigh", "show"]).unwrap();
-    assert!(!neigh.contains(&MASTER_IP.to_string()), "client saw the master: {neigh}");
+    assert!(
+        !neigh.contains(&MASTER_IP.to_string()),
+        "client saw the master: {neigh}"
+    );
 
     // Flip the web service by hand: new requests go to the slave, the UDP service stays.
-    let lb = tests::testbed::lb_binary().unwrap();
-    let (ok, out, err) = bed.output(Host::Switch, &lb, &["activate", "web", "slave"]).unwrap();
+    let lb = lb_binary().unwrap();
+    let (ok, out, err) = bed
+        .output(Host::Switch, &lb, &["activate", "web", "slave"])
+        .unwrap();
     assert!(ok, "lb activate failed: {out}{err}");
     assert!(out.contains("master -> slave"), "{out}");
     for _ in 0..3 {
@@ -49,23 +70,39 @@ fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
     // `lb status` reports it.
     let (ok, status, err) = bed.output(Host::Switch, &lb, &["status"]).unwrap();
     assert!(ok, "{err}");
-    assert!(status.contains("service web vip 198.18.1.100 tcp/80: active slave"), "{status}");
-    assert!(status.contains("last change: master -> slave (manual activation)"), "{status}");
+    assert!(
+        status.contains("service web vip 198.18.1.100 tcp/80: active slave"),
+        "{status}"
+    );
+    assert!(
+        status.contains("last change: master -> slave (manual activation)"),
+        "{status}"
+    );
 
     // And back.
-    let (ok, _, err) = bed.output(Host::Switch, &lb, &["activate", "web", "master"]).unwrap();
+    let (ok, _, err) = bed
+        .output(Host::Switch, &lb, &["activate", "web", "master"])
+        .unwrap();
     assert!(ok, "{err}");
     assert_eq!(bed.http_get_vip().unwrap(), "master");
 
     // An unknown backend is refused with a clear message.
-    let (ok, _, err) = bed.output(Host::Switch, &lb, &["activate", "web", "nobody"]).unwrap();
+    let (ok, _, err) = bed
+        .output(Host::Switch, &lb, &["activate", "web", "nobody"])
+        .unwrap();
     assert!(!ok);
     assert!(err.contains("has no backend \"nobody\""), "{err}");
 
     // SIGTERM: the agent exits cleanly and leaves no XDP program behind.
     assert!(bed.switch_has_xdp().unwrap());
-    assert!(bed.processes[agent].terminate().unwrap(), "lb did not exit successfully");
-    assert!(!bed.switch_has_xdp().unwrap(), "an XDP program was left attached");
+    assert!(
+        bed.processes[agent].terminate().unwrap(),
+        "lb did not exit successfully"
+    );
+    assert!(
+        !bed.switch_has_xdp().unwrap(),
+        "an XDP program was left attached"
+    );
 }
 
 #[test]
@@ -73,12 +110,22 @@ fn a_second_agent_on_the_same_nics_is_refused() {
     let mut bed = Testbed::new("lbe2e-twice").expect("testbed");
     bed.start_web_server(Host::Master, "master").unwrap();
     let config = bed.write_file("lb.toml", &bed.config(LISTEN)).unwrap();
-    let first = bed.start_lb(&["run", "--config", config.to_str().unwrap()]).unwrap();
+    let first = bed
+        .start_lb(&["run", "--config", config.to_str().unwrap()])
+        .unwrap();
     bed.wait_for_agent(first, LISTEN).unwrap();
 
-    let second = bed.write_file("lb2.toml", &bed.config("127.0.0.1:9101")).unwrap();
-    let lb = tests::testbed::lb_binary().unwrap();
-    let (ok, _, err) = bed.output(Host::Switch, &lb, &["run", "--config", second.to_str().unwrap()]).unwrap();
+    let second = bed
+        .write_file("lb2.toml", &bed.config("127.0.0.1:9101"))
+        .unwrap();
+    let lb = lb_binary().unwrap();
+    let (ok, _, err) = bed
+        .output(
+            Host::Switch,
+            &lb,
+            &["run", "--config", second.to_str().unwrap()],
+        )
+        .unwrap();
     assert!(!ok, "a second agent took over the NICs");
     assert!(err.contains("already carries an XDP program"), "{err}");
 
@@ -91,15 +138,32 @@ fn a_second_agent_on_the_same_nics_is_refused() {
 #[test]
 fn a_missing_interface_is_a_clear_error_and_leaves_nothing_attached() {
     let mut bed = Testbed::new("lbe2e-noif").expect("testbed");
-    let config = bed.config(LISTEN).replace("iface = \"s0\"", "iface = \"nosuch0\"");
+    let config = bed
+        .config(LISTEN)
+        .replace("iface = \"s0\"", "iface = \"nosuch0\"");
     let config = bed.write_file("lb.toml", &config).unwrap();
-    let lb = tests::testbed::lb_binary().unwrap();
-    let (ok, _, err) = bed.output(Host::Switch, &lb, &["run", "--config", config.to_str().unwrap()]).unwrap();
+    let lb = lb_binary().unwrap();
+    let (ok, _, err) = bed
+        .output(
+            Host::Switch,
+            &lb,
+            &["run", "--config", config.to_str().unwrap()],
+        )
+        .unwrap();
     assert!(!ok);
-    assert!(err.contains("network interface \"nosuch0\" does not exist"), "{err}");
+    assert!(
+        err.contains("network interface \"nosuch0\" does not exist"),
+        "{err}"
+    );
     assert!(!bed.switch_has_xdp().unwrap());
 
-    let (ok, _, err) = bed.output(Host::Switch, &lb, &["check-config", config.to_str().unwrap()]).unwrap();
+    let (ok, _, err) = bed
+        .output(
+            Host::Switch,
+            &lb,
+            &["check-config", config.to_str().unwrap()],
+        )
+        .unwrap();
     assert!(!ok);
     assert!(err.contains("nosuch0"), "{err}");
 }

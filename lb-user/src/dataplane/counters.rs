@@ -6,7 +6,8 @@ use lb_common::{action_index, traffic_index, Direction, Traffic, XDP_ACTIONS};
 use super::MapWriter;
 
 /// XDP action names, indexed by action number.
-pub const ACTION_NAMES: [&str; XDP_ACTIONS as usize] = ["aborted", "drop", "pass", "tx", "redirect"];
+pub const ACTION_NAMES: [&str; XDP_ACTIONS as usize] =
+    ["aborted", "drop", "pass", "tx", "redirect"];
 
 impl MapWriter {
     /// Packets and bytes rewritten for backend `index` in `direction`.

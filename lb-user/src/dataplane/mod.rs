@@ -48,7 +48,11 @@ impl Dataplane {
             "cannot load the XDP program into the kernel (needs root or CAP_BPF + CAP_NET_ADMIN)",
         )?;
         let maps = MapWriter::take(&mut ebpf)?;
-        let mut dataplane = Dataplane { ebpf, maps, attached: Vec::new() };
+        let mut dataplane = Dataplane {
+            ebpf,
+            maps,
+            attached: Vec::new(),
+        };
         dataplane
             .program()?
             .load()
@@ -84,13 +88,17 @@ impl Dataplane {
                     error = %native_error,
                     "native XDP refused; attaching in generic (skb) mode, which is slower"
                 );
-                let link = attempt(program, XdpModeSetting::Skb)
-                    .map_err(|e| attach_error(iface, e))?;
+                let link =
+                    attempt(program, XdpModeSetting::Skb).map_err(|e| attach_error(iface, e))?;
                 (link, XdpModeSetting::Skb)
             }
             Err(error) => return Err(attach_error(iface, error)),
         };
-        self.attached.push(Attachment { iface: iface.to_string(), mode, link });
+        self.attached.push(Attachment {
+            iface: iface.to_string(),
+            mode,
+            link,
+        });
         Ok(mode)
     }
 
@@ -104,9 +112,9 @@ impl Dataplane {
         let attached = std::mem::take(&mut self.attached);
         let program = self.program()?;
         for attachment in attached {
-            program
-                .detach(attachment.link)
-                .with_context(|| format!("cannot detach the XDP program from {}", attachment.iface))?;
+            program.detach(attachment.link).with_context(|| {
+                format!("cannot detach the XDP program from {}", attachment.iface)
+            })?;
             tracing::info!(iface = attachment.iface, "detached");
         }
         Ok(())
@@ -131,8 +139,12 @@ impl PassProgram {
             .program_mut(PASS_PROGRAM_NAME)
             .ok_or_else(|| anyhow!("program {PASS_PROGRAM_NAME} missing from the object file"))?
             .try_into()?;
-        program.load().context("the kernel refused the pass-through program")?;
-        program.attach(iface, XdpMode::Driver).map_err(|e| attach_error(iface, e))?;
+        program
+            .load()
+            .context("the kernel refused the pass-through program")?;
+        program
+            .attach(iface, XdpMode::Driver)
+            .map_err(|e| attach_error(iface, e))?;
         Ok(PassProgram { _ebpf: ebpf })
     }
 }
@@ -161,7 +173,10 @@ fn attach_error(iface: &str, error: aya::programs::ProgramError) -> anyhow::Erro
 
 /// Lifts RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11).
 fn raise_memlock_limit() {
-    let limit = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit only reads the struct we pass.
     let result = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
     if result != 0 {

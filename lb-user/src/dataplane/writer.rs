@@ -12,8 +12,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    iface_flags, map_names, proto, Backend, Iface, Neighbor, ReverseKey, ReverseValue,
-    ServiceKey, ServiceValue, Traffic, VipInfo, NO_BACKEND,
+    iface_flags, map_names, proto, Backend, Iface, Neighbor, ReverseKey, ReverseValue, ServiceKey,
+    ServiceValue, Traffic, VipInfo, NO_BACKEND,
 };
 
 use crate::{
@@ -87,13 +87,26 @@ impl MapWriter {
         // protocols.
         for service in &plan.services {
             let vip = service.vip.octets();
-            let echo = ServiceKey { vip, port: [0, 0], proto: proto::ICMP, pad: 0 };
+            let echo = ServiceKey {
+                vip,
+                port: [0, 0],
+                proto: proto::ICMP,
+                pad: 0,
+            };
             if service.protocol.is_some() && self.services.get(&echo, 0).is_err() {
-                self.services.insert(echo, ServiceValue { id: service.id }, 0)?;
+                self.services
+                    .insert(echo, ServiceValue { id: service.id }, 0)?;
                 for backend in &service.backends {
-                    let key =
-                        ReverseKey { ip: backend.ip.octets(), port: [0, 0], proto: proto::ICMP, pad: 0 };
-                    let value = ReverseValue { vip, backend: backend.index };
+                    let key = ReverseKey {
+                        ip: backend.ip.octets(),
+                        port: [0, 0],
+                        proto: proto::ICMP,
+                        pad: 0,
+                    };
+                    let value = ReverseValue {
+                        vip,
+                        backend: backend.index,
+                    };
                     self.reverse.insert(key, value, 0)?;
                 }
             }
@@ -112,7 +125,11 @@ impl MapWriter {
                 Role::Backend => iface_flags::BACKEND,
                 Role::Both => iface_flags::CLIENT | iface_flags::BACKEND,
             };
-            let value = Iface { mac: iface.mac, flags, slot: iface.slot };
+            let value = Iface {
+                mac: iface.mac,
+                flags,
+                slot: iface.slot,
+            };
             self.ifaces.insert(iface.ifindex, value, 0)?;
         }
         Ok(())
@@ -130,12 +147,29 @@ impl MapWriter {
                 ifindex: backend.ifindex,
             };
             self.backends.set(backend.index, value, 0)?;
-            let key = ReverseKey { ip: backend.ip.octets(), port, proto, pad: 0 };
-            self.reverse.insert(key, ReverseValue { vip, backend: backend.index }, 0)?;
+            let key = ReverseKey {
+                ip: backend.ip.octets(),
+                port,
+                proto,
+                pad: 0,
+            };
+            self.reverse.insert(
+                key,
+                ReverseValue {
+                    vip,
+                    backend: backend.index,
+                },
+                0,
+            )?;
         }
         let first = service.backends.first().map_or(NO_BACKEND, |b| b.index);
         self.active.set(service.id, first, 0)?;
-        let key = ServiceKey { vip, port, proto, pad: 0 };
+        let key = ServiceKey {
+            vip,
+            port,
+            proto,
+            pad: 0,
+        };
         self.services
             .insert(key, ServiceValue { id: service.id }, 0)
             .with_context(|| format!("cannot write service {}", service.name))?;

@@ -13,7 +13,6 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     path::PathBuf,
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -23,7 +22,7 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
-use crate::{
+use super::{
     netns::{veth, Netns},
     process::Process,
 };
@@ -48,7 +47,7 @@ pub struct Testbed {
     /// Processes (servers, agents), stopped before the namespaces go.
     pub processes: Vec<Process>,
     responders: Vec<UdpResponder>,
-    veth_peers: Vec<lb_user::dataplane::PassProgram>,
+    veth_peers: Vec<crate::dataplane::PassProgram>,
     /// The client host.
     pub client: Netns,
     /// The switch host, where `lb` runs.
@@ -73,7 +72,12 @@ impl Testbed {
             slave: Netns::new(&format!("{prefix}-slave"))?,
             files: Vec::new(),
         };
-        let (c, s, m, v) = (&testbed.client, &testbed.switch, &testbed.master, &testbed.slave);
+        let (c, s, m, v) = (
+            &testbed.client,
+            &testbed.switch,
+            &testbed.master,
+            &testbed.slave,
+        );
         veth(c, "eth0", "02:00:00:00:01:02", s, "c0", "02:00:00:00:01:01")?;
         veth(m, "eth0", MASTER_MAC, s, "m0", "02:00:00:00:02:01")?;
         veth(v, "eth0", SLAVE_MAC, s, "s0", "02:00:00:00:03:01")?;
@@ -90,7 +94,9 @@ impl Testbed {
             host.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
         }
         for host in [Host::Client, Host::Master, Host::Slave] {
-            let peer = testbed.host(host).enter(|| lb_user::dataplane::PassProgram::attach("eth0"))??;
+            let peer = testbed
+                .host(host)
+                .enter(|| crate::dataplane::PassProgram::attach("eth0"))??;
             testbed.veth_peers.push(peer);
         }
         Ok(testbed)
@@ -146,8 +152,19 @@ backends = [
         self.files.push(dir.clone());
         let ns = self.host(host);
         let mut command = ns.command("python3");
-        command.args(["-m", "http.server", "80", "--bind", "0.0.0.0", "--directory"]).arg(&dir);
-        command.stderr(std::process::Stdio::null()).stdout(std::process::Stdio::null());
+        command
+            .args([
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "0.0.0.0",
+                "--directory",
+            ])
+            .arg(&dir);
+        command
+            .stderr(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
         let process = Process::spawn(command, &format!("web server on {name}"))?;
         self.processes.push(process);
         let ns = self.host(host);
@@ -189,7 +206,10 @@ backends = [
                 }
             }
         });
-        self.responders.push(UdpResponder { stop, thread: Some(thread) });
+        self.responders.push(UdpResponder {
+            stop,
+            thread: Some(thread),
+        });
         Ok(())
     }
 
@@ -211,7 +231,10 @@ backends = [
             .args(["-sS", "--max-time", "3", &format!("http://{VIP}/")])
             .output()?;
         if !output.status.success() {
-            bail!("curl http://{VIP}/ failed: {}", String::from_utf8_lossy(&output.stderr).trim());
+            bail!(
+                "curl http://{VIP}/ failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     }
@@ -219,19 +242,29 @@ backends = [
     /// One UDP request from the client to the VIP: (answer, address it came from).
     pub fn udp_request_vip(&self, payload: &str) -> Result<(String, SocketAddrV4)> {
         let payload = payload.to_string();
-        self.client.enter(move || -> Result<(String, SocketAddrV4)> {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-            socket.send_to(payload.as_bytes(), (VIP, UDP_PORT))?;
-            let mut buf = [0u8; 2048];
-            let (len, from) = socket.recv_from(&mut buf).context("no UDP answer within 2 s")?;
-            let std::net::SocketAddr::V4(from) = from else { bail!("answer from {from}") };
-            Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
-        })?
+        self.client
+            .enter(move || -> Result<(String, SocketAddrV4)> {
+                let socket = UdpSocket::bind("0.0.0.0:0")?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.send_to(payload.as_bytes(), (VIP, UDP_PORT))?;
+                let mut buf = [0u8; 2048];
+                let (len, from) = socket
+                    .recv_from(&mut buf)
+                    .context("no UDP answer within 2 s")?;
+                let std::net::SocketAddr::V4(from) = from else {
+                    bail!("answer from {from}")
+                };
+                Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+            })?
     }
 
     /// Runs `program args…` in `host` and returns (success, stdout, stderr).
-    pub fn output(&self, host: Host, program: &str, args: &[&str]) -> Result<(bool, String, String)> {
+    pub fn output(
+        &self,
+        host: Host,
+        program: &str,
+        args: &[&str],
+    ) -> Result<(bool, String, String)> {
         let output: std::process::Output = self.host(host).command(program).args(args).output()?;
         Ok((
             output.status.success(),
@@ -255,7 +288,16 @@ backends = [
             if !self.processes[index].is_running() {
                 bail!("lb exited before it was ready");
             }
-            let (ok, _, _) = self.output(Host::Switch, "curl", &["-sf", "--max-time", "1", &format!("http://{listen}/healthz")])?;
+            let (ok, _, _) = self.output(
+                Host::Switch,
+                "curl",
+                &[
+                    "-sf",
+                    "--max-time",
+                    "1",
+                    &format!("http://{listen}/healthz"),
+                ],
+            )?;
             if ok {
                 return Ok(());
             }
@@ -309,11 +351,15 @@ impl Drop for Testbed {
     }
 }
 
-/// Path of the `lb` binary: `$LB_BIN`, else `target/debug/lb` of this workspace.
+/// Path of the `lb` binary: `$LB_BIN`; else this executable when it is `lb`; else
+/// `target/debug/lb` of this workspace.
 pub fn lb_binary() -> Result<String> {
     let path = match std::env::var("LB_BIN") {
         Ok(path) => PathBuf::from(path),
-        Err(_) => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb"),
+        Err(_) => match std::env::current_exe() {
+            Ok(exe) if exe.file_name().is_some_and(|n| n == "lb") => exe,
+            _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb"),
+        },
     };
     if !path.exists() {
         bail!(
@@ -321,6 +367,5 @@ pub fn lb_binary() -> Result<String> {
             path.display()
         );
     }
-    let _ = Command::new("true");
     Ok(path.canonicalize()?.to_string_lossy().into_owned())
 }

@@ -36,7 +36,9 @@ impl Netns {
     pub fn new(name: &str) -> Result<Self> {
         let _ = Command::new("ip").args(["netns", "del", name]).output();
         ip(&["netns", "add", name])?;
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
     }
@@ -97,7 +99,22 @@ impl Drop for Netns {
 
 /// Creates a veth pair: `a` in `ns_a` and `b` in `ns_b`, with fixed MACs, both up.
 pub fn veth(ns_a: &Netns, a: &str, mac_a: &str, ns_b: &Netns, b: &str, mac_b: &str) -> Result<()> {
-    ns_a.ip(&["link", "add", a, "address", mac_a, "type", "veth", "peer", "name", b, "address", mac_b, "netns", ns_b.name()])?;
+    ns_a.ip(&[
+        "link",
+        "add",
+        a,
+        "address",
+        mac_a,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b,
+        "address",
+        mac_b,
+        "netns",
+        ns_b.name(),
+    ])?;
     ns_a.ip(&["link", "set", a, "up"])?;
     ns_b.ip(&["link", "set", b, "up"])?;
     Ok(())

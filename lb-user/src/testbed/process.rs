@@ -17,12 +17,17 @@ impl Process {
             .stdin(Stdio::null())
             .spawn()
             .with_context(|| format!("cannot start {what}"))?;
-        Ok(Process { child: Some(child), what: what.to_string() })
+        Ok(Process {
+            child: Some(child),
+            what: what.to_string(),
+        })
     }
 
     /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> Result<bool> {
-        let Some(mut child) = self.child.take() else { return Ok(false) };
+        let Some(mut child) = self.child.take() else {
+            return Ok(false);
+        };
         // SAFETY: kill(2) on the pid of a child we have not reaped yet.
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
