@@ -26,19 +26,19 @@ pub mod proto {
     pub const TCP: u8 = 6;
     /// UDP.
     pub const UDP: u8 = 17;
-    /// Wildcard in a [`ServiceKey`](super::ServiceKey) or [`ReverseKey`](super::ReverseKey).
+    /// Wildcard in an [`EndpointKey`](super::EndpointKey).
     pub const ANY: u8 = 0;
 }
 
 /// Map names, as written in the object file and looked up by the agent.
 pub mod map_names {
-    /// [`ServiceKey`](super::ServiceKey) → [`ServiceValue`](super::ServiceValue).
+    /// [`EndpointKey`](super::EndpointKey) of a VIP → [`ServiceValue`](super::ServiceValue).
     pub const SERVICES: &str = "SERVICES";
     /// Service id → index of the active backend (one `u32`: a flip is one map write).
     pub const ACTIVE: &str = "ACTIVE";
     /// Backend index → [`Backend`](super::Backend).
     pub const BACKENDS: &str = "BACKENDS";
-    /// [`ReverseKey`](super::ReverseKey) → [`ReverseValue`](super::ReverseValue).
+    /// [`EndpointKey`](super::EndpointKey) of a backend → [`ReverseValue`](super::ReverseValue).
     pub const REVERSE: &str = "REVERSE";
     /// VIP (network order bytes) → [`VipInfo`](super::VipInfo); answers ARP, fast non-VIP exit.
     pub const VIPS: &str = "VIPS";
@@ -54,24 +54,48 @@ pub mod map_names {
     pub const ACTIONS: &str = "ACTIONS";
 }
 
-/// Identifies a service: the VIP, and optionally the protocol and destination port.
+/// An address, protocol and port: the key of services (the VIP and destination port) and of
+/// replies (a backend's address and source port).
 ///
-/// Lookups go from the most to the least specific key: `(vip, proto, port)`,
-/// `(vip, proto, 0)`, `(vip, ANY, 0)`.
+/// Lookups go from the most to the least specific key, as [`EndpointKey::candidates`] lists.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ServiceKey {
-    /// Virtual IP, network order.
-    pub vip: [u8; 4],
-    /// Destination port, network order; `[0, 0]` matches every port.
+pub struct EndpointKey {
+    /// IPv4 address, network order.
+    pub ip: [u8; 4],
+    /// Port, network order; `[0, 0]` matches every port.
     pub port: [u8; 2],
-    /// IP protocol ([`proto`]), `ANY` matches every protocol the program rewrites.
+    /// IP protocol ([`proto`]); `ANY` matches every protocol the program rewrites.
     pub proto: u8,
     /// Always zero (keys are compared byte by byte).
     pub pad: u8,
 }
 
-/// What a [`ServiceKey`] maps to.
+impl EndpointKey {
+    /// The key for `ip`, `protocol` and `port`.
+    #[inline(always)]
+    pub const fn new(ip: [u8; 4], protocol: u8, port: [u8; 2]) -> Self {
+        EndpointKey {
+            ip,
+            port,
+            proto: protocol,
+            pad: 0,
+        }
+    }
+
+    /// The keys a packet may match, most specific first: `(ip, proto, port)`,
+    /// `(ip, proto, any port)`, `(ip, any protocol, any port)`.
+    #[inline(always)]
+    pub const fn candidates(ip: [u8; 4], protocol: u8, port: [u8; 2]) -> [Self; 3] {
+        [
+            Self::new(ip, protocol, port),
+            Self::new(ip, protocol, [0, 0]),
+            Self::new(ip, proto::ANY, [0, 0]),
+        ]
+    }
+}
+
+/// What a service's [`EndpointKey`] maps to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceValue {
@@ -93,21 +117,7 @@ pub struct Backend {
     pub ifindex: u32,
 }
 
-/// Identifies reply traffic: a backend's address and service port.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct ReverseKey {
-    /// Backend IPv4 address, network order (the reply's source).
-    pub ip: [u8; 4],
-    /// Service port, network order (the reply's source port); `[0, 0]` for every port.
-    pub port: [u8; 2],
-    /// IP protocol ([`proto`]).
-    pub proto: u8,
-    /// Always zero.
-    pub pad: u8,
-}
-
-/// What a [`ReverseKey`] maps to.
+/// What a backend's [`EndpointKey`] maps to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReverseValue {
@@ -201,13 +211,11 @@ pub const fn action_index(slot: u32, action: u32) -> u32 {
 mod pod {
     use super::*;
     // SAFETY: each type is `#[repr(C)]`, `Copy`, has no padding and is valid for any bytes.
-    unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for EndpointKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ServiceValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Backend {}
-    // SAFETY: as above.
-    unsafe impl aya::Pod for ReverseKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for ReverseValue {}
     // SAFETY: as above.
@@ -227,14 +235,21 @@ mod tests {
 
     #[test]
     fn map_types_have_no_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 8);
+        assert_eq!(size_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 4);
         assert_eq!(size_of::<Backend>(), 20);
-        assert_eq!(size_of::<ReverseKey>(), 8);
         assert_eq!(size_of::<ReverseValue>(), 8);
         assert_eq!(size_of::<Iface>(), 12);
         assert_eq!(size_of::<Neighbor>(), 16);
         assert_eq!(size_of::<Traffic>(), 16);
+    }
+
+    #[test]
+    fn candidates_go_from_specific_to_wildcard() {
+        let [exact, any_port, any] = EndpointKey::candidates([1, 2, 3, 4], proto::TCP, [0, 80]);
+        assert_eq!((exact.proto, exact.port), (proto::TCP, [0, 80]));
+        assert_eq!((any_port.proto, any_port.port), (proto::TCP, [0, 0]));
+        assert_eq!((any.proto, any.port), (proto::ANY, [0, 0]));
     }
 
     #[test]

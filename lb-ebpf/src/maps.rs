@@ -8,14 +8,14 @@ use aya_ebpf::{
     programs::XdpContext,
 };
 use lb_common::{
-    proto, Backend, Iface, Neighbor, ReverseKey, ReverseValue, ServiceKey, ServiceValue, Traffic,
-    VipInfo, ACTIONS_ENTRIES, MAX_BACKENDS, MAX_CLIENTS, MAX_IFACES, MAX_SERVICES, NO_BACKEND,
+    Backend, EndpointKey, Iface, Neighbor, ReverseValue, ServiceValue, Traffic, VipInfo,
+    ACTIONS_ENTRIES, MAX_BACKENDS, MAX_CLIENTS, MAX_IFACES, MAX_SERVICES, NO_BACKEND,
     TRAFFIC_ENTRIES,
 };
 
 /// Service key → service id.
 #[map]
-pub static SERVICES: HashMap<ServiceKey, ServiceValue> =
+pub static SERVICES: HashMap<EndpointKey, ServiceValue> =
     HashMap::with_max_entries(MAX_SERVICES * 3, 0);
 
 /// Service id → index of its active backend. The one entry a failover writes.
@@ -28,7 +28,7 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Backend address and service port → the VIP its replies must carry.
 #[map]
-pub static REVERSE: HashMap<ReverseKey, ReverseValue> =
+pub static REVERSE: HashMap<EndpointKey, ReverseValue> =
     HashMap::with_max_entries(MAX_BACKENDS * 2, 0);
 
 /// Configured VIPs.
@@ -72,30 +72,28 @@ pub fn is_vip(ip: &[u8; 4]) -> bool {
     VIPS.get_ptr(ip).is_some()
 }
 
-/// The service a packet to `vip` belongs to: most specific key first.
+/// The value of the most specific key of `map` that matches `ip`, `protocol` and `port`.
+#[inline(always)]
+fn most_specific<V: Copy>(
+    map: &HashMap<EndpointKey, V>,
+    ip: [u8; 4],
+    protocol: u8,
+    port: [u8; 2],
+) -> Option<V> {
+    EndpointKey::candidates(ip, protocol, port)
+        .iter()
+        .find_map(|key| map.get_ptr(key))
+        .map(|value| {
+            // SAFETY: a pointer from a successful map lookup is valid for this program run;
+            // the value is copied out at once.
+            unsafe { *value }
+        })
+}
+
+/// The service a packet to `vip` belongs to.
 #[inline(always)]
 pub fn service(vip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<u32> {
-    let exact = ServiceKey {
-        vip,
-        port,
-        proto: protocol,
-        pad: 0,
-    };
-    let any_port = ServiceKey {
-        port: [0, 0],
-        ..exact
-    };
-    let any_proto = ServiceKey {
-        proto: proto::ANY,
-        ..any_port
-    };
-    [exact, any_port, any_proto]
-        .iter()
-        .find_map(|key| SERVICES.get_ptr(key))
-        .map(|value| {
-            // SAFETY: valid lookup result, copied out at once.
-            unsafe { (*value).id }
-        })
+    most_specific(&SERVICES, vip, protocol, port).map(|service| service.id)
 }
 
 /// The active backend of service `id`, with its index; `None` when no backend is serving.
@@ -111,27 +109,7 @@ pub fn active_backend(id: u32) -> Option<(u32, Backend)> {
 /// The VIP that replies from `ip:port` must carry, if that is a backend of a service.
 #[inline(always)]
 pub fn reverse(ip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<ReverseValue> {
-    let exact = ReverseKey {
-        ip,
-        port,
-        proto: protocol,
-        pad: 0,
-    };
-    let any_port = ReverseKey {
-        port: [0, 0],
-        ..exact
-    };
-    let any_proto = ReverseKey {
-        proto: proto::ANY,
-        ..any_port
-    };
-    [exact, any_port, any_proto]
-        .iter()
-        .find_map(|key| REVERSE.get_ptr(key))
-        .map(|value| {
-            // SAFETY: valid lookup result, copied out at once.
-            unsafe { *value }
-        })
+    most_specific(&REVERSE, ip, protocol, port)
 }
 
 /// Where the client `ip` was last seen.

@@ -204,18 +204,6 @@ fn run(release: bool, args: Vec<String>) -> Result<()> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_test_result;
-
-    #[test]
-    fn libtest_summaries_are_counted() {
-        let line = "test result: ok. 17 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.22s";
-        assert_eq!(parse_test_result(line), Some((17, 2)));
-        assert_eq!(parse_test_result("running 3 tests"), None);
-    }
-}
-
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.
     unsafe { libc::geteuid() == 0 }
@@ -233,4 +221,16 @@ fn ignore_interrupts_while_waiting() {
             on_interrupt as *const () as libc::sighandler_t,
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_test_result;
+
+    #[test]
+    fn libtest_summaries_are_counted() {
+        let line = "test result: ok. 17 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out; finished in 2.22s";
+        assert_eq!(parse_test_result(line), Some((17, 2)));
+        assert_eq!(parse_test_result("running 3 tests"), None);
+    }
 }

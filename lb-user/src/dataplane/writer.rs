@@ -12,7 +12,7 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    iface_flags, map_names, proto, Backend, Iface, Neighbor, ReverseKey, ReverseValue, ServiceKey,
+    iface_flags, map_names, proto, Backend, EndpointKey, Iface, Neighbor, ReverseValue,
     ServiceValue, Traffic, VipInfo, NO_BACKEND,
 };
 
@@ -23,10 +23,10 @@ use crate::{
 
 /// Owned handles on every map of the program.
 pub struct MapWriter {
-    services: HashMap<MapData, ServiceKey, ServiceValue>,
+    services: HashMap<MapData, EndpointKey, ServiceValue>,
     active: Array<MapData, u32>,
     backends: Array<MapData, Backend>,
-    reverse: HashMap<MapData, ReverseKey, ReverseValue>,
+    reverse: HashMap<MapData, EndpointKey, ReverseValue>,
     vips: HashMap<MapData, [u8; 4], VipInfo>,
     ifaces: HashMap<MapData, u32, Iface>,
     tx_ports: DevMapHash<MapData>,
@@ -87,22 +87,12 @@ impl MapWriter {
         // protocols.
         for service in &plan.services {
             let vip = service.vip.octets();
-            let echo = ServiceKey {
-                vip,
-                port: [0, 0],
-                proto: proto::ICMP,
-                pad: 0,
-            };
+            let echo = EndpointKey::new(vip, proto::ICMP, [0, 0]);
             if service.protocol.is_some() && self.services.get(&echo, 0).is_err() {
                 self.services
                     .insert(echo, ServiceValue { id: service.id }, 0)?;
                 for backend in &service.backends {
-                    let key = ReverseKey {
-                        ip: backend.ip.octets(),
-                        port: [0, 0],
-                        proto: proto::ICMP,
-                        pad: 0,
-                    };
+                    let key = EndpointKey::new(backend.ip.octets(), proto::ICMP, [0, 0]);
                     let value = ReverseValue {
                         vip,
                         backend: backend.index,
@@ -147,12 +137,7 @@ impl MapWriter {
                 ifindex: backend.ifindex,
             };
             self.backends.set(backend.index, value, 0)?;
-            let key = ReverseKey {
-                ip: backend.ip.octets(),
-                port,
-                proto,
-                pad: 0,
-            };
+            let key = EndpointKey::new(backend.ip.octets(), proto, port);
             self.reverse.insert(
                 key,
                 ReverseValue {
@@ -164,12 +149,7 @@ impl MapWriter {
         }
         let first = service.backends.first().map_or(NO_BACKEND, |b| b.index);
         self.active.set(service.id, first, 0)?;
-        let key = ServiceKey {
-            vip,
-            port,
-            proto,
-            pad: 0,
-        };
+        let key = EndpointKey::new(vip, proto, port);
         self.services
             .insert(key, ServiceValue { id: service.id }, 0)
             .with_context(|| format!("cannot write service {}", service.name))?;
