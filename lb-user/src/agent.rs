@@ -1,16 +1,18 @@
-//! `lb run`: resolve the plan, load and attach the program, write the maps, serve the
-//! endpoint, and on SIGINT/SIGTERM detach everything.
+//! `lb run`: resolve the plan, load and attach the program, write the maps, start the
+//! failover engine and the endpoint, and on SIGINT/SIGTERM detach everything.
 
-use std::sync::{Arc, Mutex};
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     config::{Config, XdpModeSetting},
-    control::{self, AgentState},
+    control::{self, AgentState, InterfaceStatus},
     dataplane::Dataplane,
-    net,
+    failover::Engine,
+    metrics::Metrics,
+    net::{self, Netlink},
     plan::Plan,
 };
 
@@ -21,32 +23,72 @@ pub struct RunOptions {
     pub ifaces: Vec<String>,
     /// Overrides the config's `xdp_mode`.
     pub xdp_mode: Option<XdpModeSetting>,
+    /// Replace an XDP program another tool attached to one of the NICs.
+    pub force: bool,
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
 pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let plan = Plan::resolve(&config, &options.ifaces).await?;
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
-    let mut dataplane = Dataplane::load()?;
-    dataplane
-        .maps
-        .write_plan(&plan)
+    let (mut dataplane, mut maps) = Dataplane::load()?;
+    maps.write_plan(&plan)
         .context("cannot write the plan into the maps")?;
+    let netlink = Netlink::connect()?;
+    let mut interfaces = Vec::new();
     for iface in &plan.interfaces {
-        let mode = dataplane.attach(&iface.name, mode)?;
+        let mode = match dataplane.attach(&iface.name, mode) {
+            Err(e)
+                if options.force && format!("{e:#}").contains("already carries an XDP program") =>
+            {
+                tracing::warn!(
+                    iface = iface.name,
+                    "--force: removing the XDP program already attached"
+                );
+                netlink
+                    .detach_xdp(iface.ifindex)
+                    .await
+                    .with_context(|| format!("--force on {}", iface.name))?;
+                dataplane.attach(&iface.name, mode)?
+            }
+            other => other?,
+        };
         tracing::info!(iface = iface.name, role = ?iface.role, ?mode, "attached");
+        interfaces.push(InterfaceStatus {
+            name: iface.name.clone(),
+            mode: format!("{mode:?}").to_lowercase(),
+        });
     }
+    let mut carriers = HashMap::new();
+    for iface in &plan.interfaces {
+        let link = netlink.link_by_name(&iface.name).await?;
+        carriers.insert(iface.ifindex, link.carrier);
+    }
+    let maps = Arc::new(maps);
+    let metrics = Arc::new(Metrics::new(&plan, maps.clone()));
+    let engine = Engine::start(&plan, maps.clone(), metrics.clone(), carriers).await?;
     for service in &plan.services {
-        let active = service.backends.first();
-        tracing::info!(
-            service = service.name,
-            vip = %service.vip,
-            active = active.map_or("-", |b| b.name.as_str()),
-            backend_mac = active.map(|b| net::format_mac(&b.mac)).unwrap_or_default(),
-            "serving"
-        );
+        for backend in &service.backends {
+            tracing::info!(
+                service = service.name,
+                vip = %service.vip,
+                backend = backend.name,
+                ip = %backend.ip,
+                via = backend.iface,
+                mac = net::format_mac(&backend.mac),
+                checks = backend.health.checks.iter().map(|c| c.name()).collect::<Vec<_>>().join("+"),
+                interval = ?backend.health.interval,
+                "backend"
+            );
+        }
     }
-    let state = Arc::new(Mutex::new(AgentState::new(plan, dataplane)));
+    let state = Arc::new(AgentState {
+        plan,
+        maps,
+        engine,
+        metrics,
+        interfaces,
+    });
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
         .with_context(|| {
@@ -55,13 +97,13 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             config.metrics_listen
         )
         })?;
-    tracing::info!(listen = %config.metrics_listen, "endpoint ready: /status /healthz");
+    tracing::info!(listen = %config.metrics_listen, "endpoint ready: /metrics /status /healthz");
     axum::serve(listener, control::router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the HTTP endpoint failed")?;
-    let mut state = state.lock().expect("agent state lock");
-    state.dataplane.detach_all()?;
+    drop(state);
+    dataplane.detach_all()?;
     tracing::info!("stopped; every XDP attachment removed");
     Ok(())
 }

@@ -6,10 +6,13 @@
 use std::{
     net::{Ipv4Addr, SocketAddr},
     path::Path,
+    time::Duration,
 };
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+
+pub use crate::failover::policy::AllDown;
 
 /// Default address of the control and metrics endpoint.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
@@ -82,8 +85,112 @@ pub struct ServiceConfig {
     pub protocol: Option<Protocol>,
     /// Destination port; needs `protocol`. Absent: every port.
     pub port: Option<u16>,
-    /// Two or more backends; the highest `priority` starts active.
+    /// Two or more backends; the highest `priority` that is healthy is active.
     pub backends: Vec<BackendConfig>,
+    /// Health checks of every backend (a backend may override them). Default: `link`, plus
+    /// `tcp` for a TCP service with a port.
+    pub health: Option<HealthConfig>,
+    /// Fail back to a higher-priority backend once it is healthy again (it has passed
+    /// `rise` checks, and `failback_delay` has passed). Default true.
+    #[serde(default = "default_true")]
+    pub preempt: bool,
+    /// How long a recovered higher-priority backend must stay healthy before traffic moves
+    /// back to it, for example `"30s"`. Default `"0s"`.
+    #[serde(default, with = "humantime_serde")]
+    pub failback_delay: Duration,
+    /// Every backend down: `"keep-last"` (default) keeps sending to the last active one,
+    /// `"drop"` drops the service's packets until one is back.
+    #[serde(default)]
+    pub on_all_down: AllDown,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// Health checking of a backend. Parameters mean what they mean in keepalived.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// The checks; a backend is healthy when all of them pass. For example
+    /// `[{ type = "link" }, { type = "tcp" }]`.
+    pub checks: Vec<CheckConfig>,
+    /// Time between two probes of one check, down to `"1ms"`. Default `"100ms"`.
+    #[serde(default = "default_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// How long a probe may take before it counts as failed. Default: the interval.
+    #[serde(default, with = "humantime_serde::option")]
+    pub timeout: Option<Duration>,
+    /// Consecutive successes that make a down backend up. Default 3.
+    #[serde(default = "default_count")]
+    pub rise: u32,
+    /// Consecutive failures that make an up backend down. Default 3.
+    #[serde(default = "default_count")]
+    pub fall: u32,
+}
+
+fn default_interval() -> Duration {
+    Duration::from_millis(100)
+}
+
+fn default_count() -> u32 {
+    3
+}
+
+/// One kind of health check.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase", deny_unknown_fields)]
+pub enum CheckConfig {
+    /// Carrier of the NIC the backend is reached through, from netlink events: instant.
+    Link,
+    /// ICMP echo to the backend.
+    Icmp,
+    /// TCP connect to `port` (default: the service's port).
+    Tcp {
+        /// Port; default the service's port.
+        port: Option<u16>,
+    },
+    /// HTTP GET of `path` on `port`, expecting `status`.
+    Http {
+        /// Port; default the service's port, else 80.
+        port: Option<u16>,
+        /// Path. Default `/`.
+        #[serde(default = "default_path")]
+        path: String,
+        /// Expected status code. Default 200.
+        #[serde(default = "default_status")]
+        status: u16,
+    },
+    /// UDP request `send` to `port`; any reply passes, or one starting with `expect`.
+    Udp {
+        /// Port; default the service's port.
+        port: Option<u16>,
+        /// Request payload.
+        send: String,
+        /// Expected start of the reply.
+        expect: Option<String>,
+    },
+}
+
+fn default_path() -> String {
+    "/".to_string()
+}
+
+fn default_status() -> u16 {
+    200
+}
+
+impl CheckConfig {
+    /// The name used in metrics and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CheckConfig::Link => "link",
+            CheckConfig::Icmp => "icmp",
+            CheckConfig::Tcp { .. } => "tcp",
+            CheckConfig::Http { .. } => "http",
+            CheckConfig::Udp { .. } => "udp",
+        }
+    }
 }
 
 /// Transport protocol of a service.
@@ -107,10 +214,13 @@ pub struct BackendConfig {
     /// Higher wins. Ties keep the order of the file.
     #[serde(default)]
     pub priority: i32,
-    /// The backend's MAC (or its next hop's), `aa:bb:cc:dd:ee:ff`.
-    pub mac: String,
-    /// The NIC the backend is reached through.
-    pub iface: String,
+    /// The backend's MAC (or its next hop's), `aa:bb:cc:dd:ee:ff`. Default: looked up in
+    /// the neighbour table (resolved with ARP if missing).
+    pub mac: Option<String>,
+    /// The NIC the backend is reached through. Default: from the routing table.
+    pub iface: Option<String>,
+    /// Health checks of this backend, replacing the service's.
+    pub health: Option<HealthConfig>,
 }
 
 impl Config {

@@ -1,128 +1,68 @@
 //! The agent's HTTP endpoint: `/healthz`, `/status` (JSON, what `lb status` prints) and
 //! `POST /services/{service}/activate/{backend}` (manual failover, what `lb activate` sends).
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
-};
+use std::sync::Arc;
 
-use anyhow::Result;
 use axum::{
     extract::{Path, State},
-    http::StatusCode,
+    http::{header, StatusCode},
+    response::IntoResponse,
     routing::{get, post},
     Json, Router,
 };
 use lb_common::Direction;
 use serde::{Deserialize, Serialize};
 
-use crate::{dataplane::Dataplane, plan::Plan};
+pub use crate::failover::Change;
+use crate::{dataplane::MapWriter, failover::Engine, metrics::Metrics, plan::Plan};
 
-/// Everything the endpoint reads and changes, behind one lock.
+/// Everything the endpoint reads and changes. Interior locks only: reading never blocks a
+/// failover for longer than one service's decision.
 pub struct AgentState {
     /// The resolved plan.
     pub plan: Plan,
-    /// The loaded, attached program.
-    pub dataplane: Dataplane,
-    /// Per service: position of the active backend in its `backends`, if any.
-    pub active: Vec<Option<usize>>,
-    /// Per service: the last change of active backend.
-    pub last_change: Vec<Option<Change>>,
-}
-
-/// A change of a service's active backend.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Change {
-    /// Previous backend name.
-    pub from: Option<String>,
-    /// New backend name.
-    pub to: Option<String>,
-    /// Why.
-    pub cause: String,
-    /// When, as seconds since the Unix epoch.
-    pub at_unix_s: f64,
-    /// Time the map write took, in microseconds.
-    pub write_us: f64,
+    /// The program's maps.
+    pub maps: Arc<MapWriter>,
+    /// The failover engine.
+    pub engine: Engine,
+    /// The metrics.
+    pub metrics: Arc<Metrics>,
+    /// NICs and the mode the program runs in on each.
+    pub interfaces: Vec<InterfaceStatus>,
 }
 
 /// Shared handle on the agent state.
-pub type Shared = Arc<Mutex<AgentState>>;
+pub type Shared = Arc<AgentState>;
 
 impl AgentState {
-    /// State for a freshly written plan: every service on its first backend.
-    pub fn new(plan: Plan, dataplane: Dataplane) -> Self {
-        let active = plan
-            .services
-            .iter()
-            .map(|s| (!s.backends.is_empty()).then_some(0))
-            .collect();
-        let last_change = vec![None; plan.services.len()];
-        AgentState {
-            plan,
-            dataplane,
-            active,
-            last_change,
-        }
-    }
-
-    /// Makes `backend` the active backend of `service`; returns the change made.
-    pub fn activate(&mut self, service: &str, backend: &str, cause: &str) -> Result<Change> {
-        let svc = self.plan.service(service)?;
-        let position = svc.backends.iter().position(|b| b.name == backend);
-        let target = svc.backend(backend)?;
-        let (id, index) = (svc.id, target.index);
-        let from = self.active[id as usize].map(|p| svc.backends[p].name.clone());
-        let started = Instant::now();
-        self.dataplane.maps.set_active(id, index)?;
-        let write = started.elapsed();
-        let change = Change {
-            from,
-            to: Some(backend.to_string()),
-            cause: cause.to_string(),
-            at_unix_s: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or(Duration::ZERO)
-                .as_secs_f64(),
-            write_us: write.as_secs_f64() * 1e6,
-        };
-        self.active[id as usize] = position;
-        self.last_change[id as usize] = Some(change.clone());
-        tracing::info!(
-            service,
-            from = change.from.as_deref().unwrap_or("-"),
-            to = backend,
-            cause,
-            write_us = change.write_us,
-            "active backend changed"
-        );
-        Ok(change)
-    }
-
     /// A snapshot for `/status`.
     pub fn status(&self) -> Status {
         let services = self
-            .plan
+            .engine
             .services
             .iter()
-            .map(|service| {
-                let active = self.active[service.id as usize];
+            .map(|runtime| {
+                let service = &runtime.plan;
+                let state = runtime.state.lock().expect("service state lock");
                 ServiceStatus {
                     name: service.name.clone(),
                     vip: service.vip.to_string(),
                     protocol: service.protocol.map(|p| format!("{p:?}").to_lowercase()),
                     port: service.port,
-                    active: active.map(|p| service.backends[p].name.clone()),
-                    last_change: self.last_change[service.id as usize].clone(),
+                    active: state.active.map(|p| service.backends[p].name.clone()),
+                    last_change: state.last_change.clone(),
                     backends: service
                         .backends
                         .iter()
+                        .zip(&state.backends)
                         .enumerate()
-                        .map(|(position, b)| {
-                            let maps = &self.dataplane.maps;
-                            let forward = maps
+                        .map(|(position, (b, health))| {
+                            let forward = self
+                                .maps
                                 .traffic_of(b.index, Direction::Forward)
                                 .unwrap_or_default();
-                            let reverse = maps
+                            let reverse = self
+                                .maps
                                 .traffic_of(b.index, Direction::Reverse)
                                 .unwrap_or_default();
                             BackendStatus {
@@ -130,7 +70,9 @@ impl AgentState {
                                 ip: b.ip.to_string(),
                                 iface: b.iface.clone(),
                                 priority: b.priority,
-                                active: active == Some(position),
+                                up: health.up,
+                                health_cause: health.last_cause.clone(),
+                                active: state.active == Some(position),
                                 packets_forward: forward.packets,
                                 packets_reverse: reverse.packets,
                             }
@@ -139,18 +81,9 @@ impl AgentState {
                 }
             })
             .collect();
-        let interfaces = self
-            .dataplane
-            .attachments()
-            .iter()
-            .map(|a| InterfaceStatus {
-                name: a.iface.clone(),
-                mode: format!("{:?}", a.mode).to_lowercase(),
-            })
-            .collect();
         Status {
             services,
-            interfaces,
+            interfaces: self.interfaces.clone(),
         }
     }
 }
@@ -194,6 +127,10 @@ pub struct BackendStatus {
     pub iface: String,
     /// Priority.
     pub priority: i32,
+    /// Whether it passes its health checks.
+    pub up: bool,
+    /// Why its health last changed.
+    pub health_cause: String,
     /// Whether it is the active backend.
     pub active: bool,
     /// Packets rewritten toward it.
@@ -216,21 +153,30 @@ pub fn router(state: Shared) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/services/{service}/activate/{backend}", post(activate))
         .with_state(state)
 }
 
 async fn status(State(state): State<Shared>) -> Json<Status> {
-    Json(state.lock().expect("agent state lock").status())
+    Json(state.status())
+}
+
+async fn metrics(State(state): State<Shared>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
 }
 
 async fn activate(
     State(state): State<Shared>,
     Path((service, backend)): Path<(String, String)>,
 ) -> Result<Json<Change>, (StatusCode, String)> {
-    let mut state = state.lock().expect("agent state lock");
-    state
-        .activate(&service, &backend, "manual activation")
-        .map(Json)
-        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))
+    let not_found = |e: anyhow::Error| (StatusCode::NOT_FOUND, format!("{e:#}\n"));
+    let runtime = state.engine.service(&service).map_err(not_found)?;
+    runtime.activate(&backend).map(Json).map_err(not_found)
 }

@@ -4,7 +4,9 @@
 //! - [`config`]: the TOML file an operator writes;
 //! - [`plan`]: that file checked and resolved against the host's NICs;
 //! - [`dataplane`]: the embedded XDP program, its attachment and the map writer;
-//! - [`control`]: the HTTP endpoint (`/status`, manual activation);
+//! - [`health`]: health probes; [`failover`]: the rules and the engine that flips;
+//! - [`metrics`]: the Prometheus exposition;
+//! - [`control`]: the HTTP endpoint (`/metrics`, `/status`, manual activation);
 //! - [`agent`]: ties them together for `lb run`;
 //! - [`testbed`]: a namespace network for `lb demo` and the end-to-end tests.
 #![deny(missing_docs)]
@@ -13,6 +15,9 @@ pub mod agent;
 pub mod config;
 pub mod control;
 pub mod dataplane;
+pub mod failover;
+pub mod health;
+pub mod metrics;
 pub mod net;
 pub mod plan;
 pub mod testbed;

@@ -43,6 +43,10 @@ enum Command {
         /// Attachment mode; overrides `xdp_mode` from the config.
         #[arg(long, value_enum)]
         xdp_mode: Option<XdpModeSetting>,
+        /// Replace an XDP program another tool attached to one of the NICs (a program held
+        /// by another running `lb` is never taken over).
+        #[arg(long)]
+        force: bool,
     },
     /// Validate a config file and print the resolved plan.
     CheckConfig {
@@ -100,9 +104,18 @@ fn main() -> Result<()> {
                 config,
                 ifaces,
                 xdp_mode,
+                force,
             } => {
                 let config = Config::load(&config)?;
-                agent::run(config, RunOptions { ifaces, xdp_mode }).await
+                agent::run(
+                    config,
+                    RunOptions {
+                        ifaces,
+                        xdp_mode,
+                        force,
+                    },
+                )
+                .await
             }
             Command::CheckConfig { config } => check_config(&config).await,
             Command::Demo { duration } => demo::run(std::time::Duration::from_secs(duration)).await,
@@ -142,16 +155,26 @@ async fn check_config(path: &std::path::Path) -> Result<()> {
             "service {}: vip {} protocol {proto} port {port}",
             service.name, service.vip
         );
+        println!(
+            "  preempt {}, failback_delay {:?}, all backends down: {:?}",
+            service.policy.preempt, service.policy.failback_delay, service.policy.all_down
+        );
         for (rank, b) in service.backends.iter().enumerate() {
+            let checks: Vec<_> = b.health.checks.iter().map(|c| c.name()).collect();
             println!(
-                "  {}. {} {} priority {} via {} to {}{}",
+                "  {}. {} {} priority {} via {} to {}; checks {} every {:?} (timeout {:?}, rise {}, fall {}){}",
                 rank + 1,
                 b.name,
                 b.ip,
                 b.priority,
                 b.iface,
                 lb_user::net::format_mac(&b.mac),
-                if rank == 0 { " (starts active)" } else { "" }
+                checks.join("+"),
+                b.health.interval,
+                b.health.timeout,
+                b.health.rise,
+                b.health.fall,
+                if rank == 0 { " (preferred)" } else { "" }
             );
         }
     }
@@ -191,23 +214,25 @@ fn status(endpoint: &str) -> Result<()> {
         );
         for b in &service.backends {
             println!(
-                "  {} {} {} via {} priority {}: {} packets forward, {} reverse",
+                "  {} {} {} via {} priority {}: {} ({}); {} packets forward, {} reverse",
                 if b.active { "*" } else { " " },
                 b.name,
                 b.ip,
                 b.iface,
                 b.priority,
+                if b.up { "up" } else { "DOWN" },
+                b.health_cause,
                 b.packets_forward,
                 b.packets_reverse
             );
         }
         if let Some(change) = &service.last_change {
             println!(
-                "  last change: {} -> {} ({}), map write {:.1} us",
+                "  last change: {} -> {} ({}), flip {:.1} us",
                 change.from.as_deref().unwrap_or("-"),
                 change.to.as_deref().unwrap_or("-"),
                 change.cause,
-                change.write_us
+                change.flip_us
             );
         }
     }
@@ -231,7 +256,7 @@ fn activate(endpoint: &str, service: &str, backend: &str) -> Result<()> {
         "service {service}: {} -> {} (map write {:.1} us)",
         change.from.as_deref().unwrap_or("-"),
         change.to.as_deref().unwrap_or("-"),
-        change.write_us
+        change.flip_us
     );
     Ok(())
 }

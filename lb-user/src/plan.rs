@@ -6,6 +6,7 @@
 use std::{
     collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
+    time::Duration,
 };
 
 use anyhow::{bail, Context, Result};
@@ -13,8 +14,9 @@ use lb_common::{MAX_BACKENDS, MAX_IFACES, MAX_SERVICES};
 use serde::Serialize;
 
 use crate::{
-    config::{Config, Protocol, Role},
-    net::{self, Link},
+    config::{CheckConfig, Config, HealthConfig, Protocol, Role, ServiceConfig},
+    failover::policy::Policy,
+    net::{self, Link, Netlink},
 };
 
 /// A NIC the program is attached to.
@@ -48,6 +50,9 @@ pub struct PlannedService {
     pub port: Option<u16>,
     /// Backends, highest priority first.
     pub backends: Vec<PlannedBackend>,
+    /// Failover policy.
+    #[serde(skip)]
+    pub policy: Policy,
 }
 
 /// A backend and how it is reached.
@@ -71,6 +76,99 @@ pub struct PlannedBackend {
     /// That NIC's MAC (the rewritten source MAC).
     #[serde(serialize_with = "serialize_mac")]
     pub egress_mac: [u8; 6],
+    /// How its health is checked.
+    pub health: PlannedHealth,
+}
+
+/// Resolved health checking of one backend.
+#[derive(Debug, Clone, Serialize)]
+pub struct PlannedHealth {
+    /// The checks, ports filled in.
+    pub checks: Vec<CheckConfig>,
+    /// Time between probes.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// Probe timeout.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Successes to turn up.
+    pub rise: u32,
+    /// Failures to turn down.
+    pub fall: u32,
+}
+
+/// The health checking a service gets when its config names none: `link`, plus `tcp` for a
+/// TCP service with a port.
+pub fn default_health(service: &ServiceConfig) -> HealthConfig {
+    let mut checks = vec![CheckConfig::Link];
+    if service.protocol == Some(Protocol::Tcp) && service.port.is_some() {
+        checks.push(CheckConfig::Tcp { port: None });
+    }
+    HealthConfig {
+        checks,
+        interval: Duration::from_millis(100),
+        timeout: None,
+        rise: 3,
+        fall: 3,
+    }
+}
+
+/// Checks a health config and fills every check's port in.
+fn plan_health(service: &ServiceConfig, health: &HealthConfig, at: &str) -> Result<PlannedHealth> {
+    if health.checks.is_empty() {
+        bail!("{at}: health.checks is empty (use at least [{{ type = \"link\" }}])");
+    }
+    if health.interval < Duration::from_millis(1) {
+        bail!("{at}: health.interval must be at least 1ms");
+    }
+    let timeout = health.timeout.unwrap_or(health.interval);
+    if timeout.is_zero() {
+        bail!("{at}: health.timeout must be more than 0");
+    }
+    if health.rise == 0 || health.fall == 0 {
+        bail!("{at}: health.rise and health.fall must be at least 1");
+    }
+    let port_of = |port: &Option<u16>, kind: &str| -> Result<Option<u16>> {
+        match port.or(service.port) {
+            Some(0) => bail!("{at}: {kind} check: port must be 1-65535"),
+            Some(port) => Ok(Some(port)),
+            None => bail!("{at}: {kind} check needs a port (the service has none)"),
+        }
+    };
+    let mut checks = Vec::new();
+    for check in &health.checks {
+        checks.push(match check {
+            CheckConfig::Link => CheckConfig::Link,
+            CheckConfig::Icmp => CheckConfig::Icmp,
+            CheckConfig::Tcp { port } => CheckConfig::Tcp {
+                port: port_of(port, "tcp")?,
+            },
+            CheckConfig::Http { port, path, status } => CheckConfig::Http {
+                port: Some(port.or(service.port).unwrap_or(80)),
+                path: if path.starts_with('/') {
+                    path.clone()
+                } else {
+                    bail!("{at}: http check: path must start with /")
+                },
+                status: *status,
+            },
+            CheckConfig::Udp { port, send, expect } => CheckConfig::Udp {
+                port: port_of(port, "udp")?,
+                send: send.clone(),
+                expect: expect.clone(),
+            },
+        });
+    }
+    if checks.iter().filter(|c| c.name() == "link").count() > 1 {
+        bail!("{at}: the link check is listed twice");
+    }
+    Ok(PlannedHealth {
+        checks,
+        interval: health.interval,
+        timeout,
+        rise: health.rise,
+        fall: health.fall,
+    })
 }
 
 /// Everything the dataplane is configured with.
@@ -158,11 +256,20 @@ pub fn validate(config: &Config) -> Result<()> {
                     backend.ip
                 );
             }
-            net::parse_mac(&backend.mac)
-                .with_context(|| format!("service {name:?}: backend {b:?}: mac"))?;
-            if backend.iface.is_empty() {
+            if let Some(mac) = &backend.mac {
+                net::parse_mac(mac)
+                    .with_context(|| format!("service {name:?}: backend {b:?}: mac"))?;
+            }
+            if backend.iface.as_deref() == Some("") {
                 bail!("service {name:?}: backend {b:?}: iface is empty");
             }
+            let health = backend.health.clone().or_else(|| service.health.clone());
+            let health = health.unwrap_or_else(|| default_health(service));
+            plan_health(
+                service,
+                &health,
+                &format!("service {name:?}: backend {b:?}"),
+            )?;
             let reverse = (backend.ip, service.protocol, service.port);
             if let Some(other) = reverse_keys.insert(reverse, name.clone()) {
                 if &other != name {
@@ -188,85 +295,100 @@ pub fn validate(config: &Config) -> Result<()> {
 }
 
 impl Plan {
-    /// Validates `config`, adds the NICs named in `extra_ifaces`, and looks every NIC up.
+    /// Validates `config`, adds the NICs named in `extra_ifaces`, finds each backend's NIC
+    /// (routing table) and MAC (neighbour table, ARP if needed) where the config does not
+    /// give them, and looks every NIC up.
     pub async fn resolve(config: &Config, extra_ifaces: &[String]) -> Result<Plan> {
         validate(config)?;
+        let netlink = Netlink::connect()?;
         // NIC name → explicit role, in first-mention order.
         let mut order: Vec<String> = Vec::new();
         let mut explicit: BTreeMap<String, Option<Role>> = BTreeMap::new();
+        let mut add = |name: &str, role: Option<Role>, order: &mut Vec<String>| {
+            if !explicit.contains_key(name) {
+                order.push(name.to_string());
+                explicit.insert(name.to_string(), role);
+            }
+        };
         for iface in &config.interfaces {
-            order.push(iface.name.clone());
-            explicit.insert(iface.name.clone(), iface.role);
+            add(&iface.name, iface.role, &mut order);
         }
         for name in extra_ifaces {
-            if !explicit.contains_key(name) {
-                order.push(name.clone());
-                explicit.insert(name.clone(), None);
-            }
+            add(name, None, &mut order);
         }
-        let backend_ifaces: HashSet<&str> = config
-            .services
-            .iter()
-            .flat_map(|s| s.backends.iter().map(|b| b.iface.as_str()))
-            .collect();
-        for service in &config.services {
-            for backend in &service.backends {
-                if !explicit.contains_key(&backend.iface) {
-                    order.push(backend.iface.clone());
-                    explicit.insert(backend.iface.clone(), None);
-                }
-            }
-        }
-        if order.len() > MAX_IFACES as usize {
-            bail!(
-                "{} interfaces, at most {MAX_IFACES} are supported",
-                order.len()
-            );
-        }
-        let mut interfaces = Vec::new();
         let mut links: BTreeMap<String, Link> = BTreeMap::new();
-        for (slot, name) in order.iter().enumerate() {
-            let link = net::link_by_name(name)
+        for name in &order {
+            let link = netlink
+                .link_by_name(name)
                 .await
                 .with_context(|| format!("interface {name:?}"))?;
-            let role = explicit[name].unwrap_or(if backend_ifaces.contains(name.as_str()) {
-                Role::Backend
-            } else {
-                Role::Client
-            });
-            interfaces.push(PlannedInterface {
-                name: name.clone(),
-                ifindex: link.ifindex,
-                mac: link.mac,
-                role,
-                slot: slot as u32,
-            });
             links.insert(name.clone(), link);
-        }
-        if !interfaces
-            .iter()
-            .any(|i| matches!(i.role, Role::Client | Role::Both))
-        {
-            bail!("no client-facing interface: name the NIC clients arrive on with --iface or [[interfaces]]");
         }
 
         let mut services = Vec::new();
+        let mut backend_ifaces: HashSet<String> = HashSet::new();
         let mut next_backend = 0u32;
         for (id, service) in config.services.iter().enumerate() {
             let mut ordered: Vec<_> = service.backends.iter().collect();
             ordered.sort_by_key(|b| std::cmp::Reverse(b.priority));
             let mut backends = Vec::new();
             for backend in ordered {
-                let link = &links[&backend.iface];
+                let at = format!(
+                    "service {:?}: backend {:?} ({})",
+                    service.name, backend.name, backend.ip
+                );
+                let (link, next_hop) = match &backend.iface {
+                    Some(name) => {
+                        let link = match links.get(name) {
+                            Some(link) => link.clone(),
+                            None => netlink
+                                .link_by_name(name)
+                                .await
+                                .with_context(|| at.clone())?,
+                        };
+                        let next_hop = match netlink.route_to(backend.ip).await {
+                            Ok((oif, hop)) if oif == link.ifindex => hop,
+                            _ => backend.ip,
+                        };
+                        (link, next_hop)
+                    }
+                    None => {
+                        let (oif, hop) = netlink
+                            .route_to(backend.ip)
+                            .await
+                            .with_context(|| at.clone())?;
+                        (
+                            netlink
+                                .link_by_index(oif)
+                                .await
+                                .with_context(|| at.clone())?,
+                            hop,
+                        )
+                    }
+                };
+                let mac = match &backend.mac {
+                    Some(mac) => net::parse_mac(mac)?,
+                    None => netlink
+                        .resolve_mac(&link, next_hop)
+                        .await
+                        .with_context(|| at.clone())?,
+                };
+                let health = backend.health.clone().or_else(|| service.health.clone());
+                let health = health.unwrap_or_else(|| default_health(service));
+                let health = plan_health(service, &health, &at)?;
+                backend_ifaces.insert(link.name.clone());
+                add(&link.name, None, &mut order);
+                links.insert(link.name.clone(), link.clone());
                 backends.push(PlannedBackend {
                     index: next_backend,
                     name: backend.name.clone(),
                     ip: backend.ip,
                     priority: backend.priority,
-                    mac: net::parse_mac(&backend.mac)?,
-                    iface: backend.iface.clone(),
+                    mac,
+                    iface: link.name.clone(),
                     ifindex: link.ifindex,
                     egress_mac: link.mac,
+                    health,
                 });
                 next_backend += 1;
             }
@@ -277,7 +399,43 @@ impl Plan {
                 protocol: service.protocol,
                 port: service.port,
                 backends,
+                policy: Policy {
+                    preempt: service.preempt,
+                    failback_delay: service.failback_delay,
+                    all_down: service.on_all_down,
+                },
             });
+        }
+        if order.len() > MAX_IFACES as usize {
+            bail!(
+                "{} interfaces, at most {MAX_IFACES} are supported",
+                order.len()
+            );
+        }
+        let interfaces: Vec<PlannedInterface> = order
+            .iter()
+            .enumerate()
+            .map(|(slot, name)| {
+                let link = &links[name];
+                let role = explicit[name].unwrap_or(if backend_ifaces.contains(name) {
+                    Role::Backend
+                } else {
+                    Role::Client
+                });
+                PlannedInterface {
+                    name: name.clone(),
+                    ifindex: link.ifindex,
+                    mac: link.mac,
+                    role,
+                    slot: slot as u32,
+                }
+            })
+            .collect();
+        if !interfaces
+            .iter()
+            .any(|i| matches!(i.role, Role::Client | Role::Both))
+        {
+            bail!("no client-facing interface: name the NIC clients arrive on with --iface or [[interfaces]]");
         }
         Ok(Plan {
             interfaces,

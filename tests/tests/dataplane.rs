@@ -79,6 +79,7 @@ backends = [
 /// A loaded dataplane with `CONFIG` written, inside a private namespace.
 struct Bench {
     dataplane: Dataplane,
+    maps: lb_user::dataplane::MapWriter,
     plan: Plan,
     client_if: u32,
     backend_if: u32,
@@ -91,8 +92,8 @@ impl Bench {
             .enable_all()
             .build()?;
         let plan = runtime.block_on(Plan::resolve(&config, &[]))?;
-        let mut dataplane = Dataplane::load()?;
-        dataplane.maps.write_plan(&plan)?;
+        let (dataplane, mut maps) = Dataplane::load()?;
+        maps.write_plan(&plan)?;
         let ifindex = |name: &str| {
             plan.interfaces
                 .iter()
@@ -104,6 +105,7 @@ impl Bench {
             client_if: ifindex("t-cli"),
             backend_if: ifindex("t-bck"),
             dataplane,
+            maps,
             plan,
         })
     }
@@ -134,7 +136,7 @@ impl Bench {
     fn activate(&mut self, service: &str, backend: &str) -> Result<()> {
         let svc = self.plan.service(service)?;
         let index = svc.backend(backend)?.index;
-        self.dataplane.maps.set_active(svc.id, index)
+        self.maps.set_active(svc.id, index)
     }
 }
 
@@ -236,7 +238,7 @@ fn tcp_to_vip_is_rewritten_to_the_master_and_redirected() {
         assert_eq!((s.dst_mac, s.src_mac), (MASTER_MAC, BACKEND_IF_MAC));
         assert_eq!((s.src_ip, s.dst_ip), (CLIENT, MASTER));
         assert_only_changed(&frame, &out, &[0..12, IP_CHECK, IP_DST, TCP_CHECK]);
-        let traffic = b.dataplane.maps.traffic_of(0, Direction::Forward)?;
+        let traffic = b.maps.traffic_of(0, Direction::Forward)?;
         assert_eq!((traffic.packets, traffic.bytes), (1, frame.len() as u64));
         Ok(())
     })
@@ -258,10 +260,7 @@ fn reply_from_master_is_rewritten_to_come_from_the_vip() {
         assert_eq!((s.dst_mac, s.src_mac), (CLIENT_MAC, CLIENT_IF_MAC));
         assert_eq!((s.src_ip, s.dst_ip), (VIP, CLIENT));
         assert_only_changed(&reply, &out, &[0..12, IP_CHECK, IP_SRC, TCP_CHECK]);
-        assert_eq!(
-            b.dataplane.maps.traffic_of(0, Direction::Reverse)?.packets,
-            1
-        );
+        assert_eq!(b.maps.traffic_of(0, Direction::Reverse)?.packets, 1);
         Ok(())
     })
 }
@@ -395,7 +394,7 @@ fn flipping_the_active_entry_moves_the_next_packet_to_the_slave() {
 fn service_without_backend_drops_its_traffic() {
     with_bench("lbt-nobk", |b| {
         let id = b.plan.service("web")?.id;
-        b.dataplane.maps.set_active(id, NO_BACKEND)?;
+        b.maps.set_active(id, NO_BACKEND)?;
         let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
         assert_eq!(b.run(b.client_if, &frame)?.0, XDP_DROP);
         Ok(())
@@ -498,7 +497,7 @@ fn non_vip_traffic_is_byte_identical() {
                 assert_eq!((action, &out), (XDP_PASS, &frame));
             }
         }
-        let actions = b.dataplane.maps.actions_of(0)?;
+        let actions = b.maps.actions_of(0)?;
         assert_eq!(actions[XDP_PASS as usize], 4);
         Ok(())
     })
@@ -602,10 +601,7 @@ fn malformed_frames_are_never_rewritten() {
             assert_eq!(action, XDP_PASS, "{what}: action");
             assert_eq!(out, frame, "{what}: frame must be untouched");
         }
-        assert_eq!(
-            b.dataplane.maps.traffic_of(0, Direction::Forward)?.packets,
-            0
-        );
+        assert_eq!(b.maps.traffic_of(0, Direction::Forward)?.packets, 0);
         assert_ne!(b.run(b.client_if, &good)?.0, XDP_ABORTED);
         Ok(())
     })
@@ -629,7 +625,7 @@ fn the_service_vip_is_an_address_the_plan_reports() {
         let web = b.plan.service("web")?;
         assert_eq!(web.vip, Ipv4Addr::from(VIP));
         assert_eq!(web.backends[0].name, "master");
-        assert_eq!(b.dataplane.maps.active(web.id)?, web.backends[0].index);
+        assert_eq!(b.maps.active(web.id)?, web.backends[0].index);
         Ok(())
     })
 }

@@ -22,11 +22,9 @@ pub use writer::MapWriter;
 /// The compiled XDP program, embedded at build time.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb-ebpf"));
 
-/// The loaded program, its maps and its attachments.
+/// The loaded program and its attachments.
 pub struct Dataplane {
     ebpf: Ebpf,
-    /// Writer of the program's maps.
-    pub maps: MapWriter,
     attached: Vec<Attachment>,
 }
 
@@ -41,8 +39,9 @@ pub struct Attachment {
 }
 
 impl Dataplane {
-    /// Loads the embedded program into the kernel (it is not attached anywhere yet).
-    pub fn load() -> Result<Self> {
+    /// Loads the embedded program into the kernel (it is not attached anywhere yet) and
+    /// takes its maps.
+    pub fn load() -> Result<(Self, MapWriter)> {
         raise_memlock_limit();
         let mut ebpf = Ebpf::load(OBJECT).context(
             "cannot load the XDP program into the kernel (needs root or CAP_BPF + CAP_NET_ADMIN)",
@@ -50,14 +49,13 @@ impl Dataplane {
         let maps = MapWriter::take(&mut ebpf)?;
         let mut dataplane = Dataplane {
             ebpf,
-            maps,
             attached: Vec::new(),
         };
         dataplane
             .program()?
             .load()
             .context("the kernel's verifier refused the XDP program")?;
-        Ok(dataplane)
+        Ok((dataplane, maps))
     }
 
     /// The program, for attaching it or running it on test packets (`BPF_PROG_TEST_RUN`).

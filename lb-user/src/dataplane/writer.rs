@@ -4,7 +4,7 @@
 //! failover itself — one write of one `u32` into the `ACTIVE` array, which the program reads
 //! on every packet, so the packet after the write already goes to the new backend.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Mutex};
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
@@ -22,9 +22,12 @@ use crate::{
 };
 
 /// Owned handles on every map of the program.
+///
+/// Shared (`Arc`) between the failover engine, which flips `ACTIVE` through `&self`, and the
+/// metrics and status readers.
 pub struct MapWriter {
     services: HashMap<MapData, EndpointKey, ServiceValue>,
-    active: Array<MapData, u32>,
+    active: Mutex<Array<MapData, u32>>,
     backends: Array<MapData, Backend>,
     reverse: HashMap<MapData, EndpointKey, ReverseValue>,
     vips: HashMap<MapData, [u8; 4], VipInfo>,
@@ -36,6 +39,12 @@ pub struct MapWriter {
     pub traffic: PerCpuArray<MapData, Traffic>,
     /// Per-NIC action counters.
     pub actions: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for MapWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MapWriter")
+    }
 }
 
 fn take<T>(ebpf: &mut Ebpf, name: &str) -> Result<T>
@@ -61,7 +70,7 @@ impl MapWriter {
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(MapWriter {
             services: take(ebpf, map_names::SERVICES)?,
-            active: take(ebpf, map_names::ACTIVE)?,
+            active: Mutex::new(take(ebpf, map_names::ACTIVE)?),
             backends: take(ebpf, map_names::BACKENDS)?,
             reverse: take(ebpf, map_names::REVERSE)?,
             vips: take(ebpf, map_names::VIPS)?,
@@ -148,7 +157,7 @@ impl MapWriter {
             )?;
         }
         let first = service.backends.first().map_or(NO_BACKEND, |b| b.index);
-        self.active.set(service.id, first, 0)?;
+        self.set_active(service.id, first)?;
         let key = EndpointKey::new(vip, proto, port);
         self.services
             .insert(key, ServiceValue { id: service.id }, 0)
@@ -158,14 +167,20 @@ impl MapWriter {
 
     /// Makes backend `backend` (a global index, or [`NO_BACKEND`]) the one serving service
     /// `service`: a single map write.
-    pub fn set_active(&mut self, service: u32, backend: u32) -> Result<()> {
+    pub fn set_active(&self, service: u32, backend: u32) -> Result<()> {
         self.active
+            .lock()
+            .expect("ACTIVE map lock")
             .set(service, backend, 0)
             .with_context(|| format!("cannot write the active backend of service {service}"))
     }
 
     /// The backend index the program currently uses for `service`.
     pub fn active(&self, service: u32) -> Result<u32> {
-        Ok(self.active.get(&service, 0)?)
+        Ok(self
+            .active
+            .lock()
+            .expect("ACTIVE map lock")
+            .get(&service, 0)?)
     }
 }

@@ -1,0 +1,464 @@
+//! The failover engine: per-service state, probe tasks, the carrier watcher, and the flip.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Result;
+use lb_common::NO_BACKEND;
+use serde::{Deserialize, Serialize};
+use tokio::{task::JoinHandle, time::MissedTickBehavior};
+
+use super::policy::{choose, Candidate, CheckCounter};
+use crate::{
+    config::CheckConfig,
+    dataplane::MapWriter,
+    health::Probe,
+    metrics::{
+        BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
+    },
+    net::carrier::{self, CarrierEvent},
+    plan::{Plan, PlannedService},
+};
+
+/// A change of a service's active backend.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Change {
+    /// Previous backend name (absent: none was active).
+    pub from: Option<String>,
+    /// New backend name (absent: traffic is dropped).
+    pub to: Option<String>,
+    /// What decided it.
+    pub cause: String,
+    /// When, in seconds since the Unix epoch.
+    pub at_unix_s: f64,
+    /// Time from the deciding event to the completed map write, in microseconds.
+    pub flip_us: f64,
+}
+
+/// Health of one backend.
+#[derive(Debug, Clone)]
+pub struct BackendState {
+    /// One counter per check, in the order of the backend's `health.checks`.
+    pub checks: Vec<CheckCounter>,
+    /// All checks up.
+    pub up: bool,
+    /// Since when it has been up.
+    pub up_since: Option<Instant>,
+    /// Why it last changed state.
+    pub last_cause: String,
+}
+
+/// Mutable state of one service.
+#[derive(Debug)]
+pub struct ServiceState {
+    /// Backends, in the plan's (priority) order.
+    pub backends: Vec<BackendState>,
+    /// Position of the active backend; `None` when traffic is dropped.
+    pub active: Option<usize>,
+    /// The last change.
+    pub last_change: Option<Change>,
+    recheck_at: Option<Instant>,
+}
+
+/// One service: its plan and its state behind one lock.
+pub struct ServiceRuntime {
+    /// The plan of the service.
+    pub plan: PlannedService,
+    /// State; every decision happens with this lock held.
+    pub state: Mutex<ServiceState>,
+    maps: Arc<MapWriter>,
+    metrics: Arc<Metrics>,
+}
+
+/// All services and the tasks that watch them.
+pub struct Engine {
+    /// Per service, in plan order.
+    pub services: Vec<Arc<ServiceRuntime>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs_f64()
+}
+
+impl ServiceRuntime {
+    fn backend_labels(&self, position: usize) -> BackendLabels {
+        BackendLabels {
+            service: self.plan.name.clone(),
+            backend: self.plan.backends[position].name.clone(),
+        }
+    }
+
+    fn name_of(&self, position: Option<usize>) -> Option<String> {
+        position.map(|p| self.plan.backends[p].name.clone())
+    }
+
+    /// Applies a changed check verdict to backend `position`; decides if its health changed.
+    fn apply(
+        self: &Arc<Self>,
+        state: &mut ServiceState,
+        position: usize,
+        at: Instant,
+        cause: &dyn Fn() -> String,
+    ) {
+        let backend = &mut state.backends[position];
+        let up = backend.checks.iter().all(|c| c.up);
+        if up == backend.up {
+            return;
+        }
+        backend.up = up;
+        backend.up_since = up.then(Instant::now);
+        backend.last_cause = cause();
+        self.metrics
+            .backend_up
+            .get_or_create(&self.backend_labels(position))
+            .set(i64::from(up));
+        tracing::info!(
+            service = self.plan.name,
+            backend = self.plan.backends[position].name,
+            state = if up { "up" } else { "down" },
+            cause = backend.last_cause,
+            "backend health changed"
+        );
+        let cause = format!(
+            "{} {}: {}",
+            self.plan.backends[position].name,
+            if up { "up" } else { "down" },
+            state.backends[position].last_cause
+        );
+        self.decide(state, at, &cause);
+    }
+
+    /// Records one probe result of check `check` of backend `position`.
+    pub fn record(
+        self: &Arc<Self>,
+        position: usize,
+        check: usize,
+        result: &Result<()>,
+        at: Instant,
+    ) {
+        let health = &self.plan.backends[position].health;
+        let mut state = self.state.lock().expect("service state lock");
+        let changed =
+            state.backends[position].checks[check].record(result.is_ok(), health.rise, health.fall);
+        if changed.is_some() {
+            let name = health.checks[check].name();
+            let cause = || match result {
+                Ok(()) => format!("{name} check passed {} times", health.rise),
+                Err(e) => format!("{name} check failed {} times: {e:#}", health.fall),
+            };
+            self.apply(&mut state, position, at, &cause);
+        }
+    }
+
+    /// Applies a carrier event to the backends reached through that NIC.
+    pub fn carrier(self: &Arc<Self>, event: &CarrierEvent) {
+        let mut state = self.state.lock().expect("service state lock");
+        for (position, backend) in self.plan.backends.iter().enumerate() {
+            if backend.ifindex != event.ifindex {
+                continue;
+            }
+            let Some(link) = backend
+                .health
+                .checks
+                .iter()
+                .position(|c| *c == CheckConfig::Link)
+            else {
+                continue;
+            };
+            if state.backends[position].checks[link]
+                .set(event.carrier)
+                .is_some()
+            {
+                let iface = backend.iface.clone();
+                let cause = || {
+                    format!(
+                        "carrier {} on {iface}",
+                        if event.carrier { "up" } else { "lost" }
+                    )
+                };
+                self.apply(&mut state, position, event.received, &cause);
+            }
+        }
+    }
+
+    /// Chooses the active backend and, if it changed, writes the map — now, in this task.
+    fn decide(self: &Arc<Self>, state: &mut ServiceState, at: Instant, cause: &str) {
+        let candidates: Vec<Candidate> = state
+            .backends
+            .iter()
+            .map(|b| Candidate {
+                up: b.up,
+                up_since: b.up_since,
+            })
+            .collect();
+        let choice = choose(&candidates, state.active, &self.plan.policy, Instant::now());
+        if choice.active != state.active {
+            self.flip(state, choice.active, at, cause);
+        }
+        if let Some(due) = choice.recheck_at {
+            if state.recheck_at.is_none_or(|pending| due < pending) {
+                state.recheck_at = Some(due);
+                let runtime = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep_until(due.into()).await;
+                    let mut state = runtime.state.lock().expect("service state lock");
+                    state.recheck_at = None;
+                    runtime.decide(&mut state, Instant::now(), "failback delay elapsed");
+                });
+            }
+        }
+    }
+
+    /// Makes `target` active: one map write, timed from `at`.
+    fn flip(&self, state: &mut ServiceState, target: Option<usize>, at: Instant, cause: &str) {
+        let index = target.map_or(NO_BACKEND, |p| self.plan.backends[p].index);
+        if let Err(e) = self.maps.set_active(self.plan.id, index) {
+            tracing::error!(service = self.plan.name, error = %e, "cannot write the active backend");
+            return;
+        }
+        let flip = at.elapsed();
+        let from = self.name_of(state.active);
+        let to = self.name_of(target);
+        self.metrics
+            .flip_duration
+            .get_or_create(&ServiceLabels {
+                service: self.plan.name.clone(),
+            })
+            .observe(flip.as_secs_f64());
+        self.metrics
+            .failovers
+            .get_or_create(&FailoverLabels {
+                service: self.plan.name.clone(),
+                from: from.clone().unwrap_or_else(|| "none".into()),
+                to: to.clone().unwrap_or_else(|| "none".into()),
+            })
+            .inc();
+        if let Some(previous) = state.active {
+            self.metrics
+                .backend_active
+                .get_or_create(&self.backend_labels(previous))
+                .set(0);
+        }
+        if let Some(next) = target {
+            self.metrics
+                .backend_active
+                .get_or_create(&self.backend_labels(next))
+                .set(1);
+        }
+        tracing::info!(
+            service = self.plan.name,
+            from = from.as_deref().unwrap_or("none"),
+            to = to.as_deref().unwrap_or("none (dropping)"),
+            cause,
+            flip_us = flip.as_secs_f64() * 1e6,
+            "active backend changed"
+        );
+        state.active = target;
+        state.last_change = Some(Change {
+            from,
+            to,
+            cause: cause.to_string(),
+            at_unix_s: unix_now(),
+            flip_us: flip.as_secs_f64() * 1e6,
+        });
+    }
+
+    /// Makes backend `name` active now (`lb activate`); the health checks keep deciding
+    /// afterwards.
+    pub fn activate(self: &Arc<Self>, name: &str) -> Result<Change> {
+        let position = self
+            .plan
+            .backends
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
+        let mut state = self.state.lock().expect("service state lock");
+        self.flip(
+            &mut state,
+            Some(position),
+            Instant::now(),
+            "manual activation",
+        );
+        Ok(state.last_change.clone().expect("flip records the change"))
+    }
+}
+
+impl Engine {
+    /// Builds the state of every service (each starts on the backend the maps hold, its
+    /// first), applies the current carrier of every NIC, and starts the probes and the
+    /// carrier watcher.
+    pub async fn start(
+        plan: &Plan,
+        maps: Arc<MapWriter>,
+        metrics: Arc<Metrics>,
+        carriers: HashMap<u32, bool>,
+    ) -> Result<Self> {
+        let mut services = Vec::new();
+        for service in &plan.services {
+            let backends = service
+                .backends
+                .iter()
+                .map(|b| {
+                    let checks: Vec<CheckCounter> = b
+                        .health
+                        .checks
+                        .iter()
+                        .map(|c| {
+                            let mut counter = CheckCounter::starting_up();
+                            if *c == CheckConfig::Link
+                                && !carriers.get(&b.ifindex).copied().unwrap_or(true)
+                            {
+                                counter.set(false);
+                            }
+                            counter
+                        })
+                        .collect();
+                    let up = checks.iter().all(|c| c.up);
+                    BackendState {
+                        checks,
+                        up,
+                        up_since: up.then(Instant::now),
+                        last_cause: if up {
+                            "starting".into()
+                        } else {
+                            "no carrier at start".into()
+                        },
+                    }
+                })
+                .collect::<Vec<_>>();
+            let runtime = Arc::new(ServiceRuntime {
+                plan: service.clone(),
+                state: Mutex::new(ServiceState {
+                    backends,
+                    active: (!service.backends.is_empty()).then_some(0),
+                    last_change: None,
+                    recheck_at: None,
+                }),
+                maps: maps.clone(),
+                metrics: metrics.clone(),
+            });
+            {
+                let mut state = runtime.state.lock().expect("service state lock");
+                for (position, backend) in state.backends.iter().enumerate() {
+                    let labels = runtime.backend_labels(position);
+                    metrics
+                        .backend_up
+                        .get_or_create(&labels)
+                        .set(i64::from(backend.up));
+                    metrics
+                        .backend_active
+                        .get_or_create(&labels)
+                        .set(i64::from(state.active == Some(position)));
+                }
+                runtime.decide(&mut state, Instant::now(), "startup");
+            }
+            services.push(runtime);
+        }
+
+        let mut tasks = Vec::new();
+        let watchers = services.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = carrier::watch(|event| {
+                for service in &watchers {
+                    service.carrier(&event);
+                }
+            })
+            .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "carrier events unavailable; link checks are frozen");
+            }
+        }));
+        for service in &services {
+            for (position, backend) in service.plan.backends.iter().enumerate() {
+                for (check, config) in backend.health.checks.iter().enumerate() {
+                    let Some(probe) =
+                        Probe::new(config, backend.ip, backend.health.timeout).await?
+                    else {
+                        continue;
+                    };
+                    tasks.push(tokio::spawn(probe_loop(
+                        service.clone(),
+                        position,
+                        check,
+                        probe,
+                    )));
+                }
+            }
+        }
+        Ok(Engine { services, tasks })
+    }
+
+    /// The service called `name`.
+    pub fn service(&self, name: &str) -> Result<&Arc<ServiceRuntime>> {
+        self.services
+            .iter()
+            .find(|s| s.plan.name == name)
+            .ok_or_else(|| {
+                let known: Vec<_> = self.services.iter().map(|s| s.plan.name.as_str()).collect();
+                anyhow::anyhow!("no service {name:?} (services: {})", known.join(", "))
+            })
+    }
+}
+
+/// Probes check `check` of backend `position` every interval, forever.
+async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize, mut probe: Probe) {
+    let backend = &service.plan.backends[position];
+    let health = &backend.health;
+    let name = health.checks[check].name();
+    let labels = CheckLabels {
+        service: service.plan.name.clone(),
+        backend: backend.name.clone(),
+        check: name.to_string(),
+    };
+    let duration = service
+        .metrics
+        .check_duration
+        .get_or_create(&labels)
+        .clone();
+    let result_labels = |result: &str| CheckResultLabels {
+        service: labels.service.clone(),
+        backend: labels.backend.clone(),
+        check: labels.check.clone(),
+        result: result.to_string(),
+    };
+    let ok = service
+        .metrics
+        .checks
+        .get_or_create(&result_labels("ok"))
+        .clone();
+    let fail = service
+        .metrics
+        .checks
+        .get_or_create(&result_labels("fail"))
+        .clone();
+    let mut ticker = tokio::time::interval(health.interval);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let started = Instant::now();
+        let result = probe.run(health.timeout).await;
+        let done = Instant::now();
+        duration.observe((done - started).as_secs_f64());
+        if result.is_ok() {
+            ok.inc()
+        } else {
+            fail.inc()
+        };
+        service.record(position, check, &result, done);
+    }
+}

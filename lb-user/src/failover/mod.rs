@@ -1,0 +1,11 @@
+//! Failover: health results in, one map write out.
+//!
+//! - [`policy`]: the pure rules (rise/fall, priority, preempt, failback delay, all down);
+//! - [`engine`]: runs the probes and the carrier watcher and applies the rules. The task in
+//!   which a probe result or a carrier event arrives takes the decision and writes the map
+//!   itself — no queue between the event and the flip.
+
+pub mod engine;
+pub mod policy;
+
+pub use engine::{Change, Engine};

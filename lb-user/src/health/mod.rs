@@ -1,0 +1,163 @@
+//! Health probes: one real request to a backend per call, each bounded by the check's
+//! timeout. The `link` check has no probe: it is driven by carrier events
+//! ([`crate::net::carrier`]).
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::atomic::{AtomicU16, Ordering},
+    time::Duration,
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::{net::TcpStream, time::timeout};
+
+use crate::config::CheckConfig;
+
+/// A probe of one check of one backend, ready to run repeatedly.
+pub enum Probe {
+    /// TCP connect.
+    Tcp(SocketAddr),
+    /// HTTP GET expecting a status.
+    Http {
+        /// Reused client: keeps the connection alive between probes.
+        client: reqwest::Client,
+        /// Full URL.
+        url: String,
+        /// Expected status.
+        status: u16,
+    },
+    /// UDP request and reply.
+    Udp {
+        /// Backend address and port.
+        target: SocketAddr,
+        /// Request payload.
+        send: Vec<u8>,
+        /// Expected start of the reply.
+        expect: Option<Vec<u8>>,
+    },
+    /// ICMP echo.
+    Icmp {
+        /// Pinger bound to the backend.
+        pinger: Box<surge_ping::Pinger>,
+        /// Next sequence number.
+        sequence: u16,
+    },
+}
+
+/// Identifier of the next ICMP pinger (each backend gets its own).
+static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(0x4c42);
+
+impl Probe {
+    /// Builds the probe of `check` for the backend at `ip`; `None` for `link`.
+    pub async fn new(check: &CheckConfig, ip: Ipv4Addr, timeout: Duration) -> Result<Option<Self>> {
+        let port = |port: &Option<u16>| {
+            port.ok_or_else(|| anyhow!("{} check without a port", check.name()))
+        };
+        Ok(Some(match check {
+            CheckConfig::Link => return Ok(None),
+            CheckConfig::Tcp { port: p } => Probe::Tcp(SocketAddr::new(ip.into(), port(p)?)),
+            CheckConfig::Http {
+                port: p,
+                path,
+                status,
+            } => Probe::Http {
+                client: reqwest::Client::builder()
+                    .timeout(timeout)
+                    .no_proxy()
+                    .pool_max_idle_per_host(1)
+                    .build()
+                    .context("cannot build the HTTP client")?,
+                url: format!("http://{ip}:{}{path}", port(p)?),
+                status: *status,
+            },
+            CheckConfig::Udp {
+                port: p,
+                send,
+                expect,
+            } => Probe::Udp {
+                target: SocketAddr::new(ip.into(), port(p)?),
+                send: send.clone().into_bytes(),
+                expect: expect.clone().map(String::into_bytes),
+            },
+            CheckConfig::Icmp => {
+                let client = surge_ping::Client::new(&surge_ping::Config::default())
+                    .context("cannot open an ICMP socket (needs root or CAP_NET_RAW)")?;
+                let id = surge_ping::PingIdentifier(NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed));
+                let mut pinger = client.pinger(IpAddr::V4(ip), id).await;
+                pinger.timeout(timeout);
+                Probe::Icmp {
+                    pinger: Box::new(pinger),
+                    sequence: 0,
+                }
+            }
+        }))
+    }
+
+    /// Runs the probe once; `Ok` when the backend passed, an error saying why not.
+    pub async fn run(&mut self, limit: Duration) -> Result<()> {
+        match timeout(limit, self.run_unbounded()).await {
+            Ok(result) => result,
+            Err(_) => bail!("no answer within {limit:?}"),
+        }
+    }
+
+    async fn run_unbounded(&mut self) -> Result<()> {
+        match self {
+            Probe::Tcp(target) => {
+                TcpStream::connect(*target)
+                    .await
+                    .with_context(|| format!("connect {target}"))?;
+                Ok(())
+            }
+            Probe::Http {
+                client,
+                url,
+                status,
+            } => {
+                let response = client
+                    .get(url.as_str())
+                    .send()
+                    .await
+                    .with_context(|| format!("GET {url}"))?;
+                let got = response.status().as_u16();
+                // Read the body so the connection can be reused.
+                let _ = response.bytes().await;
+                if got != *status {
+                    bail!("GET {url}: status {got}, expected {status}");
+                }
+                Ok(())
+            }
+            Probe::Udp {
+                target,
+                send,
+                expect,
+            } => {
+                let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+                socket.connect(*target).await?;
+                socket
+                    .send(send)
+                    .await
+                    .with_context(|| format!("send to {target}"))?;
+                let mut buf = [0u8; 2048];
+                let len = socket
+                    .recv(&mut buf)
+                    .await
+                    .with_context(|| format!("reply from {target}"))?;
+                match expect {
+                    Some(expect) if !buf[..len].starts_with(expect) => {
+                        bail!("unexpected reply from {target}")
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Probe::Icmp { pinger, sequence } => {
+                *sequence = sequence.wrapping_add(1);
+                pinger
+                    .ping(surge_ping::PingSequence(*sequence), b"lb health check")
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| anyhow!("echo: {e}"))
+            }
+        }
+    }
+}

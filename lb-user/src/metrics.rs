@@ -1,0 +1,257 @@
+//! The Prometheus exposition. Metric names are a public interface: keep them stable.
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `lb_backend_up` | gauge | service, backend |
+//! | `lb_backend_active` | gauge | service, backend |
+//! | `lb_failovers_total` | counter | service, from, to |
+//! | `lb_flip_duration_seconds` | histogram | service |
+//! | `lb_health_check_duration_seconds` | histogram | service, backend, check |
+//! | `lb_health_checks_total` | counter | service, backend, check, result |
+//! | `lb_packets_total`, `lb_bytes_total` | counter | service, backend, direction |
+//! | `lb_xdp_actions_total` | counter | interface, action |
+//!
+//! The last three are read from the XDP program's per-CPU maps at scrape time.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{text::encode, DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::Gauge,
+        histogram::Histogram,
+        MetricType,
+    },
+    registry::Registry,
+};
+
+use crate::{
+    dataplane::{counters::ACTION_NAMES, MapWriter},
+    plan::Plan,
+};
+
+/// Labels of per-backend metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// Service name.
+    pub service: String,
+    /// Backend name.
+    pub backend: String,
+}
+
+/// Labels of `lb_failovers_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FailoverLabels {
+    /// Service name.
+    pub service: String,
+    /// Backend that was active (`none` when none was).
+    pub from: String,
+    /// Backend now active (`none` when traffic is dropped).
+    pub to: String,
+}
+
+/// Labels of per-service metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    /// Service name.
+    pub service: String,
+}
+
+/// Labels of health-check durations.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    /// Service name.
+    pub service: String,
+    /// Backend name.
+    pub backend: String,
+    /// Check kind.
+    pub check: String,
+}
+
+/// Labels of health-check counts.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckResultLabels {
+    /// Service name.
+    pub service: String,
+    /// Backend name.
+    pub backend: String,
+    /// Check kind.
+    pub check: String,
+    /// `ok` or `fail`.
+    pub result: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn flip_histogram() -> Histogram {
+    // 1 µs … 10 ms: a flip is a map write.
+    Histogram::new([
+        1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 1e-2,
+    ])
+}
+
+fn check_histogram() -> Histogram {
+    // 10 µs … 1 s.
+    Histogram::new([
+        1e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 0.1, 1.0,
+    ])
+}
+
+/// Every metric of the agent.
+pub struct Metrics {
+    registry: Registry,
+    /// `lb_backend_up`.
+    pub backend_up: Family<BackendLabels, Gauge>,
+    /// `lb_backend_active`.
+    pub backend_active: Family<BackendLabels, Gauge>,
+    /// `lb_failovers_total`.
+    pub failovers: Family<FailoverLabels, Counter>,
+    /// `lb_flip_duration_seconds`.
+    pub flip_duration: HistogramFamily<ServiceLabels>,
+    /// `lb_health_check_duration_seconds`.
+    pub check_duration: HistogramFamily<CheckLabels>,
+    /// `lb_health_checks_total`.
+    pub checks: Family<CheckResultLabels, Counter>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; the dataplane counters come from `maps` at scrape time.
+    pub fn new(plan: &Plan, maps: Arc<MapWriter>) -> Self {
+        let mut registry = Registry::default();
+        let backend_up = Family::<BackendLabels, Gauge>::default();
+        let backend_active = Family::<BackendLabels, Gauge>::default();
+        let failovers = Family::<FailoverLabels, Counter>::default();
+        let flip_duration: HistogramFamily<ServiceLabels> =
+            Family::new_with_constructor(flip_histogram);
+        let check_duration: HistogramFamily<CheckLabels> =
+            Family::new_with_constructor(check_histogram);
+        let checks = Family::<CheckResultLabels, Counter>::default();
+        registry.register(
+            "lb_backend_up",
+            "Whether the backend passes its health checks (1) or not (0)",
+            backend_up.clone(),
+        );
+        registry.register(
+            "lb_backend_active",
+            "Whether the backend is the one the VIP's traffic goes to",
+            backend_active.clone(),
+        );
+        registry.register(
+            "lb_failovers",
+            "Changes of a service's active backend",
+            failovers.clone(),
+        );
+        registry.register(
+            "lb_flip_duration_seconds",
+            "Time from the event that decided a flip to the completed map write",
+            flip_duration.clone(),
+        );
+        registry.register(
+            "lb_health_check_duration_seconds",
+            "Duration of one health-check probe",
+            check_duration.clone(),
+        );
+        registry.register(
+            "lb_health_checks",
+            "Health-check probes by result",
+            checks.clone(),
+        );
+        registry.register_collector(Box::new(DataplaneCollector {
+            plan: plan.clone(),
+            maps,
+        }));
+        Metrics {
+            registry,
+            backend_up,
+            backend_active,
+            failovers,
+            flip_duration,
+            check_duration,
+            checks,
+        }
+    }
+
+    /// The exposition, in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Reads the XDP program's counters when scraped.
+#[derive(Debug)]
+struct DataplaneCollector {
+    plan: Plan,
+    maps: Arc<MapWriter>,
+}
+
+impl Collector for DataplaneCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use lb_common::Direction;
+        let mut rows = Vec::new();
+        for service in &self.plan.services {
+            for backend in &service.backends {
+                for (direction, name) in [
+                    (Direction::Forward, "forward"),
+                    (Direction::Reverse, "reverse"),
+                ] {
+                    let traffic = self
+                        .maps
+                        .traffic_of(backend.index, direction)
+                        .unwrap_or_default();
+                    let labels = vec![
+                        ("service", service.name.clone()),
+                        ("backend", backend.name.clone()),
+                        ("direction", name.to_string()),
+                    ];
+                    rows.push((labels, traffic));
+                }
+            }
+        }
+        let mut packets = encoder.encode_descriptor(
+            "lb_packets",
+            "Packets rewritten by the XDP program",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, traffic) in &rows {
+            ConstCounter::new(traffic.packets).encode(packets.encode_family(labels)?)?;
+        }
+        let mut bytes = encoder.encode_descriptor(
+            "lb_bytes",
+            "Bytes (whole frames) rewritten by the XDP program",
+            None,
+            MetricType::Counter,
+        )?;
+        for (labels, traffic) in &rows {
+            ConstCounter::new(traffic.bytes).encode(bytes.encode_family(labels)?)?;
+        }
+        let mut actions = encoder.encode_descriptor(
+            "lb_xdp_actions",
+            "Frames leaving the XDP program, by interface and action",
+            None,
+            MetricType::Counter,
+        )?;
+        for iface in &self.plan.interfaces {
+            let counts = self.maps.actions_of(iface.slot).unwrap_or_default();
+            for (count, action) in counts.iter().zip(ACTION_NAMES) {
+                let labels = vec![
+                    ("interface", iface.name.clone()),
+                    ("action", action.to_string()),
+                ];
+                ConstCounter::new(*count).encode(actions.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
