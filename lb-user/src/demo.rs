@@ -13,6 +13,8 @@ use lb_user::{
 
 const LISTEN: &str = "127.0.0.1:9100";
 const PREFIX: &str = "lbdemo";
+const WEB_HEALTH: &str = r#"health = { checks = [{ type = "link" }, { type = "tcp" }], interval = "10ms", rise = 3, fall = 3 }"#;
+const ECHO_HEALTH: &str = r#"health = { checks = [{ type = "link" }, { type = "udp", send = "health" }], interval = "10ms", rise = 3, fall = 3 }"#;
 
 /// Runs the demo until Ctrl-C, SIGTERM or `duration`.
 pub async fn run(duration: Duration) -> Result<()> {
@@ -21,19 +23,23 @@ pub async fn run(duration: Duration) -> Result<()> {
     bed.start_web_server(Host::Slave, "slave")?;
     bed.start_udp_responder(Host::Master, "master")?;
     bed.start_udp_responder(Host::Slave, "slave")?;
-    let config_text = bed.config(LISTEN);
+    let config_text = bed.config_with(LISTEN, WEB_HEALTH, ECHO_HEALTH);
     let config = bed.write_file("lb.toml", &config_text)?;
     let agent = bed.start_lb(&["run", "--config", &config.to_string_lossy()])?;
     bed.wait_for_agent(agent, LISTEN)?;
     let lb = lb_binary()?;
+    let sw = format!("ip netns exec {PREFIX}-switch");
     println!(
         "\nDemo network ready (namespaces {PREFIX}-client, -switch, -master, -slave):\n  \
-         client {CLIENT_IP}  →  VIP {VIP}  →  master {MASTER_IP} (active) | slave {SLAVE_IP}\n\n\
+         client {CLIENT_IP}  →  VIP {VIP}  →  master {MASTER_IP} (preferred) | slave {SLAVE_IP}\n  \
+         health checks: link + TCP connect (web), link + UDP request (echo), every 10 ms\n\n\
          The client below asks http://{VIP}/ once a second. In another shell, try:\n  \
-         ip netns exec {PREFIX}-switch {lb} activate web slave     # fail over by hand\n  \
-         ip netns exec {PREFIX}-switch {lb} activate web master    # and back\n  \
-         ip netns exec {PREFIX}-switch {lb} status\n  \
-         ip netns exec {PREFIX}-client curl http://{VIP}/\n\n\
+         {sw} ip link set m0 down          # pull the master's cable: traffic moves to the slave at once\n  \
+         {sw} ip link set m0 up            # plug it back: traffic returns after 3 good checks\n  \
+         ip netns exec {PREFIX}-master pkill -f http.server   # kill the master's web server\n  \
+         {sw} {lb} status\n  \
+         {sw} {lb} activate web slave      # fail over by hand\n  \
+         {sw} curl -s {LISTEN}/metrics | grep lb_failovers\n\n\
          Config in use: {}\nCtrl-C tears it all down.\n",
         config.display()
     );

@@ -181,11 +181,47 @@ impl Metrics {
     }
 
     /// The exposition, in the OpenMetrics text format.
-    pub fn encode(&self) -> String {
+    pub fn encode_openmetrics(&self) -> String {
         let mut text = String::new();
         encode(&mut text, &self.registry).expect("writing to a String cannot fail");
         text
     }
+
+    /// The exposition in the classic Prometheus text format (0.0.4), which every Prometheus
+    /// and `promtool check metrics` read.
+    pub fn encode_prometheus(&self) -> String {
+        openmetrics_to_prometheus(&self.encode_openmetrics())
+    }
+}
+
+/// Converts OpenMetrics text to the classic format: a counter family `x` is announced as
+/// `x_total` (its samples already carry that name), and the `# EOF` marker goes.
+fn openmetrics_to_prometheus(text: &str) -> String {
+    let counters: std::collections::HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let mut parts = line.splitn(4, ' ');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("#"), Some(kind @ ("HELP" | "TYPE")), Some(name), rest)
+                if counters.contains(name) =>
+            {
+                out.push_str(&format!("# {kind} {name}_total"));
+                if let Some(rest) = rest {
+                    out.push(' ');
+                    out.push_str(rest);
+                }
+            }
+            _ => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Reads the XDP program's counters when scraped.
@@ -253,5 +289,21 @@ impl Collector for DataplaneCollector {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::openmetrics_to_prometheus;
+
+    #[test]
+    fn counters_are_announced_with_their_total_suffix() {
+        let open = "# HELP lb_failovers Changes.\n# TYPE lb_failovers counter\nlb_failovers_total{service=\"web\"} 1\n\
+                    # HELP lb_backend_up Up.\n# TYPE lb_backend_up gauge\nlb_backend_up 1\n# EOF\n";
+        assert_eq!(
+            openmetrics_to_prometheus(open),
+            "# HELP lb_failovers_total Changes.\n# TYPE lb_failovers_total counter\nlb_failovers_total{service=\"web\"} 1\n\
+             # HELP lb_backend_up Up.\n# TYPE lb_backend_up gauge\nlb_backend_up 1\n"
+        );
     }
 }

@@ -541,6 +541,31 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_validates() {
+        let text = include_str!("../../examples/lb.toml");
+        validate(&Config::parse(text).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn health_parameters_are_checked() {
+        let with = |health: &str| GOOD.replace("port = 80", &format!("port = 80\n{health}"));
+        let e = error_of(&with(r#"health = { checks = [], interval = "10ms" }"#));
+        assert!(e.contains("health.checks is empty"), "{e}");
+        let e = error_of(&with(
+            r#"health = { checks = [{ type = "link" }], interval = "100us" }"#,
+        ));
+        assert!(e.contains("at least 1ms"), "{e}");
+        let e = error_of(&with(r#"health = { checks = [{ type = "smtp" }] }"#));
+        assert!(e.contains("unknown variant `smtp`"), "{e}");
+        let e = error_of(&with(
+            r#"health = { checks = [{ type = "tcp", prot = 80 }] }"#,
+        ));
+        assert!(e.contains("unknown field `prot`"), "{e}");
+        let e = error_of(&with(r#"on_all_down = "panic""#));
+        assert!(e.contains("unknown variant `panic`"), "{e}");
+    }
+
+    #[test]
     fn no_service_is_refused() {
         let e = error_of("metrics_listen = \"127.0.0.1:9100\"\n");
         assert!(e.contains("no service"), "{e}");

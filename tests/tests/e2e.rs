@@ -122,8 +122,8 @@ fn a_second_agent_on_the_same_nics_is_refused() {
     let (ok, _, err) = bed
         .output(
             Host::Switch,
-            &lb,
-            &["run", "--config", second.to_str().unwrap()],
+            "timeout",
+            &["20", &lb, "run", "--config", second.to_str().unwrap()],
         )
         .unwrap();
     assert!(!ok, "a second agent took over the NICs");
@@ -146,8 +146,8 @@ fn a_missing_interface_is_a_clear_error_and_leaves_nothing_attached() {
     let (ok, _, err) = bed
         .output(
             Host::Switch,
-            &lb,
-            &["run", "--config", config.to_str().unwrap()],
+            "timeout",
+            &["20", &lb, "run", "--config", config.to_str().unwrap()],
         )
         .unwrap();
     assert!(!ok);

@@ -16,6 +16,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("tcpdump", "tcpdump"),
     ("iperf3", "iperf3"),
     ("nft", "nftables"),
+    ("promtool", "prometheus"),
 ];
 
 /// The bpf-linker release whose default build loads the nightly toolchain's own libLLVM.

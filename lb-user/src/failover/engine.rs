@@ -2,7 +2,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
@@ -15,7 +18,7 @@ use super::policy::{choose, Candidate, CheckCounter};
 use crate::{
     config::CheckConfig,
     dataplane::MapWriter,
-    health::Probe,
+    health::{Carriers, Probe},
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
     },
@@ -165,8 +168,9 @@ impl ServiceRuntime {
         }
     }
 
-    /// Applies a carrier event to the backends reached through that NIC.
-    pub fn carrier(self: &Arc<Self>, event: &CarrierEvent) {
+    /// Applies a carrier loss to the backends reached through that NIC at once. (A carrier
+    /// return is seen by the link probes, and needs `rise` of them.)
+    pub fn carrier_lost(self: &Arc<Self>, event: &CarrierEvent) {
         let mut state = self.state.lock().expect("service state lock");
         for (position, backend) in self.plan.backends.iter().enumerate() {
             if backend.ifindex != event.ifindex {
@@ -308,6 +312,12 @@ impl Engine {
         metrics: Arc<Metrics>,
         carriers: HashMap<u32, bool>,
     ) -> Result<Self> {
+        let table: Carriers = Arc::new(
+            carriers
+                .iter()
+                .map(|(ifindex, up)| (*ifindex, AtomicBool::new(*up)))
+                .collect(),
+        );
         let mut services = Vec::new();
         for service in &plan.services {
             let backends = service
@@ -372,10 +382,16 @@ impl Engine {
 
         let mut tasks = Vec::new();
         let watchers = services.clone();
+        let watched = table.clone();
         tasks.push(tokio::spawn(async move {
             let result = carrier::watch(|event| {
-                for service in &watchers {
-                    service.carrier(&event);
+                if let Some(carrier) = watched.get(&event.ifindex) {
+                    carrier.store(event.carrier, Ordering::Relaxed);
+                }
+                if !event.carrier {
+                    for service in &watchers {
+                        service.carrier_lost(&event);
+                    }
                 }
             })
             .await;
@@ -386,11 +402,9 @@ impl Engine {
         for service in &services {
             for (position, backend) in service.plan.backends.iter().enumerate() {
                 for (check, config) in backend.health.checks.iter().enumerate() {
-                    let Some(probe) =
-                        Probe::new(config, backend.ip, backend.health.timeout).await?
-                    else {
-                        continue;
-                    };
+                    let timeout = backend.health.timeout;
+                    let probe =
+                        Probe::new(config, backend.ip, backend.ifindex, &table, timeout).await?;
                     tasks.push(tokio::spawn(probe_loop(
                         service.clone(),
                         position,

@@ -1,10 +1,16 @@
 //! Health probes: one real request to a backend per call, each bounded by the check's
-//! timeout. The `link` check has no probe: it is driven by carrier events
-//! ([`crate::net::carrier`]).
+//! timeout. The `link` probe reads the carrier table that carrier events
+//! ([`crate::net::carrier`]) keep current: a carrier loss turns the backend down at once
+//! (the engine acts on the event itself), a carrier return counts like any passed probe, so
+//! it needs `rise` of them.
 
 use std::{
+    collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
-    sync::atomic::{AtomicU16, Ordering},
+    sync::{
+        atomic::{AtomicBool, AtomicU16, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
@@ -13,8 +19,18 @@ use tokio::{net::TcpStream, time::timeout};
 
 use crate::config::CheckConfig;
 
+/// Carrier of every NIC the agent uses, kept current by carrier events.
+pub type Carriers = Arc<HashMap<u32, AtomicBool>>;
+
 /// A probe of one check of one backend, ready to run repeatedly.
 pub enum Probe {
+    /// Carrier of the NIC the backend is reached through.
+    Link {
+        /// The table.
+        carriers: Carriers,
+        /// The NIC.
+        ifindex: u32,
+    },
     /// TCP connect.
     Tcp(SocketAddr),
     /// HTTP GET expecting a status.
@@ -48,13 +64,22 @@ pub enum Probe {
 static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(0x4c42);
 
 impl Probe {
-    /// Builds the probe of `check` for the backend at `ip`; `None` for `link`.
-    pub async fn new(check: &CheckConfig, ip: Ipv4Addr, timeout: Duration) -> Result<Option<Self>> {
+    /// Builds the probe of `check` for the backend at `ip`, reached through NIC `ifindex`.
+    pub async fn new(
+        check: &CheckConfig,
+        ip: Ipv4Addr,
+        ifindex: u32,
+        carriers: &Carriers,
+        timeout: Duration,
+    ) -> Result<Self> {
         let port = |port: &Option<u16>| {
             port.ok_or_else(|| anyhow!("{} check without a port", check.name()))
         };
-        Ok(Some(match check {
-            CheckConfig::Link => return Ok(None),
+        Ok(match check {
+            CheckConfig::Link => Probe::Link {
+                carriers: carriers.clone(),
+                ifindex,
+            },
             CheckConfig::Tcp { port: p } => Probe::Tcp(SocketAddr::new(ip.into(), port(p)?)),
             CheckConfig::Http {
                 port: p,
@@ -90,7 +115,7 @@ impl Probe {
                     sequence: 0,
                 }
             }
-        }))
+        })
     }
 
     /// Runs the probe once; `Ok` when the backend passed, an error saying why not.
@@ -103,6 +128,12 @@ impl Probe {
 
     async fn run_unbounded(&mut self) -> Result<()> {
         match self {
+            Probe::Link { carriers, ifindex } => {
+                match carriers.get(ifindex).map(|c| c.load(Ordering::Relaxed)) {
+                    Some(true) => Ok(()),
+                    _ => bail!("no carrier on interface {ifindex}"),
+                }
+            }
             Probe::Tcp(target) => {
                 TcpStream::connect(*target)
                     .await

@@ -194,25 +194,30 @@ impl Netlink {
     /// The MAC to send packets for `ip` to, through NIC `link`: from the neighbour table,
     /// resolving it with ARP (the kernel's) when it is missing.
     pub async fn resolve_mac(&self, link: &Link, next_hop: Ipv4Addr) -> Result<[u8; 6]> {
+        let no_answer = || {
+            anyhow!(
+                "no ARP answer from {next_hop} on {} within {RESOLVE_TIMEOUT:?}: is the backend up? \
+                 (or give its `mac` in the config)",
+                link.name
+            )
+        };
+        tokio::time::timeout(RESOLVE_TIMEOUT, self.resolve_mac_unbounded(link, next_hop))
+            .await
+            .map_err(|_| no_answer())?
+    }
+
+    async fn resolve_mac_unbounded(&self, link: &Link, next_hop: Ipv4Addr) -> Result<[u8; 6]> {
         if let Some(mac) = self.neighbour(link.ifindex, next_hop).await? {
             return Ok(mac);
         }
         // Any datagram toward the next hop makes the kernel resolve it; port 9 is "discard".
         let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
         socket.bind_device(Some(link.name.as_bytes()))?;
-        let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
         loop {
-            let _ = socket.send_to(&[], (next_hop, 9)).await;
+            let _ = socket.try_send_to(&[], (next_hop, 9).into());
             tokio::time::sleep(Duration::from_millis(50)).await;
             if let Some(mac) = self.neighbour(link.ifindex, next_hop).await? {
                 return Ok(mac);
-            }
-            if tokio::time::Instant::now() >= deadline {
-                bail!(
-                    "no ARP answer from {next_hop} on {} within {RESOLVE_TIMEOUT:?}: is the backend up? \
-                     (or give its `mac` in the config)",
-                    link.name
-                );
             }
         }
     }

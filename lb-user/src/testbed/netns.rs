@@ -69,6 +69,23 @@ impl Netns {
         command
     }
 
+    /// Starts `f` on a new thread inside this namespace and returns at once.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<std::thread::JoinHandle<Result<T>>> {
+        let path = format!("/run/netns/{}", self.name);
+        let file = File::open(&path).with_context(|| format!("cannot open {path}"))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns on a valid namespace fd; it changes only this thread's namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error()).context("setns");
+            }
+            f()
+        }))
+    }
+
     /// Runs `f` on a thread that has entered this namespace: sockets it opens, ifindexes it
     /// resolves and BPF test runs it starts all belong to the namespace.
     pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> Result<T> {

@@ -3,6 +3,7 @@
 //! ```text
 //!  client ──eth0───c0── switch ──m0───eth0── master   198.18.2.2
 //! 198.18.1.2        (lb, XDP)  ──s0───eth0── slave    198.18.3.2
+//!                              ──b0───eth0── backup   198.18.4.2  (optional)
 //!          VIP 198.18.1.100 on the client segment, answered by XDP
 //! ```
 //!
@@ -39,6 +40,10 @@ pub const SLAVE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 3, 2);
 pub const MASTER_MAC: &str = "02:00:00:00:02:02";
 /// The slave's MAC.
 pub const SLAVE_MAC: &str = "02:00:00:00:03:02";
+/// The backup's address (third backend, when the testbed has one).
+pub const BACKUP_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 4, 2);
+/// The backup's MAC.
+pub const BACKUP_MAC: &str = "02:00:00:00:04:02";
 /// The UDP port of the testbed's request/response service.
 pub const UDP_PORT: u16 = 5353;
 
@@ -46,7 +51,7 @@ pub const UDP_PORT: u16 = 5353;
 pub struct Testbed {
     /// Processes (servers, agents), stopped before the namespaces go.
     pub processes: Vec<Process>,
-    responders: Vec<UdpResponder>,
+    responders: Vec<(Host, UdpResponder)>,
     veth_peers: Vec<crate::dataplane::PassProgram>,
     /// The client host.
     pub client: Netns,
@@ -56,12 +61,24 @@ pub struct Testbed {
     pub master: Netns,
     /// The slave backend.
     pub slave: Netns,
+    /// The third backend, if built.
+    pub backup: Option<Netns>,
+    web_servers: Vec<(Host, usize)>,
     files: Vec<PathBuf>,
 }
 
 impl Testbed {
     /// Builds the topology with namespaces named `PREFIX-client` … `PREFIX-slave`.
     pub fn new(prefix: &str) -> Result<Self> {
+        Self::build(prefix, false)
+    }
+
+    /// The same with a third backend, `PREFIX-backup`.
+    pub fn with_backup(prefix: &str) -> Result<Self> {
+        Self::build(prefix, true)
+    }
+
+    fn build(prefix: &str, backup: bool) -> Result<Self> {
         let mut testbed = Testbed {
             processes: Vec::new(),
             responders: Vec::new(),
@@ -70,6 +87,12 @@ impl Testbed {
             switch: Netns::new(&format!("{prefix}-switch"))?,
             master: Netns::new(&format!("{prefix}-master"))?,
             slave: Netns::new(&format!("{prefix}-slave"))?,
+            backup: if backup {
+                Some(Netns::new(&format!("{prefix}-backup"))?)
+            } else {
+                None
+            },
+            web_servers: Vec::new(),
             files: Vec::new(),
         };
         let (c, s, m, v) = (
@@ -93,7 +116,18 @@ impl Testbed {
         for host in [c, m, v] {
             host.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
         }
-        for host in [Host::Client, Host::Master, Host::Slave] {
+        if let Some(b) = &testbed.backup {
+            veth(b, "eth0", BACKUP_MAC, s, "b0", "02:00:00:00:04:01")?;
+            s.ip(&["addr", "add", "198.18.4.1/24", "dev", "b0"])?;
+            b.ip(&["addr", "add", "198.18.4.2/24", "dev", "eth0"])?;
+            b.ip(&["route", "add", "default", "via", "198.18.4.1"])?;
+            b.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
+        }
+        let mut hosts = vec![Host::Client, Host::Master, Host::Slave];
+        if testbed.backup.is_some() {
+            hosts.push(Host::Backup);
+        }
+        for host in hosts {
             let peer = testbed
                 .host(host)
                 .enter(|| crate::dataplane::PassProgram::attach("eth0"))??;
@@ -103,8 +137,23 @@ impl Testbed {
     }
 
     /// The agent config for this testbed: service `web` (TCP 80) and `echo` (UDP), master
-    /// preferred.
+    /// preferred, default health checks.
     pub fn config(&self, listen: &str) -> String {
+        self.config_with(listen, "", "")
+    }
+
+    /// The config with extra keys for the `web` and `echo` services (health checks,
+    /// policy), each a TOML fragment such as `health = { checks = [{ type = "link" }] }`.
+    pub fn config_with(&self, listen: &str, web_extra: &str, echo_extra: &str) -> String {
+        let mut backends = format!(
+            "  {{ name = \"master\", ip = \"{MASTER_IP}\", priority = 100, mac = \"{MASTER_MAC}\", iface = \"m0\" }},\n  \
+             {{ name = \"slave\",  ip = \"{SLAVE_IP}\",  priority = 50,  mac = \"{SLAVE_MAC}\",  iface = \"s0\" }},\n"
+        );
+        if self.backup.is_some() {
+            backends.push_str(&format!(
+                "  {{ name = \"backup\", ip = \"{BACKUP_IP}\", priority = 10, mac = \"{BACKUP_MAC}\", iface = \"b0\" }},\n"
+            ));
+        }
         format!(
             r#"metrics_listen = "{listen}"
 
@@ -117,20 +166,18 @@ name = "web"
 vip = "{VIP}"
 protocol = "tcp"
 port = 80
+{web_extra}
 backends = [
-  {{ name = "master", ip = "{MASTER_IP}", priority = 100, mac = "{MASTER_MAC}", iface = "m0" }},
-  {{ name = "slave",  ip = "{SLAVE_IP}",  priority = 50,  mac = "{SLAVE_MAC}",  iface = "s0" }},
-]
+{backends}]
 
 [[services]]
 name = "echo"
 vip = "{VIP}"
 protocol = "udp"
 port = {UDP_PORT}
+{echo_extra}
 backends = [
-  {{ name = "master", ip = "{MASTER_IP}", priority = 100, mac = "{MASTER_MAC}", iface = "m0" }},
-  {{ name = "slave",  ip = "{SLAVE_IP}",  priority = 50,  mac = "{SLAVE_MAC}",  iface = "s0" }},
-]
+{backends}]
 "#
         )
     }
@@ -167,6 +214,7 @@ backends = [
             .stdout(std::process::Stdio::null());
         let process = Process::spawn(command, &format!("web server on {name}"))?;
         self.processes.push(process);
+        self.web_servers.push((host, self.processes.len() - 1));
         let ns = self.host(host);
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
@@ -182,6 +230,38 @@ backends = [
             std::thread::sleep(Duration::from_millis(100));
         }
         bail!("the web server on {name} did not start within 15 s")
+    }
+
+    /// Kills the web server of `host` (its link stays up).
+    pub fn kill_web_server(&mut self, host: Host) -> Result<()> {
+        let index = self
+            .web_servers
+            .iter()
+            .find(|(h, _)| *h == host)
+            .map(|(_, i)| *i)
+            .context("no web server on that host")?;
+        self.processes[index].kill();
+        Ok(())
+    }
+
+    /// Stops the UDP responder of `host`: its port then answers "unreachable".
+    pub fn stop_udp_responder(&mut self, host: Host) {
+        self.responders.retain(|(h, _)| *h != host);
+    }
+
+    /// Turns the switch port of backend `host` off or on, as the reference study injected
+    /// faults: the backend's link goes down (the agent sees the carrier go), the backend
+    /// itself keeps its addresses and routes.
+    pub fn set_link(&self, host: Host, up: bool) -> Result<()> {
+        let port = match host {
+            Host::Master => "m0",
+            Host::Slave => "s0",
+            Host::Backup => "b0",
+            Host::Client => "c0",
+            Host::Switch => bail!("the switch has no switch port"),
+        };
+        self.switch
+            .ip(&["link", "set", port, if up { "up" } else { "down" }])
     }
 
     /// Starts a UDP responder on `host`: every datagram to port [`UDP_PORT`] is answered
@@ -206,10 +286,11 @@ backends = [
                 }
             }
         });
-        self.responders.push(UdpResponder {
+        let responder = UdpResponder {
             stop,
             thread: Some(thread),
-        });
+        };
+        self.responders.push((host, responder));
         Ok(())
     }
 
@@ -220,6 +301,10 @@ backends = [
             Host::Switch => &self.switch,
             Host::Master => &self.master,
             Host::Slave => &self.slave,
+            Host::Backup => self
+                .backup
+                .as_ref()
+                .expect("testbed built without a backup"),
         }
     }
 
@@ -256,6 +341,58 @@ backends = [
                 };
                 Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
             })?
+    }
+
+    /// Starts a client stream in the background: `count` UDP requests to the VIP, one every
+    /// `period`, recording who answered each and when. Bounded: it ends `count × period`
+    /// plus 300 ms after it starts.
+    pub fn udp_stream(
+        &self,
+        count: u32,
+        period: Duration,
+    ) -> Result<std::thread::JoinHandle<Result<Vec<Answer>>>> {
+        self.client.spawn(move || {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect((VIP, UDP_PORT))?;
+            let start = Instant::now();
+            let mut answers: Vec<Answer> = (0..count)
+                .map(|seq| Answer {
+                    seq,
+                    sent: start + period * seq,
+                    by: None,
+                    received: None,
+                })
+                .collect();
+            let mut buf = [0u8; 512];
+            let mut receive_until = |deadline: Instant, answers: &mut Vec<Answer>| loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return;
+                }
+                let wait = (deadline - now).max(Duration::from_micros(50));
+                let _ = socket.set_read_timeout(Some(wait));
+                let Ok(len) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                let received = Instant::now();
+                let text = String::from_utf8_lossy(&buf[..len]);
+                let mut words = text.split_whitespace();
+                let (Some(by), Some("seq"), Some(seq)) = (words.next(), words.next(), words.next())
+                else {
+                    continue;
+                };
+                if let Some(answer) = seq.parse::<usize>().ok().and_then(|s| answers.get_mut(s)) {
+                    answer.by = Some(by.to_string());
+                    answer.received = Some(received);
+                }
+            };
+            for seq in 0..count {
+                receive_until(start + period * seq, &mut answers);
+                let _ = socket.send(format!("seq {seq}").as_bytes());
+            }
+            receive_until(Instant::now() + Duration::from_millis(300), &mut answers);
+            Ok(answers)
+        })
     }
 
     /// Runs `program args…` in `host` and returns (success, stdout, stderr).
@@ -314,7 +451,7 @@ backends = [
 }
 
 /// Hosts of the testbed.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Host {
     /// The client.
     Client,
@@ -324,6 +461,51 @@ pub enum Host {
     Master,
     /// The slave backend.
     Slave,
+    /// The third backend.
+    Backup,
+}
+
+/// One request of [`Testbed::udp_stream`].
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Sequence number.
+    pub seq: u32,
+    /// When it was sent.
+    pub sent: Instant,
+    /// Who answered it, if anyone.
+    pub by: Option<String>,
+    /// When the answer arrived.
+    pub received: Option<Instant>,
+}
+
+/// Who answered, in order, with repeats folded: `["master", "slave"]`.
+pub fn answer_runs(answers: &[Answer]) -> Vec<String> {
+    let mut received: Vec<&Answer> = answers.iter().filter(|a| a.received.is_some()).collect();
+    received.sort_by_key(|a| a.received);
+    let mut runs: Vec<String> = Vec::new();
+    for answer in received {
+        let by = answer.by.clone().unwrap_or_default();
+        if runs.last() != Some(&by) {
+            runs.push(by);
+        }
+    }
+    runs
+}
+
+/// The longest time between two consecutive answers.
+pub fn longest_gap(answers: &[Answer]) -> Duration {
+    let mut times: Vec<Instant> = answers.iter().filter_map(|a| a.received).collect();
+    times.sort();
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Requests that got no answer.
+pub fn unanswered(answers: &[Answer]) -> usize {
+    answers.iter().filter(|a| a.received.is_none()).count()
 }
 
 struct UdpResponder {
