@@ -66,6 +66,38 @@ pub struct ServiceState {
     recheck_at: Option<Instant>,
 }
 
+/// What a health change did, logged once every flip it caused is written.
+pub struct Report {
+    service: Arc<ServiceRuntime>,
+    backend: usize,
+    cause: String,
+    change: Option<Change>,
+}
+
+impl Report {
+    /// One line for the health change, one for the flip it caused, if any.
+    pub fn log(&self) {
+        let plan = &self.service.plan;
+        let up = self
+            .service
+            .state
+            .lock()
+            .expect("service state lock")
+            .backends[self.backend]
+            .up;
+        tracing::info!(
+            service = plan.name,
+            backend = plan.backends[self.backend].name,
+            state = if up { "up" } else { "down" },
+            cause = self.cause,
+            "backend health changed"
+        );
+        if let Some(change) = &self.change {
+            self.service.log_change(change);
+        }
+    }
+}
+
 /// One service: its plan and its state behind one lock.
 pub struct ServiceRuntime {
     /// The plan of the service.
@@ -110,40 +142,37 @@ impl ServiceRuntime {
         position.map(|p| self.plan.backends[p].name.clone())
     }
 
-    /// Applies a changed check verdict to backend `position`; decides if its health changed.
+    /// Applies a changed check verdict to backend `position`; if its health changed,
+    /// decides (and flips) at once and returns what to log — logging waits until every
+    /// flip the event causes is written.
     fn apply(
         self: &Arc<Self>,
         state: &mut ServiceState,
         position: usize,
         at: Instant,
         cause: &dyn Fn() -> String,
-    ) {
+    ) -> Option<Report> {
         let backend = &mut state.backends[position];
         let up = backend.checks.iter().all(|c| c.up);
         if up == backend.up {
-            return;
+            return None;
         }
         backend.up = up;
         backend.up_since = up.then(Instant::now);
-        backend.last_cause = cause();
+        let name = &self.plan.backends[position].name;
+        let verdict = if up { "up" } else { "down" };
+        let change = self.decide(state, at, &|| format!("{name} {verdict}: {}", cause()));
+        state.backends[position].last_cause = cause();
         self.metrics
             .backend_up
             .get_or_create(&self.backend_labels(position))
             .set(i64::from(up));
-        tracing::info!(
-            service = self.plan.name,
-            backend = self.plan.backends[position].name,
-            state = if up { "up" } else { "down" },
-            cause = backend.last_cause,
-            "backend health changed"
-        );
-        let cause = format!(
-            "{} {}: {}",
-            self.plan.backends[position].name,
-            if up { "up" } else { "down" },
-            state.backends[position].last_cause
-        );
-        self.decide(state, at, &cause);
+        Some(Report {
+            service: self.clone(),
+            backend: position,
+            cause: state.backends[position].last_cause.clone(),
+            change,
+        })
     }
 
     /// Records one probe result of check `check` of backend `position`.
@@ -164,13 +193,18 @@ impl ServiceRuntime {
                 Ok(()) => format!("{name} check passed {} times", health.rise),
                 Err(e) => format!("{name} check failed {} times: {e:#}", health.fall),
             };
-            self.apply(&mut state, position, at, &cause);
+            let report = self.apply(&mut state, position, at, &cause);
+            drop(state);
+            if let Some(report) = report {
+                report.log();
+            }
         }
     }
 
     /// Applies a carrier loss to the backends reached through that NIC at once. (A carrier
     /// return is seen by the link probes, and needs `rise` of them.)
-    pub fn carrier_lost(self: &Arc<Self>, event: &CarrierEvent) {
+    pub fn carrier_lost(self: &Arc<Self>, event: &CarrierEvent) -> Vec<Report> {
+        let mut reports = Vec::new();
         let mut state = self.state.lock().expect("service state lock");
         for (position, backend) in self.plan.backends.iter().enumerate() {
             if backend.ifindex != event.ifindex {
@@ -184,24 +218,23 @@ impl ServiceRuntime {
             else {
                 continue;
             };
-            if state.backends[position].checks[link]
-                .set(event.carrier)
-                .is_some()
-            {
+            if state.backends[position].checks[link].set(false).is_some() {
                 let iface = backend.iface.clone();
-                let cause = || {
-                    format!(
-                        "carrier {} on {iface}",
-                        if event.carrier { "up" } else { "lost" }
-                    )
-                };
-                self.apply(&mut state, position, event.received, &cause);
+                let cause = || format!("carrier lost on {iface}");
+                reports.extend(self.apply(&mut state, position, event.received, &cause));
             }
         }
+        reports
     }
 
     /// Chooses the active backend and, if it changed, writes the map — now, in this task.
-    fn decide(self: &Arc<Self>, state: &mut ServiceState, at: Instant, cause: &str) {
+    /// Returns the change made, for the caller to log.
+    fn decide(
+        self: &Arc<Self>,
+        state: &mut ServiceState,
+        at: Instant,
+        cause: &dyn Fn() -> String,
+    ) -> Option<Change> {
         let candidates: Vec<Candidate> = state
             .backends
             .iter()
@@ -211,9 +244,9 @@ impl ServiceRuntime {
             })
             .collect();
         let choice = choose(&candidates, state.active, &self.plan.policy, Instant::now());
-        if choice.active != state.active {
-            self.flip(state, choice.active, at, cause);
-        }
+        let change = (choice.active != state.active)
+            .then(|| self.flip(state, choice.active, at, cause))
+            .flatten();
         if let Some(due) = choice.recheck_at {
             if state.recheck_at.is_none_or(|pending| due < pending) {
                 state.recheck_at = Some(due);
@@ -222,18 +255,40 @@ impl ServiceRuntime {
                     tokio::time::sleep_until(due.into()).await;
                     let mut state = runtime.state.lock().expect("service state lock");
                     state.recheck_at = None;
-                    runtime.decide(&mut state, Instant::now(), "failback delay elapsed");
+                    let cause = || "failback delay elapsed".to_string();
+                    if let Some(change) = runtime.decide(&mut state, Instant::now(), &cause) {
+                        runtime.log_change(&change);
+                    }
                 });
             }
         }
+        change
     }
 
-    /// Makes `target` active: one map write, timed from `at`.
-    fn flip(&self, state: &mut ServiceState, target: Option<usize>, at: Instant, cause: &str) {
+    fn log_change(&self, change: &Change) {
+        tracing::info!(
+            service = self.plan.name,
+            from = change.from.as_deref().unwrap_or("none"),
+            to = change.to.as_deref().unwrap_or("none (dropping)"),
+            cause = change.cause,
+            flip_us = (change.flip_us * 10.0).round() / 10.0,
+            "active backend changed"
+        );
+    }
+
+    /// Makes `target` active: one map write, timed from `at`. Everything else (metrics, the
+    /// record of the change) happens after the write.
+    fn flip(
+        &self,
+        state: &mut ServiceState,
+        target: Option<usize>,
+        at: Instant,
+        cause: &dyn Fn() -> String,
+    ) -> Option<Change> {
         let index = target.map_or(NO_BACKEND, |p| self.plan.backends[p].index);
         if let Err(e) = self.maps.set_active(self.plan.id, index) {
             tracing::error!(service = self.plan.name, error = %e, "cannot write the active backend");
-            return;
+            return None;
         }
         let flip = at.elapsed();
         let from = self.name_of(state.active);
@@ -264,22 +319,16 @@ impl ServiceRuntime {
                 .get_or_create(&self.backend_labels(next))
                 .set(1);
         }
-        tracing::info!(
-            service = self.plan.name,
-            from = from.as_deref().unwrap_or("none"),
-            to = to.as_deref().unwrap_or("none (dropping)"),
-            cause,
-            flip_us = flip.as_secs_f64() * 1e6,
-            "active backend changed"
-        );
-        state.active = target;
-        state.last_change = Some(Change {
+        let change = Change {
             from,
             to,
-            cause: cause.to_string(),
+            cause: cause(),
             at_unix_s: unix_now(),
             flip_us: flip.as_secs_f64() * 1e6,
-        });
+        };
+        state.active = target;
+        state.last_change = Some(change.clone());
+        Some(change)
     }
 
     /// Makes backend `name` active now (`lb activate`); the health checks keep deciding
@@ -292,13 +341,12 @@ impl ServiceRuntime {
             .position(|b| b.name == name)
             .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
         let mut state = self.state.lock().expect("service state lock");
-        self.flip(
-            &mut state,
-            Some(position),
-            Instant::now(),
-            "manual activation",
-        );
-        Ok(state.last_change.clone().expect("flip records the change"))
+        let cause = || "manual activation".to_string();
+        let change = self
+            .flip(&mut state, Some(position), Instant::now(), &cause)
+            .ok_or_else(|| anyhow::anyhow!("cannot write the active backend"))?;
+        self.log_change(&change);
+        Ok(change)
     }
 }
 
@@ -375,7 +423,10 @@ impl Engine {
                         .get_or_create(&labels)
                         .set(i64::from(state.active == Some(position)));
                 }
-                runtime.decide(&mut state, Instant::now(), "startup");
+                let cause = || "startup".to_string();
+                if let Some(change) = runtime.decide(&mut state, Instant::now(), &cause) {
+                    runtime.log_change(&change);
+                }
             }
             services.push(runtime);
         }
@@ -389,8 +440,13 @@ impl Engine {
                     carrier.store(event.carrier, Ordering::Relaxed);
                 }
                 if !event.carrier {
-                    for service in &watchers {
-                        service.carrier_lost(&event);
+                    // Every service flips first; the log lines follow.
+                    let reports: Vec<Report> = watchers
+                        .iter()
+                        .flat_map(|s| s.carrier_lost(&event))
+                        .collect();
+                    for report in reports {
+                        report.log();
                     }
                 }
             })
