@@ -62,13 +62,24 @@ pub fn address(
 }
 
 /// Sends the rewritten frame out of NIC `ifindex`: back out of the NIC it came in on with
-/// `XDP_TX`, through the `TX_PORTS` devmap otherwise (dropped if that NIC is not in it).
+/// `XDP_TX`, through the `TX_PORTS` devmap otherwise (dropped, with a log record the agent
+/// forwards, if that NIC is not in it).
 #[inline(always)]
 pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
     if ifindex == ctx.ingress_ifindex() as u32 {
         return xdp_action::XDP_TX;
     }
     match TX_PORTS.redirect(ifindex, u64::from(xdp_action::XDP_DROP)) {
-        Ok(action) | Err(action) => action,
+        Ok(action) => action,
+        Err(action) => {
+            // The agent puts every NIC it plans with into TX_PORTS, so this means the maps
+            // and the NICs disagree (an interface was re-created under the agent).
+            aya_log_ebpf::warn!(
+                ctx,
+                "no redirect port for ifindex {}: frame dropped",
+                ifindex
+            );
+            action
+        }
     }
 }

@@ -32,6 +32,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let plan = Plan::resolve(&config, &options.ifaces).await?;
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
     let (mut dataplane, mut maps) = Dataplane::load()?;
+    dataplane.forward_logs()?;
     maps.write_plan(&plan)
         .context("cannot write the plan into the maps")?;
     let netlink = Netlink::connect()?;

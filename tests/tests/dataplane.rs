@@ -68,6 +68,14 @@ backends = [
 ]
 
 [[services]]
+name = "gone"
+vip = "198.18.1.102"
+backends = [
+  { name = "x", ip = "198.18.5.2", priority = 2, mac = "02:00:00:00:05:02", iface = "t-x" },
+  { name = "y", ip = "198.18.5.3", priority = 1, mac = "02:00:00:00:05:03", iface = "t-x" },
+]
+
+[[services]]
 name = "one-arm"
 vip = "198.18.1.101"
 backends = [
@@ -158,6 +166,8 @@ fn with_bench(name: &str, test: impl FnOnce(&mut Bench) -> Result<()> + Send + '
         "02:00:00:00:02:01",
     ])
     .expect("create veth pair");
+    ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"])
+        .expect("create veth pair");
     ns.enter(move || {
         let mut bench = Bench::new()?;
         test(&mut bench)
@@ -512,10 +522,12 @@ fn frames_on_an_unconfigured_nic_are_untouched() {
     .unwrap();
     ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"])
         .unwrap();
+    ns.ip(&["link", "add", "t-u", "type", "veth", "peer", "name", "t-v"])
+        .unwrap();
     ns.enter(|| -> Result<()> {
         let mut b = Bench::new()?;
         // SAFETY: if_nametoindex reads a NUL-terminated name.
-        let other = unsafe { libc::if_nametoindex(c"t-x".as_ptr()) };
+        let other = unsafe { libc::if_nametoindex(c"t-u".as_ptr()) };
         assert_ne!(other, 0);
         let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
         let (action, out) = b.run(other, &frame)?;
@@ -626,6 +638,53 @@ fn the_service_vip_is_an_address_the_plan_reports() {
         assert_eq!(web.vip, Ipv4Addr::from(VIP));
         assert_eq!(web.backends[0].name, "master");
         assert_eq!(b.maps.active(web.id)?, web.backends[0].index);
+        Ok(())
+    })
+}
+
+/// Collects log records of the program.
+#[derive(Clone, Default)]
+struct Records(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl log::Log for Records {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        self.0
+            .lock()
+            .unwrap()
+            .push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+#[test]
+fn a_backend_whose_nic_vanished_is_dropped_and_logged() {
+    with_bench("lbt-gone", |b| {
+        let records = Records::default();
+        let mut logger = b.dataplane.capture_logs(records.clone())?;
+        let gone = b
+            .plan
+            .interfaces
+            .iter()
+            .find(|i| i.name == "t-x")
+            .unwrap()
+            .ifindex;
+        lb_user::testbed::netns::ip(&["link", "del", "t-x"]).ok();
+        // SAFETY: if_nametoindex reads a NUL-terminated name.
+        assert_eq!(
+            unsafe { libc::if_nametoindex(c"t-x".as_ptr()) },
+            0,
+            "t-x still exists"
+        );
+        let frame = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, [198, 18, 1, 102], 1, 2);
+        let (action, _) = b.run(b.client_if, &frame)?;
+        assert_eq!(action, XDP_DROP);
+        logger.flush();
+        let records = records.0.lock().unwrap().clone();
+        let expected = format!("WARN no redirect port for ifindex {gone}: frame dropped");
+        assert!(records.contains(&expected), "{records:?}");
         Ok(())
     })
 }

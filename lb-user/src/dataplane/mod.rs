@@ -58,6 +58,37 @@ impl Dataplane {
         Ok((dataplane, maps))
     }
 
+    /// Forwards the program's log records (aya-log) to the agent's log, from a task of the
+    /// current tokio runtime, for as long as the program is loaded.
+    pub fn forward_logs(&mut self) -> Result<()> {
+        let logger = aya_log::EbpfLogger::init(&mut self.ebpf)
+            .context("cannot read the XDP program's log records")?;
+        // SAFETY: the logger owns its ring-buffer fd, which stays open and unchanged for as
+        // long as the logger lives, and the AsyncFd owns the logger.
+        let registered = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+        };
+        let mut logger =
+            registered.map_err(|e| anyhow!("cannot watch the XDP program's log buffer: {e}"))?;
+        tokio::spawn(async move {
+            loop {
+                let Ok(mut guard) = logger.readable_mut().await else {
+                    return;
+                };
+                guard.get_inner_mut().flush();
+                guard.clear_ready();
+            }
+        });
+        Ok(())
+    }
+
+    /// Hands the program's log records to `logger` instead: the caller drains them with
+    /// `flush()` (tests read what the program logged this way).
+    pub fn capture_logs<L: log::Log>(&mut self, logger: L) -> Result<aya_log::EbpfLogger<L>> {
+        aya_log::EbpfLogger::init_with_logger(&mut self.ebpf, logger)
+            .context("cannot read the XDP program's log records")
+    }
+
     /// The program, for attaching it or running it on test packets (`BPF_PROG_TEST_RUN`).
     pub fn program(&mut self) -> Result<&mut Xdp> {
         let program = self
