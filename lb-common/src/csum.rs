@@ -41,10 +41,18 @@ pub const fn ipv4_header(header: &[u8; 20]) -> u16 {
     !fold(sum)
 }
 
-/// Whether a 20-byte IPv4 header carries a correct checksum.
+/// Whether a 20-byte IPv4 header carries a correct checksum: the one's-complement sum of
+/// all ten words, checksum included, is `0xffff` (so `0x0000` and `0xffff` both pass where
+/// they are equivalent).
 #[inline(always)]
 pub const fn ipv4_header_ok(header: &[u8; 20]) -> bool {
-    ipv4_header(header) == u16::from_be_bytes([header[10], header[11]])
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u16::from_be_bytes([header[i], header[i + 1]]) as u32;
+        i += 2;
+    }
+    fold(sum) == 0xffff
 }
 
 /// Updates a UDP checksum after an address change; a zero checksum ("none") stays zero and a
@@ -117,6 +125,20 @@ mod tests {
             );
             h[10..12].copy_from_slice(&full.to_be_bytes());
         }
+    }
+
+    #[test]
+    fn a_checksum_of_ffff_is_as_good_as_zero() {
+        // A header whose words sum to 0xffff without the checksum: correct checksum 0x0000,
+        // and 0xffff is the same value in one's complement.
+        let mut h = [0u8; 20];
+        h[0] = 0xff;
+        h[1] = 0xff;
+        assert_eq!(ipv4_header(&h), 0);
+        assert!(ipv4_header_ok(&h));
+        h[10] = 0xff;
+        h[11] = 0xff;
+        assert!(ipv4_header_ok(&h));
     }
 
     #[test]

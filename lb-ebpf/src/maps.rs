@@ -55,6 +55,10 @@ pub static TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(TRAFFIC
 #[map]
 pub static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTIONS_ENTRIES, 0);
 
+/// Frames dropped because their egress NIC was missing from `TX_PORTS` (one counter).
+#[map]
+pub static NO_PORT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// The configuration of the NIC the frame arrived on, if the agent configured it.
 #[inline(always)]
 pub fn ingress_iface(ctx: &XdpContext) -> Option<Iface> {

@@ -12,6 +12,7 @@ use crate::{
     maps::TX_PORTS,
     packet::header_mut,
     parse::{as_bytes, Ipv4, L2},
+    stats,
 };
 
 /// Which IPv4 address to replace.
@@ -73,12 +74,17 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
         Ok(action) => action,
         Err(action) => {
             // The agent puts every NIC it plans with into TX_PORTS, so this means the maps
-            // and the NICs disagree (an interface was re-created under the agent).
-            aya_log_ebpf::warn!(
-                ctx,
-                "no redirect port for ifindex {}: frame dropped",
-                ifindex
-            );
+            // and the NICs disagree (an interface was re-created under the agent). Logged on
+            // the 1st, 2nd, 4th, 8th… such drop of each CPU, never at line rate.
+            let drops = stats::count_no_port_drop();
+            if drops & (drops - 1) == 0 {
+                aya_log_ebpf::warn!(
+                    ctx,
+                    "no redirect port for ifindex {}: frame dropped ({} such drops on this CPU)",
+                    ifindex,
+                    drops
+                );
+            }
             action
         }
     }

@@ -2,7 +2,7 @@
 
 use lb_common::{action_index, traffic_index, Direction, XDP_ACTIONS};
 
-use crate::maps::{ACTIONS, TRAFFIC};
+use crate::maps::{ACTIONS, NO_PORT_DROPS, TRAFFIC};
 
 /// Counts one frame leaving the program with `action` on the NIC in `slot`.
 #[inline(always)]
@@ -25,5 +25,21 @@ pub fn count_traffic(backend: u32, direction: Direction, bytes: usize) {
             (*traffic).packets += 1;
             (*traffic).bytes += bytes as u64;
         }
+    }
+}
+
+/// Counts one frame dropped for want of a redirect port; returns this CPU's count so far
+/// (0 if the counter is unavailable).
+#[inline(always)]
+pub fn count_no_port_drop() -> u64 {
+    match NO_PORT_DROPS.get_ptr_mut(0) {
+        Some(counter) => {
+            // SAFETY: as in `count_action`.
+            unsafe {
+                *counter += 1;
+                *counter
+            }
+        }
+        None => 0,
     }
 }

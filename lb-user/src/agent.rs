@@ -12,7 +12,7 @@ use crate::{
     dataplane::Dataplane,
     failover::Engine,
     metrics::Metrics,
-    net::{self, Netlink},
+    net::{self, carrier::CarrierEvents, Netlink},
     plan::Plan,
 };
 
@@ -31,6 +31,15 @@ pub struct RunOptions {
 pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let plan = Plan::resolve(&config, &options.ifaces).await?;
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
+    // Taken before anything is attached: a busy port must not cost any traffic.
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+            "cannot listen on {} (metrics_listen); is another lb running with the same address?",
+            config.metrics_listen
+        )
+        })?;
     let (mut dataplane, mut maps) = Dataplane::load()?;
     dataplane.forward_logs()?;
     maps.write_plan(&plan)
@@ -60,6 +69,9 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             mode: format!("{mode:?}").to_lowercase(),
         });
     }
+    // Subscribe to carrier events before reading the current carriers: nothing in between
+    // is missed.
+    let events = CarrierEvents::subscribe()?;
     let mut carriers = HashMap::new();
     for iface in &plan.interfaces {
         let link = netlink.link_by_name(&iface.name).await?;
@@ -67,7 +79,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     }
     let maps = Arc::new(maps);
     let metrics = Arc::new(Metrics::new(&plan, maps.clone()));
-    let engine = Engine::start(&plan, maps.clone(), metrics.clone(), carriers).await?;
+    let engine = Engine::start(&plan, maps.clone(), metrics.clone(), carriers, events).await?;
     for service in &plan.services {
         for backend in &service.backends {
             tracing::info!(
@@ -90,14 +102,6 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         metrics,
         interfaces,
     });
-    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
-        .with_context(|| {
-            format!(
-            "cannot listen on {} (metrics_listen); is another lb running with the same address?",
-            config.metrics_listen
-        )
-        })?;
     tracing::info!(listen = %config.metrics_listen, "endpoint ready: /metrics /status /healthz");
     axum::serve(listener, control::router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
@@ -110,11 +114,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
+///
+/// The handlers are installed when this is called (not when it is first awaited), so a signal
+/// that arrives while the caller is still setting up is not lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
     }
 }

@@ -43,18 +43,28 @@ impl AgentState {
             .iter()
             .map(|runtime| {
                 let service = &runtime.plan;
-                let state = runtime.state.lock().expect("service state lock");
+                // A snapshot under the lock; the counters are read after it is released, so a
+                // status request never holds up a flip.
+                let (active, last_change, health): (Option<usize>, _, Vec<(bool, String)>) = {
+                    let state = runtime.state.lock().expect("service state lock");
+                    let health = state
+                        .backends
+                        .iter()
+                        .map(|b| (b.up, b.last_cause.clone()))
+                        .collect();
+                    (state.active, state.last_change.clone(), health)
+                };
                 ServiceStatus {
                     name: service.name.clone(),
                     vip: service.vip.to_string(),
                     protocol: service.protocol.map(|p| format!("{p:?}").to_lowercase()),
                     port: service.port,
-                    active: state.active.map(|p| service.backends[p].name.clone()),
-                    last_change: state.last_change.clone(),
+                    active: active.map(|p| service.backends[p].name.clone()),
+                    last_change,
                     backends: service
                         .backends
                         .iter()
-                        .zip(&state.backends)
+                        .zip(health)
                         .enumerate()
                         .map(|(position, (b, health))| {
                             let forward = self
@@ -70,9 +80,9 @@ impl AgentState {
                                 ip: b.ip.to_string(),
                                 iface: b.iface.clone(),
                                 priority: b.priority,
-                                up: health.up,
-                                health_cause: health.last_cause.clone(),
-                                active: state.active == Some(position),
+                                up: health.0,
+                                health_cause: health.1,
+                                active: active == Some(position),
                                 packets_forward: forward.packets,
                                 packets_reverse: reverse.packets,
                             }
@@ -192,7 +202,16 @@ async fn activate(
     State(state): State<Shared>,
     Path((service, backend)): Path<(String, String)>,
 ) -> Result<Json<Change>, (StatusCode, String)> {
-    let not_found = |e: anyhow::Error| (StatusCode::NOT_FOUND, format!("{e:#}\n"));
-    let runtime = state.engine.service(&service).map_err(not_found)?;
-    runtime.activate(&backend).map(Json).map_err(not_found)
+    let runtime = state
+        .engine
+        .service(&service)
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
+    if runtime.plan.backend(&backend).is_err() {
+        let e = runtime.plan.backend(&backend).unwrap_err();
+        return Err((StatusCode::NOT_FOUND, format!("{e:#}\n")));
+    }
+    runtime
+        .activate(&backend)
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")))
 }

@@ -18,6 +18,9 @@ const ECHO_HEALTH: &str = r#"health = { checks = [{ type = "link" }, { type = "u
 
 /// Runs the demo until Ctrl-C, SIGTERM or `duration`.
 pub async fn run(duration: Duration) -> Result<()> {
+    // Installed first: a Ctrl-C during the set-up still tears everything down.
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
     let mut bed = Testbed::new(PREFIX).context("cannot build the demo network (needs root)")?;
     bed.start_web_server(Host::Master, "master")?;
     bed.start_web_server(Host::Slave, "slave")?;
@@ -29,6 +32,7 @@ pub async fn run(duration: Duration) -> Result<()> {
     bed.wait_for_agent(agent, LISTEN)?;
     let lb = lb_binary()?;
     let sw = format!("ip netns exec {PREFIX}-switch");
+    let www = bed.web_root("master").display().to_string();
     println!(
         "\nDemo network ready (namespaces {PREFIX}-client, -switch, -master, -slave):\n  \
          client {CLIENT_IP}  →  VIP {VIP}  →  master {MASTER_IP} (preferred) | slave {SLAVE_IP}\n  \
@@ -36,7 +40,7 @@ pub async fn run(duration: Duration) -> Result<()> {
          The client below asks http://{VIP}/ once a second. In another shell, try:\n  \
          {sw} ip link set m0 down          # pull the master's cable: traffic moves to the slave at once\n  \
          {sw} ip link set m0 up            # plug it back: traffic returns after 3 good checks\n  \
-         ip netns exec {PREFIX}-master pkill -f http.server   # kill the master's web server\n  \
+         ip netns exec {PREFIX}-master pkill -f {www}   # kill the master's web server\n  \
          {sw} {lb} status\n  \
          {sw} {lb} activate web slave      # fail over by hand\n  \
          {sw} curl -s {LISTEN}/metrics | grep lb_failovers\n\n\
@@ -44,8 +48,6 @@ pub async fn run(duration: Duration) -> Result<()> {
         config.display()
     );
     let deadline = Instant::now() + duration;
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     while Instant::now() < deadline {
         tokio::select! {

@@ -144,7 +144,10 @@ fn plan_health(service: &ServiceConfig, health: &HealthConfig, at: &str) -> Resu
                 port: port_of(port, "tcp")?,
             },
             CheckConfig::Http { port, path, status } => CheckConfig::Http {
-                port: Some(port.or(service.port).unwrap_or(80)),
+                port: match port.or(service.port).unwrap_or(80) {
+                    0 => bail!("{at}: http check: port must be 1-65535"),
+                    port => Some(port),
+                },
                 path: if path.starts_with('/') {
                     path.clone()
                 } else {
@@ -184,6 +187,10 @@ fn serialize_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::
     s.serialize_str(&net::format_mac(mac))
 }
 
+/// A service endpoint as the dataplane keys it: IP, protocol (any when `None`), port (any
+/// when `None`).
+type EndpointSpec = (Ipv4Addr, Option<Protocol>, Option<u16>);
+
 /// Checks everything that can be checked without the host: names, counts, uniqueness, MACs.
 /// Each error names the service and key at fault.
 pub fn validate(config: &Config) -> Result<()> {
@@ -202,7 +209,8 @@ pub fn validate(config: &Config) -> Result<()> {
     }
     let mut names = HashSet::new();
     let mut keys = HashSet::new();
-    let mut reverse_keys = BTreeMap::new();
+    // Each service's reply key: (service, (backend ip, protocol, port)).
+    let mut reverse_keys: Vec<(String, EndpointSpec)> = Vec::new();
     let vips: HashSet<Ipv4Addr> = config.services.iter().map(|s| s.vip).collect();
     for service in &config.services {
         let name = &service.name;
@@ -270,19 +278,27 @@ pub fn validate(config: &Config) -> Result<()> {
                 &health,
                 &format!("service {name:?}: backend {b:?}"),
             )?;
-            let reverse = (backend.ip, service.protocol, service.port);
-            if let Some(other) = reverse_keys.insert(reverse, name.clone()) {
-                if &other != name {
+            // Replies are told apart by (backend ip, protocol, port), with wildcards: two
+            // services whose keys overlap on one backend would get each other's replies.
+            if let Some((other, _)) = reverse_keys.iter().find(|(_, (ip, p, port))| {
+                *ip == backend.ip
+                    && (p.is_none() || service.protocol.is_none() || *p == service.protocol)
+                    && (port.is_none() || service.port.is_none() || *port == service.port)
+            }) {
+                if other == name {
                     bail!(
-                        "service {name:?}: backend {b:?} ({}) already serves service {other:?} on the same protocol and port; replies could not be told apart",
+                        "service {name:?}: backend ip {} is listed twice",
                         backend.ip
                     );
                 }
                 bail!(
-                    "service {name:?}: backend ip {} is listed twice",
+                    "service {name:?}: backend {b:?} ({}) also serves service {other:?} on an \
+                     overlapping protocol and port; its replies could not be told apart \
+                     (give the services different ports, or different backend addresses)",
                     backend.ip
                 );
             }
+            reverse_keys.push((name.clone(), (backend.ip, service.protocol, service.port)));
         }
     }
     let mut iface_names = HashSet::new();
@@ -417,20 +433,27 @@ impl Plan {
             .enumerate()
             .map(|(slot, name)| {
                 let link = &links[name];
-                let role = explicit[name].unwrap_or(if backend_ifaces.contains(name) {
-                    Role::Backend
-                } else {
-                    Role::Client
-                });
-                PlannedInterface {
+                let behind = backend_ifaces.contains(name);
+                let role = match explicit[name] {
+                    None if behind => Role::Backend,
+                    None => Role::Client,
+                    Some(Role::Client) if behind => {
+                        return Err(anyhow::anyhow!(
+                            "interface {name:?} has role \"client\" but backends are reached \
+                         through it: their replies would not be rewritten; use role = \"both\""
+                        ))
+                    }
+                    Some(role) => role,
+                };
+                Ok(PlannedInterface {
                     name: name.clone(),
                     ifindex: link.ifindex,
                     mac: link.mac,
                     role,
                     slot: slot as u32,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         if !interfaces
             .iter()
             .any(|i| matches!(i.role, Role::Client | Role::Both))
@@ -563,6 +586,21 @@ mod tests {
         assert!(e.contains("unknown field `prot`"), "{e}");
         let e = error_of(&with(r#"on_all_down = "panic""#));
         assert!(e.contains("unknown variant `panic`"), "{e}");
+    }
+
+    #[test]
+    fn a_backend_in_two_services_with_overlapping_ports_is_refused() {
+        let second = GOOD.replace("name = \"web\"", "name = \"all\"").replace(
+            "vip = \"198.18.1.100\"\n        protocol = \"tcp\"\n        port = 80",
+            "vip = \"198.18.1.101\"",
+        );
+        let e = error_of(&format!("{GOOD}\n{second}"));
+        assert!(e.contains("overlapping protocol and port"), "{e}");
+        // Distinct ports on the same backend are fine.
+        let other_port = GOOD
+            .replace("name = \"web\"", "name = \"alt\"")
+            .replace("port = 80", "port = 8080");
+        validate(&Config::parse(&format!("{GOOD}\n{other_port}")).unwrap()).unwrap();
     }
 
     #[test]

@@ -1,8 +1,7 @@
 //! Failover and failback end to end: the agent's health checks on a namespace testbed, a
 //! client streaming UDP requests through the VIP (one per millisecond) while faults are
 //! injected, and checks of who answered, in order, of the longest gap, of `/status` and of
-//! the Prometheus exposition. Bounds are generous correctness bounds; speed is measured by
-//! `cargo xtask bench`.
+//! the Prometheus exposition. Bounds are generous correctness bounds, not speed targets.
 
 use std::{
     thread::sleep,

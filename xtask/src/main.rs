@@ -178,6 +178,9 @@ fn parse_test_result(line: &str) -> Option<(u64, u64)> {
 }
 
 fn run(release: bool, args: Vec<String>) -> Result<()> {
+    if is_root() {
+        setup::run()?;
+    }
     let lb = build(release)?;
     let args = if args.is_empty() {
         vec!["demo".to_string()]

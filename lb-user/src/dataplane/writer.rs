@@ -92,26 +92,40 @@ impl MapWriter {
             self.write_service(service)?;
             *vips.entry(service.vip.octets()).or_default() += 1;
         }
-        // ICMP echo to a VIP goes to the first service on that VIP, unless one takes all
-        // protocols.
+        // ICMP echo to a VIP goes to the first service on that VIP, unless one takes every
+        // protocol (its wildcard key already matches echo). A backend's echo replies carry
+        // the VIP of the first service that claimed its echo key.
         for service in &plan.services {
             let vip = service.vip.octets();
+            let takes_all = plan
+                .services
+                .iter()
+                .any(|s| s.vip == service.vip && s.protocol.is_none());
             let echo = EndpointKey::new(vip, proto::ICMP, [0, 0]);
-            if service.protocol.is_some() && self.services.get(&echo, 0).is_err() {
-                self.services
-                    .insert(echo, ServiceValue { id: service.id }, 0)?;
-                for backend in &service.backends {
-                    let key = EndpointKey::new(backend.ip.octets(), proto::ICMP, [0, 0]);
-                    let value = ReverseValue {
-                        vip,
-                        backend: backend.index,
-                    };
-                    self.reverse.insert(key, value, 0)?;
+            if takes_all || self.services.get(&echo, 0).is_ok() {
+                continue;
+            }
+            self.services
+                .insert(echo, ServiceValue { id: service.id }, 0)
+                .with_context(|| format!("cannot write the echo entry of {}", service.name))?;
+            for backend in &service.backends {
+                let key = EndpointKey::new(backend.ip.octets(), proto::ICMP, [0, 0]);
+                if self.reverse.get(&key, 0).is_ok() {
+                    continue;
                 }
+                let value = ReverseValue {
+                    vip,
+                    backend: backend.index,
+                };
+                self.reverse.insert(key, value, 0).with_context(|| {
+                    format!("cannot write the echo reply entry of {}", backend.name)
+                })?;
             }
         }
         for (vip, services) in vips {
-            self.vips.insert(vip, VipInfo { services }, 0)?;
+            self.vips
+                .insert(vip, VipInfo { services }, 0)
+                .context("cannot write a VIP")?;
         }
         for iface in &plan.interfaces {
             self.tx_ports

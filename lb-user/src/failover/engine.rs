@@ -22,7 +22,7 @@ use crate::{
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
     },
-    net::carrier::{self, CarrierEvent},
+    net::carrier::{CarrierEvent, CarrierEvents},
     plan::{Plan, PlannedService},
 };
 
@@ -106,6 +106,7 @@ pub struct ServiceRuntime {
     pub state: Mutex<ServiceState>,
     maps: Arc<MapWriter>,
     metrics: Arc<Metrics>,
+    carriers: Carriers,
 }
 
 /// All services and the tasks that watch them.
@@ -185,6 +186,15 @@ impl ServiceRuntime {
     ) {
         let health = &self.plan.backends[position].health;
         let mut state = self.state.lock().expect("service state lock");
+        // A link probe's reading may predate a carrier loss handled since: re-read it now,
+        // under the lock the carrier-loss handler also takes.
+        let current;
+        let result = if health.checks[check] == CheckConfig::Link {
+            current = self.carrier_of(position);
+            &current
+        } else {
+            result
+        };
         let changed =
             state.backends[position].checks[check].record(result.is_ok(), health.rise, health.fall);
         if changed.is_some() {
@@ -198,6 +208,19 @@ impl ServiceRuntime {
             if let Some(report) = report {
                 report.log();
             }
+        }
+    }
+
+    /// `Ok` when the NIC backend `position` is reached through has carrier.
+    fn carrier_of(&self, position: usize) -> Result<()> {
+        let backend = &self.plan.backends[position];
+        match self
+            .carriers
+            .get(&backend.ifindex)
+            .map(|c| c.load(Ordering::Relaxed))
+        {
+            Some(true) => Ok(()),
+            _ => Err(anyhow::anyhow!("no carrier on {}", backend.iface)),
         }
     }
 
@@ -341,6 +364,17 @@ impl ServiceRuntime {
             .position(|b| b.name == name)
             .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
         let mut state = self.state.lock().expect("service state lock");
+        if state.active == Some(position) {
+            let name = Some(name.to_string());
+            let cause = "already active: nothing written".to_string();
+            return Ok(Change {
+                from: name.clone(),
+                to: name,
+                cause,
+                at_unix_s: unix_now(),
+                flip_us: 0.0,
+            });
+        }
         let cause = || "manual activation".to_string();
         let change = self
             .flip(&mut state, Some(position), Instant::now(), &cause)
@@ -359,6 +393,7 @@ impl Engine {
         maps: Arc<MapWriter>,
         metrics: Arc<Metrics>,
         carriers: HashMap<u32, bool>,
+        events: CarrierEvents,
     ) -> Result<Self> {
         let table: Carriers = Arc::new(
             carriers
@@ -366,7 +401,11 @@ impl Engine {
                 .map(|(ifindex, up)| (*ifindex, AtomicBool::new(*up)))
                 .collect(),
         );
-        let mut services = Vec::new();
+        // Owned from the start, so that tasks spawned before an error are aborted with it.
+        let mut engine = Engine {
+            services: Vec::new(),
+            tasks: Vec::new(),
+        };
         for service in &plan.services {
             let backends = service
                 .backends
@@ -409,6 +448,7 @@ impl Engine {
                 }),
                 maps: maps.clone(),
                 metrics: metrics.clone(),
+                carriers: table.clone(),
             });
             {
                 let mut state = runtime.state.lock().expect("service state lock");
@@ -428,49 +468,38 @@ impl Engine {
                     runtime.log_change(&change);
                 }
             }
-            services.push(runtime);
+            engine.services.push(runtime);
         }
 
-        let mut tasks = Vec::new();
-        let watchers = services.clone();
+        let watchers = engine.services.clone();
         let watched = table.clone();
-        tasks.push(tokio::spawn(async move {
-            let result = carrier::watch(|event| {
-                if let Some(carrier) = watched.get(&event.ifindex) {
-                    carrier.store(event.carrier, Ordering::Relaxed);
-                }
-                if !event.carrier {
-                    // Every service flips first; the log lines follow.
-                    let reports: Vec<Report> = watchers
-                        .iter()
-                        .flat_map(|s| s.carrier_lost(&event))
-                        .collect();
-                    for report in reports {
-                        report.log();
-                    }
-                }
-            })
-            .await;
-            if let Err(e) = result {
-                tracing::error!(error = %e, "carrier events unavailable; link checks are frozen");
+        engine.tasks.push(tokio::spawn(events.run(move |event| {
+            if let Some(carrier) = watched.get(&event.ifindex) {
+                carrier.store(event.carrier, Ordering::Relaxed);
             }
-        }));
-        for service in &services {
+            if !event.carrier {
+                // Every service flips first; the log lines follow.
+                let reports: Vec<Report> = watchers
+                    .iter()
+                    .flat_map(|s| s.carrier_lost(&event))
+                    .collect();
+                for report in reports {
+                    report.log();
+                }
+            }
+        })));
+        for service in engine.services.clone() {
             for (position, backend) in service.plan.backends.iter().enumerate() {
                 for (check, config) in backend.health.checks.iter().enumerate() {
                     let timeout = backend.health.timeout;
                     let probe =
                         Probe::new(config, backend.ip, backend.ifindex, &table, timeout).await?;
-                    tasks.push(tokio::spawn(probe_loop(
-                        service.clone(),
-                        position,
-                        check,
-                        probe,
-                    )));
+                    let task = tokio::spawn(probe_loop(service.clone(), position, check, probe));
+                    engine.tasks.push(task);
                 }
             }
         }
-        Ok(Engine { services, tasks })
+        Ok(engine)
     }
 
     /// The service called `name`.

@@ -4,12 +4,14 @@
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use futures::StreamExt;
+use futures::{channel::mpsc::UnboundedReceiver, StreamExt};
 use rtnetlink::{
-    packet_core::NetlinkPayload,
+    packet_core::{NetlinkMessage, NetlinkPayload},
     packet_route::{link::LinkFlags, RouteNetlinkMessage},
+    sys::SocketAddr,
     MulticastGroup,
 };
+use tokio::task::JoinHandle;
 
 /// A NIC's carrier changed (or was re-announced).
 #[derive(Debug, Clone, Copy)]
@@ -22,24 +24,50 @@ pub struct CarrierEvent {
     pub received: Instant,
 }
 
-/// Subscribes to link events and calls `on_event` for each, in the calling task, until the
-/// socket closes.
-pub async fn watch(mut on_event: impl FnMut(CarrierEvent)) -> Result<()> {
-    let (connection, _handle, mut messages) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
-            .context("cannot subscribe to rtnetlink link events")?;
-    let task = tokio::spawn(connection);
-    while let Some((message, _)) = messages.next().await {
-        let received = Instant::now();
-        if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) = message.payload {
-            let flags = link.header.flags;
-            on_event(CarrierEvent {
-                ifindex: link.header.index,
-                carrier: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
-                received,
-            });
-        }
+/// A subscription to link events. Subscribe before reading the NICs' current state, so that
+/// no change between the two is missed.
+pub struct CarrierEvents {
+    messages: UnboundedReceiver<(NetlinkMessage<RouteNetlinkMessage>, SocketAddr)>,
+    connection: JoinHandle<()>,
+}
+
+impl Drop for CarrierEvents {
+    fn drop(&mut self) {
+        self.connection.abort();
     }
-    task.abort();
-    Ok(())
+}
+
+impl CarrierEvents {
+    /// Subscribes to the rtnetlink link group (of the current network namespace).
+    pub fn subscribe() -> Result<Self> {
+        let (connection, _handle, messages) =
+            rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
+                .context("cannot subscribe to rtnetlink link events (needs CAP_NET_ADMIN)")?;
+        Ok(CarrierEvents {
+            messages,
+            connection: tokio::spawn(connection),
+        })
+    }
+
+    /// Calls `on_event` for every link message, in the calling task, until the socket
+    /// closes (which is logged as an error: link checks then no longer see carrier losses).
+    pub async fn run(mut self, mut on_event: impl FnMut(CarrierEvent)) {
+        while let Some((message, _)) = self.messages.next().await {
+            let received = Instant::now();
+            if let NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(link)) =
+                message.payload
+            {
+                let flags = link.header.flags;
+                on_event(CarrierEvent {
+                    ifindex: link.header.index,
+                    carrier: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
+                    received,
+                });
+            }
+        }
+        tracing::error!(
+            "the rtnetlink link event stream ended: carrier losses are no longer seen at once \
+             (link checks still poll the last known state); restart lb"
+        );
+    }
 }

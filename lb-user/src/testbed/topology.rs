@@ -64,7 +64,8 @@ pub struct Testbed {
     /// The third backend, if built.
     pub backup: Option<Netns>,
     web_servers: Vec<(Host, usize)>,
-    files: Vec<PathBuf>,
+    /// Private directory for configs and web roots, removed on drop.
+    files: tempfile::TempDir,
 }
 
 impl Testbed {
@@ -93,7 +94,10 @@ impl Testbed {
                 None
             },
             web_servers: Vec::new(),
-            files: Vec::new(),
+            files: tempfile::Builder::new()
+                .prefix(&format!("{prefix}-"))
+                .tempdir()
+                .context("cannot create a temporary directory")?,
         };
         let (c, s, m, v) = (
             &testbed.client,
@@ -184,19 +188,22 @@ backends = [
 
     /// Writes `text` to a file removed with the testbed; returns its path.
     pub fn write_file(&mut self, name: &str, text: &str) -> Result<PathBuf> {
-        let path = std::env::temp_dir().join(format!("{}-{name}", self.switch.name()));
+        let path = self.files.path().join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-        self.files.push(path.clone());
         Ok(path)
+    }
+
+    /// The directory the web server of backend `name` serves (unique to this testbed).
+    pub fn web_root(&self, name: &str) -> PathBuf {
+        self.files.path().join(format!("www-{name}"))
     }
 
     /// Starts a real web server (Python's http.server) on port 80 of `host`, serving a page
     /// that says `name`, and waits until it answers.
     pub fn start_web_server(&mut self, host: Host, name: &str) -> Result<()> {
-        let dir = std::env::temp_dir().join(format!("{}-www-{name}", self.switch.name()));
+        let dir = self.web_root(name);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join("index.html"), format!("{name}\n"))?;
-        self.files.push(dir.clone());
         let ns = self.host(host);
         let mut command = ns.command("python3");
         command
@@ -527,9 +534,6 @@ impl Drop for Testbed {
         self.processes.clear();
         self.responders.clear();
         self.veth_peers.clear();
-        for path in &self.files {
-            let _ = std::fs::remove_dir_all(path).or_else(|_| std::fs::remove_file(path));
-        }
     }
 }
 
