@@ -1,8 +1,9 @@
 //! Rewriting a checked packet in place, and sending it on.
 //!
-//! Addresses change together with every checksum that covers them: the IPv4 header checksum
-//! is recomputed, TCP and UDP checksums are updated incrementally (RFC 1624) because their
-//! pseudo-header holds the addresses; ICMP's checksum does not cover them.
+//! Addresses change together with every checksum that covers them, each updated
+//! incrementally (RFC 1624): the IPv4 header checksum (the header was verified when it was
+//! parsed), and the TCP and UDP checksums, whose pseudo-header holds the addresses; ICMP's
+//! checksum does not cover them.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{csum, proto};
@@ -11,7 +12,7 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use crate::{
     maps::TX_PORTS,
     packet::header_mut,
-    parse::{as_bytes, Ipv4, L2},
+    parse::{Ipv4, L2},
     stats,
 };
 
@@ -47,7 +48,8 @@ pub fn address(
         Address::Source => core::mem::replace(&mut ip.src_addr, new),
         Address::Destination => core::mem::replace(&mut ip.dst_addr, new),
     };
-    ip.check = csum::ipv4_header(as_bytes(ip)).to_be_bytes();
+    // The header was verified on parsing, so an incremental update keeps it correct.
+    ip.check = csum::replace4(u16::from_be_bytes(ip.check), old, new).to_be_bytes();
     match packet.protocol {
         proto::TCP => {
             let tcp: &mut TcpHdr = header_mut(ctx, packet.l4)?;

@@ -1,5 +1,7 @@
-//! Test support: checksum checks done by an independent packet library (etherparse), never by
-//! the code under test. The namespace testbed the end-to-end tests use is
-//! `lb_user::testbed`, shared with `lb demo`.
+//! Test and benchmark support: checksum checks done by an independent packet library
+//! (etherparse), never by the code under test, and the benchmarks of `cargo xtask bench`.
+//! The namespace testbed both use is `lb_user::testbed`, shared with `lb demo`.
 
+pub mod bench;
 pub mod checks;
+pub mod testrun;

@@ -11,20 +11,15 @@ use anyhow::{Context, Result};
 use aya::programs::{TestRun, TestRunOptions};
 use etherparse::PacketBuilder;
 use lb_common::{Direction, NO_BACKEND};
-use lb_user::testbed::netns::Netns;
-use lb_user::{config::Config, dataplane::Dataplane, plan::Plan};
-use tests::checks::verify_checksums;
+use lb_user::{dataplane::Dataplane, plan::Plan, testbed::netns::Netns};
+use tests::{
+    checks::verify_checksums,
+    testrun::{
+        load, namespace, BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_ABORTED,
+        XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+    },
+};
 
-const XDP_ABORTED: u32 = 0;
-const XDP_DROP: u32 = 1;
-const XDP_PASS: u32 = 2;
-const XDP_TX: u32 = 3;
-const XDP_REDIRECT: u32 = 4;
-
-const CLIENT_IF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
-const BACKEND_IF_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
-const MASTER_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x02];
 const SLAVE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x02];
 const LOCAL_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0a];
 
@@ -95,13 +90,7 @@ struct Bench {
 
 impl Bench {
     fn new() -> Result<Self> {
-        let config = Config::parse(CONFIG)?;
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let plan = runtime.block_on(Plan::resolve(&config, &[]))?;
-        let (dataplane, mut maps) = Dataplane::load()?;
-        maps.write_plan(&plan)?;
+        let (plan, dataplane, maps) = load(CONFIG)?;
         let ifindex = |name: &str| {
             plan.interfaces
                 .iter()
@@ -150,22 +139,7 @@ impl Bench {
 
 /// Runs `test` on a fresh [`Bench`] inside a fresh namespace called `name`.
 fn with_bench(name: &str, test: impl FnOnce(&mut Bench) -> Result<()> + Send + 'static) {
-    let ns = Netns::new(name).expect("create namespace");
-    ns.ip(&[
-        "link",
-        "add",
-        "t-cli",
-        "address",
-        "02:00:00:00:01:01",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "t-bck",
-        "address",
-        "02:00:00:00:02:01",
-    ])
-    .expect("create veth pair");
+    let ns = namespace(name).expect("create namespace");
     ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"])
         .expect("create veth pair");
     ns.enter(move || {

@@ -5,7 +5,9 @@
 //! - `build [--release]`: the XDP object (nightly, via `lb-user`'s build script) and `lb`;
 //! - `test`: setup, `cargo fmt --check`, clippy with `-D warnings` (userspace and eBPF), then
 //!   every test of the workspace;
-//! - `run [-- ARGS]`: builds and runs `lb ARGS`; without arguments, `lb demo`.
+//! - `run [-- ARGS]`: builds and runs `lb ARGS`; without arguments, `lb demo`;
+//! - `bench failover|throughput [-- ARGS]`: release builds of `lb` and `lb-bench`, then the
+//!   bench, which writes `docs/BENCHMARKS.md`.
 
 mod setup;
 
@@ -46,6 +48,15 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Run a benchmark (release builds) and write docs/BENCHMARKS.md.
+    Bench {
+        /// Which bench: `failover` or `throughput`.
+        #[arg(value_parser = ["failover", "throughput"])]
+        which: String,
+        /// Options for the bench (`cargo xtask bench failover -- --help` lists them).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -54,6 +65,7 @@ fn main() -> Result<()> {
         Task::Build { release } => build(release).map(|_| ()),
         Task::Test => test(),
         Task::Run { release, args } => run(release, args),
+        Task::Bench { which, args } => bench(&which, args),
     }
 }
 
@@ -203,6 +215,41 @@ fn run(release: bool, args: Vec<String>) -> Result<()> {
         .with_context(|| format!("cannot run {}", lb.display()))?;
     if !status.success() {
         bail!("lb exited with {status}");
+    }
+    Ok(())
+}
+
+fn bench(which: &str, args: Vec<String>) -> Result<()> {
+    if !is_root() {
+        bail!("the benches create network namespaces and attach XDP programs: run them as root");
+    }
+    setup::run()?;
+    let lb = build(true)?;
+    step(
+        "cargo",
+        &[
+            "build",
+            "--release",
+            "--package",
+            "tests",
+            "--bin",
+            "lb-bench",
+        ],
+        &[],
+    )?;
+    let bench = root().join("target/release/lb-bench");
+    println!("==> {} {which} {}", bench.display(), args.join(" "));
+    // Ctrl-C reaches the bench too; it cleans up and exits, this process waits for it.
+    ignore_interrupts_while_waiting();
+    let status = Command::new(&bench)
+        .arg(which)
+        .args(&args)
+        .env("LB_BIN", &lb)
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("cannot run {}", bench.display()))?;
+    if !status.success() {
+        bail!("the {which} bench failed ({status})");
     }
     Ok(())
 }

@@ -17,6 +17,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iperf3", "iperf3"),
     ("nft", "nftables"),
     ("promtool", "prometheus"),
+    ("keepalived", "keepalived"),
+    ("pgrep", "procps"),
 ];
 
 /// The bpf-linker release whose default build loads the nightly toolchain's own libLLVM.

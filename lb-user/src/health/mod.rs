@@ -46,6 +46,8 @@ pub enum Probe {
     Udp {
         /// Backend address and port.
         target: SocketAddr,
+        /// Connected socket kept between probes (a new one after a failure).
+        socket: Option<tokio::net::UdpSocket>,
         /// Request payload.
         send: Vec<u8>,
         /// Expected start of the reply.
@@ -58,6 +60,47 @@ pub enum Probe {
         /// Next sequence number.
         sequence: u16,
     },
+}
+
+/// One UDP request and its reply over `socket` (opened and connected to `target` when
+/// `None`; kept for the next probe, which costs two system calls instead of eight).
+async fn udp_request(
+    socket: &mut Option<tokio::net::UdpSocket>,
+    target: SocketAddr,
+    send: &[u8],
+    expect: Option<&[u8]>,
+) -> Result<()> {
+    let socket = match socket {
+        Some(socket) => socket,
+        None => {
+            let fresh = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            fresh.connect(target).await?;
+            socket.insert(fresh)
+        }
+    };
+    let mut buf = [0u8; 2048];
+    // A reply that arrived after an earlier probe gave up must not pass this one, nor an
+    // error queued by an earlier send (ICMP unreachable) fail it: drain both, up to a bound.
+    for _ in 0..64 {
+        match socket.try_recv(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            _ => continue,
+        }
+    }
+    socket
+        .send(send)
+        .await
+        .with_context(|| format!("send to {target}"))?;
+    let len = socket
+        .recv(&mut buf)
+        .await
+        .with_context(|| format!("reply from {target}"))?;
+    match expect {
+        Some(expect) if !buf[..len].starts_with(expect) => {
+            bail!("unexpected reply from {target}")
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Identifier of the next ICMP pinger (each backend gets its own).
@@ -101,6 +144,7 @@ impl Probe {
                 expect,
             } => Probe::Udp {
                 target: SocketAddr::new(ip.into(), port(p)?),
+                socket: None,
                 send: send.clone().into_bytes(),
                 expect: expect.clone().map(String::into_bytes),
             },
@@ -122,7 +166,13 @@ impl Probe {
     pub async fn run(&mut self, limit: Duration) -> Result<()> {
         match timeout(limit, self.run_unbounded()).await {
             Ok(result) => result,
-            Err(_) => bail!("no answer within {limit:?}"),
+            Err(_) => {
+                // The next UDP probe starts on a fresh socket, as after any other failure.
+                if let Probe::Udp { socket, .. } = self {
+                    *socket = None;
+                }
+                bail!("no answer within {limit:?}")
+            }
         }
     }
 
@@ -160,26 +210,15 @@ impl Probe {
             }
             Probe::Udp {
                 target,
+                socket,
                 send,
                 expect,
             } => {
-                let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
-                socket.connect(*target).await?;
-                socket
-                    .send(send)
-                    .await
-                    .with_context(|| format!("send to {target}"))?;
-                let mut buf = [0u8; 2048];
-                let len = socket
-                    .recv(&mut buf)
-                    .await
-                    .with_context(|| format!("reply from {target}"))?;
-                match expect {
-                    Some(expect) if !buf[..len].starts_with(expect) => {
-                        bail!("unexpected reply from {target}")
-                    }
-                    _ => Ok(()),
+                let result = udp_request(socket, *target, send, expect.as_deref()).await;
+                if result.is_err() {
+                    *socket = None;
                 }
+                result
             }
             Probe::Icmp { pinger, sequence } => {
                 *sequence = sequence.wrapping_add(1);

@@ -52,6 +52,12 @@ impl Process {
         }
     }
 
+    /// The child's pid while it runs (`ip netns exec` runs its program in place, so this is
+    /// the program's own pid).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// Whether the child is still running.
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))

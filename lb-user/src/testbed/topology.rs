@@ -149,22 +149,10 @@ impl Testbed {
     /// The config with extra keys for the `web` and `echo` services (health checks,
     /// policy), each a TOML fragment such as `health = { checks = [{ type = "link" }] }`.
     pub fn config_with(&self, listen: &str, web_extra: &str, echo_extra: &str) -> String {
-        let mut backends = format!(
-            "  {{ name = \"master\", ip = \"{MASTER_IP}\", priority = 100, mac = \"{MASTER_MAC}\", iface = \"m0\" }},\n  \
-             {{ name = \"slave\",  ip = \"{SLAVE_IP}\",  priority = 50,  mac = \"{SLAVE_MAC}\",  iface = \"s0\" }},\n"
-        );
-        if self.backup.is_some() {
-            backends.push_str(&format!(
-                "  {{ name = \"backup\", ip = \"{BACKUP_IP}\", priority = 10, mac = \"{BACKUP_MAC}\", iface = \"b0\" }},\n"
-            ));
-        }
+        let backends = Self::backend_lines(self.backup.is_some());
+        let head = Self::config_head(listen);
         format!(
-            r#"metrics_listen = "{listen}"
-
-[[interfaces]]
-name = "c0"
-role = "client"
-
+            r#"{head}
 [[services]]
 name = "web"
 vip = "{VIP}"
@@ -186,11 +174,50 @@ backends = [
         )
     }
 
+    /// The head of an agent config for the testbed: `metrics_listen` and the client-facing
+    /// NIC `c0`.
+    pub fn config_head(listen: &str) -> String {
+        format!(
+            "metrics_listen = \"{listen}\"\n\n[[interfaces]]\nname = \"c0\"\nrole = \"client\"\n"
+        )
+    }
+
+    /// The backends of a service on the testbed, as the lines inside `backends = [ … ]`:
+    /// master (priority 100) through `m0`, slave (50) through `s0`, and with `backup` the
+    /// backup (10) through `b0`.
+    pub fn backend_lines(backup: bool) -> String {
+        let mut lines = format!(
+            "  {{ name = \"master\", ip = \"{MASTER_IP}\", priority = 100, mac = \"{MASTER_MAC}\", iface = \"m0\" }},\n  \
+             {{ name = \"slave\",  ip = \"{SLAVE_IP}\",  priority = 50,  mac = \"{SLAVE_MAC}\",  iface = \"s0\" }},\n"
+        );
+        if backup {
+            lines.push_str(&format!(
+                "  {{ name = \"backup\", ip = \"{BACKUP_IP}\", priority = 10, mac = \"{BACKUP_MAC}\", iface = \"b0\" }},\n"
+            ));
+        }
+        lines
+    }
+
+    /// A `[[services]]` table for the VIP: `protocol` (`"udp"` or `"tcp"`) `port`, health
+    /// checks `health` (an inline TOML table), master and slave as backends.
+    pub fn service_toml(name: &str, protocol: &str, port: u16, health: &str) -> String {
+        format!(
+            "\n[[services]]\nname = \"{name}\"\nvip = \"{VIP}\"\nprotocol = \"{protocol}\"\n\
+             port = {port}\nhealth = {health}\nbackends = [\n{}]\n",
+            Self::backend_lines(false)
+        )
+    }
+
     /// Writes `text` to a file removed with the testbed; returns its path.
     pub fn write_file(&mut self, name: &str, text: &str) -> Result<PathBuf> {
         let path = self.files.path().join(name);
         std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(path)
+    }
+
+    /// The testbed's private directory (removed with it), for logs and configs.
+    pub fn dir(&self) -> &std::path::Path {
+        self.files.path()
     }
 
     /// The directory the web server of backend `name` serves (unique to this testbed).
@@ -450,6 +477,19 @@ backends = [
         bail!("lb did not answer on {listen} within 20 s")
     }
 
+    /// The state of the agent listening on `listen` in the switch, from its `/status`.
+    pub fn agent_status(&self, listen: &str) -> Result<crate::control::Status> {
+        let (ok, text, err) = self.output(
+            Host::Switch,
+            "curl",
+            &["-sf", "--max-time", "2", &format!("http://{listen}/status")],
+        )?;
+        if !ok {
+            bail!("cannot read the agent's status on {listen}: {}", err.trim());
+        }
+        serde_json::from_str(&text).context("cannot parse the agent's /status")
+    }
+
     /// Whether any NIC of the switch still carries an XDP program.
     pub fn switch_has_xdp(&self) -> Result<bool> {
         let (_, links, _) = self.output(Host::Switch, "ip", &["link", "show"])?;
@@ -485,10 +525,13 @@ pub struct Answer {
     pub received: Option<Instant>,
 }
 
-/// Who answered, in order, with repeats folded: `["master", "slave"]`.
+/// Who answered, in the order the requests were sent, with repeats folded:
+/// `["master", "slave"]`. (In arrival order, a request sent just before a flip and answered
+/// by the old backend a little after a newer one was answered by the new backend would look
+/// like a flap.)
 pub fn answer_runs(answers: &[Answer]) -> Vec<String> {
     let mut received: Vec<&Answer> = answers.iter().filter(|a| a.received.is_some()).collect();
-    received.sort_by_key(|a| a.received);
+    received.sort_by_key(|a| a.seq);
     let mut runs: Vec<String> = Vec::new();
     for answer in received {
         let by = answer.by.clone().unwrap_or_default();

@@ -1,0 +1,307 @@
+//! One system under test on the testbed: `lb` (XDP) or keepalived VRRP, with the benchmark
+//! servers on master and slave, iperf3 servers, and the logs the measurements come from.
+
+use std::{
+    net::UdpSocket,
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_user::testbed::{
+    process::Process,
+    topology::{lb_binary, UDP_PORT, VIP},
+    Host, Testbed,
+};
+
+use super::super::{
+    interrupt, keepalived,
+    responder::{read_log_since, Logged},
+};
+
+/// The iperf3 port (control over TCP, data over UDP).
+pub const IPERF_PORT: u16 = 5201;
+/// Where the agent serves its metrics inside the switch namespace.
+const LISTEN: &str = "127.0.0.1:9100";
+
+/// Which system moves the traffic.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Kind {
+    /// `lb`: the XDP program on the switch, health checks every millisecond.
+    Lb,
+    /// keepalived VRRP on master and slave with this advertisement interval; the switch is
+    /// an L2 bridge.
+    Keepalived(Duration),
+}
+
+impl Kind {
+    /// The name in the report.
+    pub fn label(&self) -> String {
+        match self {
+            Kind::Lb => "lb (XDP, link + 1 ms UDP checks)".into(),
+            Kind::Keepalived(advert) => {
+                format!("keepalived VRRP, advert_int {} s", advert.as_secs_f64())
+            }
+        }
+    }
+
+    /// How long a stream runs on after the fault: long enough for this system to move the
+    /// traffic, with a margin.
+    pub fn settle(&self) -> Duration {
+        match self {
+            Kind::Lb => Duration::from_millis(700),
+            Kind::Keepalived(advert) => *advert * 4 + Duration::from_millis(1500),
+        }
+    }
+}
+
+/// A built testbed with one system running on it. Fields drop in order: processes first,
+/// then the testbed (namespaces).
+pub struct Rig {
+    master_server: Option<Process>,
+    _slave_server: Process,
+    daemons: Vec<Process>,
+    /// The hosts.
+    pub testbed: Testbed,
+    /// The system.
+    pub kind: Kind,
+    exe: PathBuf,
+    master_log: LogTail,
+    slave_log: LogTail,
+    lb_log: Option<PathBuf>,
+}
+
+impl Rig {
+    /// Builds the testbed `PREFIX-…` and starts `kind` on it; returns once the master
+    /// answers requests to the VIP.
+    pub fn new(prefix: &str, kind: Kind) -> Result<Rig> {
+        let testbed = Testbed::new(prefix)?;
+        let exe = std::env::current_exe().context("cannot find the lb-bench executable")?;
+        let dir = testbed.dir().to_path_buf();
+        let bind = match kind {
+            Kind::Lb => None,
+            Kind::Keepalived(_) => Some(VIP),
+        };
+        let master_log = LogTail::new(dir.join("master.log"));
+        let slave_log = LogTail::new(dir.join("slave.log"));
+        let slave_server = start_server(&testbed, &exe, Host::Slave, &slave_log.path, bind)?;
+        let master_server = start_server(&testbed, &exe, Host::Master, &master_log.path, bind)?;
+        let mut rig = Rig {
+            master_server: Some(master_server),
+            _slave_server: slave_server,
+            daemons: Vec::new(),
+            testbed,
+            kind,
+            exe,
+            master_log,
+            slave_log,
+            lb_log: None,
+        };
+        for host in [Host::Master, Host::Slave] {
+            let mut command = rig.testbed.host(host).command("iperf3");
+            command
+                .args(["-s", "-p", &IPERF_PORT.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            rig.daemons.push(Process::spawn(command, "iperf3 server")?);
+        }
+        match kind {
+            Kind::Lb => rig.start_lb()?,
+            Kind::Keepalived(advert) => rig.start_keepalived(advert)?,
+        }
+        rig.wait_master_serving(Duration::from_secs(30))?;
+        Ok(rig)
+    }
+
+    fn start_lb(&mut self) -> Result<()> {
+        let config = lb_config();
+        let path = self.testbed.write_file("lb.toml", &config)?;
+        let log = self.testbed.dir().join("lb.log");
+        let file = std::fs::File::create(&log)?;
+        let mut command = self.testbed.switch.command(&lb_binary()?);
+        command
+            .args(["--log-format", "json", "run", "--config"])
+            .arg(&path)
+            .stdout(file.try_clone()?)
+            .stderr(file);
+        self.testbed.processes.push(Process::spawn(command, "lb")?);
+        let index = self.testbed.processes.len() - 1;
+        self.testbed.wait_for_agent(index, LISTEN)?;
+        self.lb_log = Some(log);
+        Ok(())
+    }
+
+    fn start_keepalived(&mut self, advert: Duration) -> Result<()> {
+        keepalived::bridge(&self.testbed)?;
+        let dir = self.testbed.dir().to_path_buf();
+        // The master's server, by its log path on its command line: unique to this testbed
+        // (pgrep sees every namespace's processes).
+        let check = format!("/usr/bin/pgrep -f {}", self.master_log.path.display());
+        let master = keepalived::config("master", 150, advert, Some(&check));
+        let slave = keepalived::config("slave", 100, advert, None);
+        self.daemons
+            .push(keepalived::start(&self.testbed, Host::Slave, &dir, &slave)?);
+        self.daemons.push(keepalived::start(
+            &self.testbed,
+            Host::Master,
+            &dir,
+            &master,
+        )?);
+        keepalived::wait_holder(
+            &self.testbed,
+            Host::Master,
+            Host::Slave,
+            Duration::from_secs(30),
+        )
+    }
+
+    /// Turns the master's switch port off or on.
+    pub fn set_master_link(&self, up: bool) -> Result<()> {
+        self.testbed.set_link(Host::Master, up)
+    }
+
+    /// Kills the master's server (SIGKILL); its link stays up.
+    pub fn kill_master_server(&mut self) {
+        if let Some(mut server) = self.master_server.take() {
+            server.kill();
+        }
+    }
+
+    /// Starts the master's server again.
+    pub fn restart_master_server(&mut self) -> Result<()> {
+        if self.master_server.is_none() {
+            let bind = match self.kind {
+                Kind::Lb => None,
+                Kind::Keepalived(_) => Some(VIP),
+            };
+            self.master_server = Some(start_server(
+                &self.testbed,
+                &self.exe,
+                Host::Master,
+                &self.master_log.path,
+                bind,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// Waits until 20 requests in a row to the VIP are answered by the master.
+    pub fn wait_master_serving(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let socket = self
+            .testbed
+            .client
+            .enter(|| UdpSocket::bind("0.0.0.0:0"))??;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let mut in_a_row = 0;
+        let mut buf = [0u8; 256];
+        while Instant::now() < deadline {
+            interrupt::check()?;
+            socket.send_to(b"ready?", (VIP, UDP_PORT))?;
+            let answered_by_master = matches!(
+                socket.recv_from(&mut buf),
+                Ok((len, _)) if &buf[..len] == b"master"
+            );
+            in_a_row = if answered_by_master { in_a_row + 1 } else { 0 };
+            if in_a_row >= 20 {
+                self.master_log.skip()?;
+                self.slave_log.skip()?;
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        bail!(
+            "{}: the master did not serve the VIP again within {timeout:?}",
+            self.kind.label()
+        )
+    }
+
+    /// What both servers logged since the last call: (master, slave).
+    pub fn new_log_entries(&mut self) -> Result<(Vec<Logged>, Vec<Logged>)> {
+        Ok((self.master_log.read()?, self.slave_log.read()?))
+    }
+
+    /// Flip durations (µs) the agent logged so far for moves of the `requests` service from
+    /// one backend to another (not its first activation), for `lb` only.
+    pub fn flip_durations_us(&self) -> Result<Vec<f64>> {
+        let Some(path) = &self.lb_log else {
+            return Ok(Vec::new());
+        };
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the agent's log {}", path.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter(|entry| {
+                let fields = &entry["fields"];
+                fields["service"] == "requests"
+                    && fields["from"].as_str().is_some_and(|from| from != "none")
+            })
+            .filter_map(|entry| entry["fields"]["flip_us"].as_f64())
+            .collect())
+    }
+}
+
+/// The agent config: the request service, and the iperf3 ports, each moved by the master's
+/// link and (for the request service) a UDP check every millisecond, fall 3, rise 3.
+fn lb_config() -> String {
+    let fast = "interval = \"1ms\", timeout = \"10ms\", rise = 3, fall = 3";
+    let link = format!("{{ checks = [{{ type = \"link\" }}], {fast} }}");
+    let link_udp = format!(
+        "{{ checks = [{{ type = \"link\" }}, {{ type = \"udp\", send = \"probe\" }}], {fast} }}"
+    );
+    Testbed::config_head(LISTEN)
+        + &Testbed::service_toml("requests", "udp", UDP_PORT, &link_udp)
+        + &Testbed::service_toml("iperf-control", "tcp", IPERF_PORT, &link)
+        + &Testbed::service_toml("iperf-data", "udp", IPERF_PORT, &link)
+}
+
+fn start_server(
+    testbed: &Testbed,
+    exe: &std::path::Path,
+    host: Host,
+    log: &std::path::Path,
+    bind: Option<std::net::Ipv4Addr>,
+) -> Result<Process> {
+    let name = format!("{host:?}").to_lowercase();
+    let mut command = testbed.host(host).command(&exe.to_string_lossy());
+    command
+        .args(["responder", "--name", &name, "--log"])
+        .arg(log);
+    if let Some(bind) = bind {
+        command.args(["--bind", &bind.to_string()]);
+    }
+    let process = Process::spawn(command, &format!("server on {name}"))?;
+    // The server is ready once its log exists.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !log.exists() {
+        if Instant::now() > deadline {
+            bail!("the server on {name} did not start");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(process)
+}
+
+/// A growing log read piece by piece.
+struct LogTail {
+    path: PathBuf,
+    offset: u64,
+}
+
+impl LogTail {
+    fn new(path: PathBuf) -> Self {
+        LogTail { path, offset: 0 }
+    }
+
+    fn read(&mut self) -> Result<Vec<Logged>> {
+        let (entries, offset) = read_log_since(&self.path, self.offset)?;
+        self.offset = offset;
+        Ok(entries)
+    }
+
+    fn skip(&mut self) -> Result<()> {
+        self.read().map(|_| ())
+    }
+}

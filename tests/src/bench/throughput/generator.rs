@@ -1,0 +1,286 @@
+//! The traffic generator and the counters read at both ends.
+//!
+//! The generator writes one pre-built Ethernet frame over and over through an `AF_PACKET`
+//! socket bound to the sending host's NIC, in batches of `sendmmsg`, with the qdisc
+//! bypassed: the cheapest way to offer frames from user space without pktgen. It runs on a
+//! thread inside the sending namespace, bounded in time, and counts the frames the kernel
+//! accepted (the offered load).
+//!
+//! Delivery is counted at the receiving host (see [`super::nat::RxCount`]).
+
+use std::{
+    net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_user::testbed::netns::Netns;
+
+use crate::bench::interrupt;
+
+/// Addresses and ports of one UDP flow, as the frame carries them.
+#[derive(Debug, Clone, Copy)]
+pub struct Flow {
+    /// Source MAC (the sending host).
+    pub src_mac: [u8; 6],
+    /// Destination MAC (the switch's port).
+    pub dst_mac: [u8; 6],
+    /// Source address.
+    pub src_ip: Ipv4Addr,
+    /// Destination address.
+    pub dst_ip: Ipv4Addr,
+    /// Source port.
+    pub src_port: u16,
+    /// Destination port.
+    pub dst_port: u16,
+}
+
+/// Smallest frame [`frame`] builds: Ethernet + IPv4 + UDP headers.
+pub const HEADERS: usize = 14 + 20 + 8;
+
+/// Builds a UDP frame of exactly `len` bytes (Ethernet header included, no FCS) for `flow`,
+/// with valid IPv4 and UDP checksums.
+pub fn frame(flow: &Flow, len: usize) -> Result<Vec<u8>> {
+    if len < HEADERS {
+        bail!("a frame needs at least {HEADERS} bytes, {len} asked");
+    }
+    let payload = vec![0x5a; len - HEADERS];
+    let mut out = Vec::with_capacity(len);
+    etherparse::PacketBuilder::ethernet2(flow.src_mac, flow.dst_mac)
+        .ipv4(flow.src_ip.octets(), flow.dst_ip.octets(), 64)
+        .udp(flow.src_port, flow.dst_port)
+        .write(&mut out, &payload)
+        .context("cannot build the test frame")?;
+    debug_assert_eq!(out.len(), len);
+    Ok(out)
+}
+
+/// An `AF_PACKET` socket bound to one NIC, sending whole frames past the qdisc.
+pub struct PacketSocket {
+    fd: OwnedFd,
+}
+
+impl PacketSocket {
+    /// Opens the socket on `iface` of the calling thread's namespace.
+    pub fn open(iface: &str) -> Result<Self> {
+        let name = std::ffi::CString::new(iface)?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("no NIC {iface}"));
+        }
+        // Protocol 0: this socket only sends, it never receives a copy of the traffic.
+        // SAFETY: plain socket(2) call; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(std::io::Error::last_os_error()).context("socket(AF_PACKET)");
+        }
+        // SAFETY: `raw` is a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // SAFETY: sockaddr_ll is plain old data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = (libc::ETH_P_IP as u16).to_be();
+        addr.sll_ifindex = ifindex as i32;
+        // SAFETY: bind(2) reads `addr`, whose size we pass, on a descriptor we own.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(addr).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context(format!("bind to {iface}"));
+        }
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt(2) reads one int we pass by pointer and size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_QDISC_BYPASS,
+                std::ptr::addr_of!(one).cast(),
+                std::mem::size_of::<libc::c_int>() as u32,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).context("PACKET_QDISC_BYPASS");
+        }
+        Ok(PacketSocket { fd })
+    }
+
+    /// Sends `frame` `count` times with one `sendmmsg`; returns how many the kernel took
+    /// (`Ok(0)` when it took none because a queue was full).
+    pub fn send_batch(&self, frame: &[u8], count: usize) -> Result<usize> {
+        let mut iov = libc::iovec {
+            iov_base: frame.as_ptr() as *mut libc::c_void,
+            iov_len: frame.len(),
+        };
+        // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) header.
+        let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+        header.msg_hdr.msg_iov = &mut iov;
+        header.msg_hdr.msg_iovlen = 1;
+        let mut headers = vec![header; count];
+        // SAFETY: every header points at `iov`, which points at `frame`; both outlive the
+        // call, and the kernel only reads them for sending.
+        let sent = unsafe {
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                headers.as_mut_ptr(),
+                headers.len() as u32,
+                0,
+            )
+        };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::ENOBUFS) | Some(libc::EAGAIN) => Ok(0),
+            _ => Err(error).context("sendmmsg"),
+        }
+    }
+
+    /// Sends `frame` once.
+    pub fn send(&self, frame: &[u8]) -> Result<()> {
+        if self.send_batch(frame, 1)? != 1 {
+            bail!("the kernel did not take the frame");
+        }
+        Ok(())
+    }
+}
+
+/// A generator running on its own thread.
+pub struct Generator {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Generator {
+    /// Starts sending `frame` out of `iface` of `ns` in batches of `batch`, for at most
+    /// `limit` (or until stopped), on a thread pinned to `cpu` when given.
+    pub fn start(
+        ns: &Netns,
+        iface: &str,
+        frame: Vec<u8>,
+        batch: usize,
+        limit: Duration,
+        cpu: Option<usize>,
+    ) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let (flag, counter, iface) = (stop.clone(), sent.clone(), iface.to_string());
+        let thread = ns.spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to(cpu)?;
+            }
+            let socket = PacketSocket::open(&iface)?;
+            let end = Instant::now() + limit;
+            while !flag.load(Ordering::Relaxed) && Instant::now() < end {
+                interrupt::check()?;
+                let n = socket.send_batch(&frame, batch)?;
+                counter.fetch_add(n as u64, Ordering::Relaxed);
+                if n == 0 {
+                    std::thread::yield_now();
+                }
+            }
+            Ok(())
+        })?;
+        Ok(Generator {
+            stop,
+            sent,
+            thread: Some(thread),
+        })
+    }
+
+    /// Frames the kernel has taken so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops the generator and returns the frames sent, or its error.
+    pub fn stop(mut self) -> Result<u64> {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            match thread.join() {
+                Ok(result) => result?,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        Ok(self.sent())
+    }
+}
+
+impl Drop for Generator {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Pins the calling thread to CPU `cpu`.
+fn pin_to(cpu: usize) -> Result<()> {
+    // SAFETY: cpu_set_t is plain old data; CPU_ZERO/CPU_SET only write into it, and
+    // sched_setaffinity(0, …) reads it for the calling thread.
+    let rc = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("pin to CPU {cpu}"));
+    }
+    Ok(())
+}
+
+/// Counters of one NIC from `/proc/net/dev` of the calling thread's namespace.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NicCounters {
+    /// Received packets.
+    pub rx_packets: u64,
+    /// Received packets dropped.
+    pub rx_dropped: u64,
+    /// Sent packets.
+    pub tx_packets: u64,
+    /// Sent packets dropped.
+    pub tx_dropped: u64,
+}
+
+/// Reads [`NicCounters`] of `iface`.
+pub fn nic_counters(iface: &str) -> Result<NicCounters> {
+    let text = std::fs::read_to_string("/proc/thread-self/net/dev")
+        .context("cannot read /proc/thread-self/net/dev")?;
+    for line in text.lines() {
+        let Some((name, rest)) = line.split_once(':') else {
+            continue;
+        };
+        if name.trim() != iface {
+            continue;
+        }
+        let v: Vec<u64> = rest
+            .split_whitespace()
+            .map(|s| s.parse().unwrap_or(0))
+            .collect();
+        if v.len() < 12 {
+            bail!("short /proc/net/dev line for {iface}");
+        }
+        return Ok(NicCounters {
+            rx_packets: v[1],
+            rx_dropped: v[3],
+            tx_packets: v[9],
+            tx_dropped: v[11],
+        });
+    }
+    bail!("no NIC {iface} in /proc/net/dev")
+}

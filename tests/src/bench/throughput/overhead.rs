@@ -1,0 +1,206 @@
+//! CPU and memory of the real agent (`lb run --config …`) on the testbed's switch, idle
+//! dataplane, health checks running.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use lb_user::testbed::{topology::UDP_PORT, Host, Testbed};
+
+use crate::bench::{interrupt, progress};
+
+/// Where the agent listens (inside the switch's namespace).
+const LISTEN: &str = "127.0.0.1:9100";
+
+/// One scenario to measure.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Label for the report.
+    pub label: String,
+    /// Health checks, as the report states them.
+    pub checks: String,
+    /// The config file's text.
+    pub config: String,
+}
+
+/// What one scenario cost.
+#[derive(Debug, Clone)]
+pub struct Overhead {
+    /// The scenario.
+    pub scenario: Scenario,
+    /// Measured window, seconds.
+    pub secs: f64,
+    /// CPU time (user + system) over the window, in % of one core.
+    pub cpu_percent: f64,
+    /// User part of it.
+    pub user_percent: f64,
+    /// Resident memory at the end of the window, KiB.
+    pub rss_kib: u64,
+    /// Peak resident memory, KiB.
+    pub hwm_kib: u64,
+    /// Threads of the agent.
+    pub threads: u64,
+    /// Health-check probes per second over the window.
+    pub probes_per_sec: f64,
+    /// Of them, failed (per second).
+    pub failed_per_sec: f64,
+    /// Backends up / backends in total at the end.
+    pub backends_up: (usize, usize),
+}
+
+/// One UDP service, two backends, link + UDP checks every millisecond.
+pub fn one_service_1ms() -> Scenario {
+    let config = Testbed::config_head(LISTEN)
+        + &Testbed::service_toml(
+            "echo",
+            "udp",
+            UDP_PORT,
+            r#"{ checks = [{ type = "link" }, { type = "udp", send = "ping" }], interval = "1ms" }"#,
+        );
+    Scenario {
+        label: "1 service, 2 backends, 1 ms checks".into(),
+        checks: "link + UDP request/answer to a real responder on each backend, interval 1 ms \
+                 (timeout 1 ms, rise/fall 3)"
+            .into(),
+        config,
+    }
+}
+
+/// `count` UDP services on one VIP (ports 6000…), each with two backends, link + UDP checks
+/// every 100 ms against the responders on port 5353.
+pub fn many_services(count: u16) -> Scenario {
+    let mut config = Testbed::config_head(LISTEN);
+    let health = format!(
+        "{{ checks = [{{ type = \"link\" }}, {{ type = \"udp\", port = {UDP_PORT}, send = \"ping\" }}], interval = \"100ms\" }}"
+    );
+    for i in 0..count {
+        config += &Testbed::service_toml(&format!("svc{i}"), "udp", 6000 + i, &health);
+    }
+    Scenario {
+        label: format!("{count} services, 2 backends each, 100 ms checks"),
+        checks: format!(
+            "link + UDP request/answer (to the responder on port {UDP_PORT} of each backend), \
+             interval 100 ms (the default), per backend of every service"
+        ),
+        config,
+    }
+}
+
+/// (utime, stime) of `pid`, clock ticks.
+fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace().collect())
+        .unwrap_or_default();
+    // Fields after the command: state is field 3, utime 14 and stime 15 (1-based).
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("field {n} of /proc/{pid}/stat"))
+    };
+    Ok((field(14)?, field(15)?))
+}
+
+/// A `/proc/PID/status` value in kB (or a count).
+fn status_value(pid: u32, key: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no {key} in /proc/{pid}/status"))
+}
+
+/// (all probes, failed probes) so far, from the agent's metrics.
+fn probes(bed: &Testbed) -> Result<(u64, u64)> {
+    let (ok, text, err) = bed.output(
+        Host::Switch,
+        "curl",
+        &[
+            "-sf",
+            "--max-time",
+            "2",
+            &format!("http://{LISTEN}/metrics"),
+        ],
+    )?;
+    if !ok {
+        bail!("cannot read the agent's metrics: {err}");
+    }
+    let (mut all, mut failed) = (0u64, 0u64);
+    for line in text
+        .lines()
+        .filter(|l| l.starts_with("lb_health_checks_total{"))
+    {
+        let value = line
+            .rsplit_once(' ')
+            .and_then(|(_, v)| v.parse::<f64>().ok())
+            .unwrap_or(0.0) as u64;
+        all += value;
+        if line.contains("result=\"fail\"") {
+            failed += value;
+        }
+    }
+    Ok((all, failed))
+}
+
+/// Backends up, backends in total, from `/status`.
+fn backends_up(bed: &Testbed) -> Result<(usize, usize)> {
+    let status = bed.agent_status(LISTEN)?;
+    let all: Vec<bool> = status
+        .services
+        .iter()
+        .flat_map(|s| s.backends.iter().map(|b| b.up))
+        .collect();
+    Ok((all.iter().filter(|up| **up).count(), all.len()))
+}
+
+/// Runs `scenario` on `bed` (UDP responders on master and slave must run): starts the
+/// agent, lets it settle for `settle`, measures over `window`, stops it.
+pub fn measure(
+    bed: &mut Testbed,
+    scenario: Scenario,
+    settle: Duration,
+    window: Duration,
+) -> Result<Overhead> {
+    let path = bed.write_file("overhead.toml", &scenario.config)?;
+    let path = path.to_str().context("config path")?.to_string();
+    let index = bed.start_lb(&["run", "--config", &path])?;
+    bed.wait_for_agent(index, LISTEN)?;
+    let pid = bed.processes[index]
+        .pid()
+        .context("the agent exited before it was measured")?;
+    progress(format!(
+        "agent overhead: {} (pid {pid}), settling {:?}, measuring {:?}",
+        scenario.label, settle, window
+    ));
+    interrupt::sleep(settle)?;
+    // SAFETY: sysconf only reads a configuration value.
+    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (probes0, failed0) = probes(bed)?;
+    let (u0, s0) = cpu_ticks(pid)?;
+    let start = std::time::Instant::now();
+    interrupt::sleep(window)?;
+    let (u1, s1) = cpu_ticks(pid)?;
+    let secs = start.elapsed().as_secs_f64();
+    let (probes1, failed1) = probes(bed)?;
+    let up = backends_up(bed)?;
+    let result = Overhead {
+        secs,
+        cpu_percent: ((u1 + s1) - (u0 + s0)) as f64 / ticks_per_sec / secs * 100.0,
+        user_percent: (u1 - u0) as f64 / ticks_per_sec / secs * 100.0,
+        rss_kib: status_value(pid, "VmRSS")?,
+        hwm_kib: status_value(pid, "VmHWM")?,
+        threads: status_value(pid, "Threads")?,
+        probes_per_sec: (probes1 - probes0) as f64 / secs,
+        failed_per_sec: (failed1 - failed0) as f64 / secs,
+        backends_up: up,
+        scenario,
+    };
+    let mut agent = bed.processes.remove(index);
+    if !agent.terminate()? {
+        bail!("lb did not exit cleanly on SIGTERM");
+    }
+    Ok(result)
+}
