@@ -50,7 +50,9 @@ impl Kind {
     /// traffic, with a margin.
     pub fn settle(&self) -> Duration {
         match self {
-            Kind::Lb => Duration::from_millis(700),
+            // Room for the kernel to bring a port back up and for the checks to pass `rise`
+            // times on a loaded machine.
+            Kind::Lb => Duration::from_millis(1500),
             Kind::Keepalived(advert) => *advert * 4 + Duration::from_millis(1500),
         }
     }
