@@ -1,11 +1,13 @@
 //! What the `BPF_PROG_TEST_RUN` dataplane tests and the per-packet cost bench share: XDP
-//! action codes, and a namespace with the two NICs the program is planned on.
+//! action codes, a namespace with the two NICs the program is planned on, and the test run
+//! itself.
 
-use anyhow::Result;
+use anyhow::{anyhow, Context, Result};
+use aya::programs::{TestRun, TestRunOptions, Xdp};
 use lb_user::{
     config::Config,
     dataplane::{Dataplane, MapWriter},
-    plan::Plan,
+    plan::{Plan, PlannedInterface},
     testbed::netns::{veth, Netns},
 };
 
@@ -55,4 +57,39 @@ pub fn namespace(name: &str) -> Result<Netns> {
         "02:00:00:00:02:01",
     )?;
     Ok(ns)
+}
+
+/// The plan's entry for NIC `name`.
+pub fn interface<'a>(plan: &'a Plan, name: &str) -> Result<&'a PlannedInterface> {
+    plan.interfaces
+        .iter()
+        .find(|i| i.name == name)
+        .ok_or_else(|| anyhow!("{name} missing from the plan"))
+}
+
+/// Runs `program` `repeat` times on `frame` as if it arrived on NIC `ifindex`: (action,
+/// mean ns per run as the kernel measured it, the frame as the last run left it).
+pub fn run(
+    program: &mut Xdp,
+    ifindex: u32,
+    frame: &[u8],
+    repeat: u32,
+) -> Result<(u32, f64, Vec<u8>)> {
+    let mut out = vec![0u8; frame.len() + 512];
+    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
+    let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
+        .iter()
+        .flat_map(|v| v.to_ne_bytes())
+        .collect();
+    let result = program
+        .test_run(TestRunOptions {
+            data_in: Some(frame),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            repeat,
+            ..TestRunOptions::default()
+        })
+        .context("BPF_PROG_TEST_RUN")?;
+    out.truncate(result.data_size_out as usize);
+    Ok((result.return_value, result.duration.as_nanos() as f64, out))
 }

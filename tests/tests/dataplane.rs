@@ -7,16 +7,15 @@
 
 use std::net::Ipv4Addr;
 
-use anyhow::{Context, Result};
-use aya::programs::{TestRun, TestRunOptions};
+use anyhow::Result;
 use etherparse::PacketBuilder;
 use lb_common::{Direction, NO_BACKEND};
 use lb_user::{dataplane::Dataplane, plan::Plan, testbed::netns::Netns};
 use tests::{
     checks::verify_checksums,
     testrun::{
-        load, namespace, BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_ABORTED,
-        XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        self, interface, load, namespace, BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC,
+        XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
 };
 
@@ -91,16 +90,9 @@ struct Bench {
 impl Bench {
     fn new() -> Result<Self> {
         let (plan, dataplane, maps) = load(CONFIG)?;
-        let ifindex = |name: &str| {
-            plan.interfaces
-                .iter()
-                .find(|i| i.name == name)
-                .unwrap()
-                .ifindex
-        };
         Ok(Bench {
-            client_if: ifindex("t-cli"),
-            backend_if: ifindex("t-bck"),
+            client_if: interface(&plan, "t-cli")?.ifindex,
+            backend_if: interface(&plan, "t-bck")?.ifindex,
             dataplane,
             maps,
             plan,
@@ -109,25 +101,8 @@ impl Bench {
 
     /// Runs the program on `frame` as if it arrived on `ifindex`: (action, frame after).
     fn run(&mut self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; frame.len() + 512];
-        // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-        let ctx: Vec<u8> = [0u32, frame.len() as u32, 0, ifindex, 0, 0]
-            .iter()
-            .flat_map(|v| v.to_ne_bytes())
-            .collect();
-        let options = TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        };
-        let result = self
-            .dataplane
-            .program()?
-            .test_run(options)
-            .context("BPF_PROG_TEST_RUN")?;
-        out.truncate(result.data_size_out as usize);
-        Ok((result.return_value, out))
+        let (action, _, out) = testrun::run(self.dataplane.program()?, ifindex, frame, 1)?;
+        Ok((action, out))
     }
 
     fn activate(&mut self, service: &str, backend: &str) -> Result<()> {

@@ -164,16 +164,17 @@ impl Probe {
 
     /// Runs the probe once; `Ok` when the backend passed, an error saying why not.
     pub async fn run(&mut self, limit: Duration) -> Result<()> {
-        match timeout(limit, self.run_unbounded()).await {
+        let result = match timeout(limit, self.run_unbounded()).await {
             Ok(result) => result,
-            Err(_) => {
-                // The next UDP probe starts on a fresh socket, as after any other failure.
-                if let Probe::Udp { socket, .. } = self {
-                    *socket = None;
-                }
-                bail!("no answer within {limit:?}")
+            Err(_) => Err(anyhow::anyhow!("no answer within {limit:?}")),
+        };
+        if result.is_err() {
+            // After any failure the next UDP probe starts on a fresh socket.
+            if let Probe::Udp { socket, .. } = self {
+                *socket = None;
             }
         }
+        result
     }
 
     async fn run_unbounded(&mut self) -> Result<()> {
@@ -213,13 +214,7 @@ impl Probe {
                 socket,
                 send,
                 expect,
-            } => {
-                let result = udp_request(socket, *target, send, expect.as_deref()).await;
-                if result.is_err() {
-                    *socket = None;
-                }
-                result
-            }
+            } => udp_request(socket, *target, send, expect.as_deref()).await,
             Probe::Icmp { pinger, sequence } => {
                 *sequence = sequence.wrapping_add(1);
                 pinger

@@ -86,6 +86,8 @@ struct Trial {
 /// Everything measured for one system.
 struct SystemResults {
     label: String,
+    /// File name of the client-view picture, next to the report.
+    picture: String,
     link_down: Vec<Trial>,
     failback: Vec<Trial>,
     killed: Vec<Trial>,
@@ -132,11 +134,11 @@ pub fn run(args: Args) -> Result<()> {
     progress(format!("wrote {}", args.report.display()));
     for system in &results {
         if let Some((stream, fault_ns)) = &system.plotted {
-            let name = picture_name(&system.label);
+            let name = &system.picture;
             let path = args
                 .report
                 .parent()
-                .map_or_else(|| PathBuf::from(&name), |d| d.join(&name));
+                .map_or_else(|| PathBuf::from(name), |d| d.join(name));
             let points: Vec<plot::Point> = stream
                 .replies
                 .iter()
@@ -171,6 +173,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
     let stream_length = BEFORE_FAULT + settle;
     let mut results = SystemResults {
         label: label.clone(),
+        picture: rig.kind.picture(),
         link_down: Vec::new(),
         failback: Vec::new(),
         killed: Vec::new(),
@@ -579,7 +582,7 @@ fn render(args: &Args, results: &[SystemResults]) -> String {
          millisecond, per backend, around the fault): {}.",
         results
             .iter()
-            .map(|s| format!("`{}`", picture_name(&s.label)))
+            .map(|s| format!("`{}`", s.picture))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -587,22 +590,10 @@ fn render(args: &Args, results: &[SystemResults]) -> String {
         let _ = writeln!(
             text,
             "\n![client view: {}]({})",
-            system.label,
-            picture_name(&system.label)
+            system.label, system.picture
         );
     }
     text
-}
-
-/// The file name of a system's client-view picture, next to the report.
-fn picture_name(label: &str) -> String {
-    match label.starts_with("lb") {
-        true => "failover-lb.svg".to_string(),
-        false => format!(
-            "failover-keepalived-{}.svg",
-            label.rsplit(' ').nth(1).unwrap_or("x")
-        ),
-    }
 }
 
 /// One target of the issue: its name, the measured value (`None`: not measured, or a trial

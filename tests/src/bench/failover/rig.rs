@@ -46,6 +46,16 @@ impl Kind {
         }
     }
 
+    /// The file name of the picture of this system's client view.
+    pub fn picture(&self) -> String {
+        match self {
+            Kind::Lb => "failover-lb.svg".into(),
+            Kind::Keepalived(advert) => {
+                format!("failover-keepalived-{}.svg", advert.as_secs_f64())
+            }
+        }
+    }
+
     /// How long a stream runs on after the fault: long enough for this system to move the
     /// traffic, with a margin.
     pub fn settle(&self) -> Duration {

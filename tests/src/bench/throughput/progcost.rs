@@ -23,10 +23,7 @@
 use std::{fmt::Write as _, net::Ipv4Addr, time::Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use aya::{
-    programs::{TestRun, TestRunOptions, Xdp},
-    Ebpf,
-};
+use aya::{programs::Xdp, Ebpf};
 use lb_common::{csum, Direction, NO_BACKEND, PASS_PROGRAM_NAME, XDP_ACTIONS};
 use lb_user::dataplane::{counters::ACTION_NAMES, Dataplane, MapWriter, OBJECT};
 
@@ -34,8 +31,8 @@ use super::generator::{frame, Flow};
 use crate::{
     bench::{interrupt, stats::Summary},
     testrun::{
-        load, namespace, BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_DROP, XDP_PASS,
-        XDP_REDIRECT, XDP_TX,
+        self, interface, load, namespace, BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC,
+        XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
     },
 };
 
@@ -205,40 +202,10 @@ struct Probe {
     base: Option<usize>,
 }
 
-fn ctx(ifindex: u32, len: usize) -> Vec<u8> {
-    // struct xdp_md { data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex }
-    [0u32, len as u32, 0, ifindex, 0, 0]
-        .iter()
-        .flat_map(|v| v.to_ne_bytes())
-        .collect()
-}
-
 /// One `BPF_PROG_TEST_RUN`: (action, mean ns per run).
 fn test_run(program: &mut Xdp, ifindex: u32, data: &[u8], repeat: u32) -> Result<(u32, f64)> {
-    let (action, ns, _) = test_run_out(program, ifindex, data, repeat)?;
+    let (action, ns, _) = testrun::run(program, ifindex, data, repeat)?;
     Ok((action, ns))
-}
-
-/// One `BPF_PROG_TEST_RUN`: (action, mean ns per run, the frame as the last run left it).
-fn test_run_out(
-    program: &mut Xdp,
-    ifindex: u32,
-    data: &[u8],
-    repeat: u32,
-) -> Result<(u32, f64, Vec<u8>)> {
-    let mut out = vec![0u8; data.len() + 512];
-    let ctx = ctx(ifindex, data.len());
-    let result = program
-        .test_run(TestRunOptions {
-            data_in: Some(data),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_TEST_RUN")?;
-    out.truncate(result.data_size_out as usize);
-    Ok((result.return_value, result.duration.as_nanos() as f64, out))
 }
 
 fn action_name(action: u32) -> &'static str {
@@ -303,20 +270,6 @@ impl Rig {
         }
         let (fixed, mut fixed_maps) = Dataplane::load()?;
         fixed_maps.write_plan(&fixed_plan)?;
-        let ifindex = |name: &str| -> Result<u32> {
-            plan.interfaces
-                .iter()
-                .find(|i| i.name == name)
-                .map(|i| i.ifindex)
-                .ok_or_else(|| anyhow!("{name} missing from the plan"))
-        };
-        let slot = |name: &str| -> Result<u32> {
-            plan.interfaces
-                .iter()
-                .find(|i| i.name == name)
-                .map(|i| i.slot)
-                .ok_or_else(|| anyhow!("{name} missing from the plan"))
-        };
         let master_index = plan.service("echo")?.backend("master")?.index;
         let service_id = plan.service("echo")?.id;
         let mut pass = Ebpf::load(OBJECT).context("cannot load the XDP object")?;
@@ -328,10 +281,10 @@ impl Rig {
             .load()
             .context("cannot load the pass-through program")?;
         Ok(Rig {
-            client_if: ifindex("t-cli")?,
-            backend_if: ifindex("t-bck")?,
-            client_slot: slot("t-cli")?,
-            backend_slot: slot("t-bck")?,
+            client_if: interface(&plan, "t-cli")?.ifindex,
+            backend_if: interface(&plan, "t-bck")?.ifindex,
+            client_slot: interface(&plan, "t-cli")?.slot,
+            backend_slot: interface(&plan, "t-bck")?.slot,
             master_index,
             service_id,
             dataplane,
@@ -653,9 +606,9 @@ impl Rig {
         let (before, rewrites_before) = self.counters()?;
         let started = Instant::now();
         let result = match probe.program {
-            Program::Pass => test_run_out(self.pass()?, probe.ifindex, &probe.frame, repeat),
+            Program::Pass => testrun::run(self.pass()?, probe.ifindex, &probe.frame, repeat),
             Program::Fixed => {
-                test_run_out(self.fixed.program()?, probe.ifindex, &probe.frame, repeat)
+                testrun::run(self.fixed.program()?, probe.ifindex, &probe.frame, repeat)
             }
         };
         let wall = started.elapsed().as_nanos() as f64 / f64::from(repeat);
