@@ -12,11 +12,21 @@ pub const MAX_SERVICES: u32 = 1024;
 pub const MAX_BACKENDS: u32 = 4096;
 /// Upper bound on NICs the program is attached to.
 pub const MAX_IFACES: u32 = 64;
-/// Clients whose MAC and NIC are remembered for the reverse path (LRU).
-pub const MAX_CLIENTS: u32 = 65_536;
+/// Interface indexes below this can be served: `IFACES` is an array indexed by ifindex.
+pub const MAX_IFINDEX: u32 = 65_536;
+/// Upper bound on the switch host's own addresses (never accepted as clients).
+pub const MAX_LOCAL_ADDRS: u32 = 4096;
+/// Default size of the connection table (flows; the reply index has as many entries).
+pub const DEFAULT_MAX_FLOWS: u32 = 262_144;
 
 /// `ACTIVE` value meaning "no backend is serving": the service's packets are dropped.
 pub const NO_BACKEND: u32 = u32::MAX;
+
+/// How often (ns) a busy flow's `seen_ns` and reply index entry are refreshed.
+pub const FLOW_REFRESH_NS: u64 = 1_000_000_000;
+
+/// `KEEP` value: the backend keeps its sticky flows for as long as they last.
+pub const KEEP_FOREVER: u64 = u64::MAX;
 
 /// IP protocol numbers the dataplane rewrites.
 pub mod proto {
@@ -38,24 +48,33 @@ pub mod map_names {
     pub const ACTIVE: &str = "ACTIVE";
     /// Backend index → [`Backend`](super::Backend).
     pub const BACKENDS: &str = "BACKENDS";
-    /// [`EndpointKey`](super::EndpointKey) of a backend → [`ReverseValue`](super::ReverseValue).
-    pub const REVERSE: &str = "REVERSE";
-    /// VIP (network order bytes) → [`VipInfo`](super::VipInfo); answers ARP, fast non-VIP exit.
+    /// Backend index → monotonic time (ns) until which its sticky flows stay on it.
+    pub const KEEP: &str = "KEEP";
+    /// VIP (network order bytes) → [`VipInfo`](super::VipInfo); answers ARP.
     pub const VIPS: &str = "VIPS";
-    /// Ingress ifindex → [`Iface`](super::Iface).
+    /// Ingress ifindex → [`Iface`](super::Iface) (an array: `flags == 0` is not served).
     pub const IFACES: &str = "IFACES";
-    /// Client IPv4 → [`Neighbor`](super::Neighbor), learned on the forward path.
-    pub const CLIENTS: &str = "CLIENTS";
+    /// The switch host's own IPv4 addresses, which are never clients.
+    pub const LOCAL_ADDRS: &str = "LOCAL_ADDRS";
+    /// The connection table: [`FlowKey`](super::FlowKey) as the client sends →
+    /// [`Flow`](super::Flow).
+    pub const FLOWS: &str = "FLOWS";
+    /// The reply index: [`FlowKey`](super::FlowKey) as the backend answers →
+    /// [`Reply`](super::Reply).
+    pub const REPLIES: &str = "REPLIES";
+    /// One [`FlowSettings`](super::FlowSettings): the connection table's timeouts.
+    pub const SETTINGS: &str = "SETTINGS";
     /// Egress ifindex → ifindex, for `XDP_REDIRECT`.
     pub const TX_PORTS: &str = "TX_PORTS";
     /// Per-CPU [`Traffic`](super::Traffic), indexed by [`traffic_index`](super::traffic_index).
     pub const TRAFFIC: &str = "TRAFFIC";
     /// Per-CPU `u64` packet counts, indexed by [`action_index`](super::action_index).
     pub const ACTIONS: &str = "ACTIONS";
+    /// Per-CPU `u64` counts of dataplane decisions, indexed by [`Event`](super::Event).
+    pub const EVENTS: &str = "EVENTS";
 }
 
-/// An address, protocol and port: the key of services (the VIP and destination port) and of
-/// replies (a backend's address and source port).
+/// An address, protocol and port: the key of services (the VIP and destination port).
 ///
 /// Lookups go from the most to the least specific key, as [`EndpointKey::candidates`] lists.
 #[repr(C)]
@@ -101,6 +120,15 @@ impl EndpointKey {
 pub struct ServiceValue {
     /// Index into `ACTIVE`.
     pub id: u32,
+    /// [`service_flags`] bits.
+    pub flags: u32,
+}
+
+/// Bits of [`ServiceValue::flags`].
+pub mod service_flags {
+    /// Graceful failback: TCP flows stay on the backend they started on while `KEEP`
+    /// allows, instead of following the active backend at once.
+    pub const GRACEFUL: u32 = 1 << 0;
 }
 
 /// A backend as the dataplane needs it to forward one packet.
@@ -109,22 +137,13 @@ pub struct ServiceValue {
 pub struct Backend {
     /// Backend IPv4 address, network order.
     pub ip: [u8; 4],
-    /// Backend MAC (or its next hop's), the new destination MAC.
+    /// Backend MAC (or its next hop's): the new destination MAC, and the only source MAC
+    /// its replies are accepted from.
     pub mac: [u8; 6],
     /// MAC of the NIC the backend is reached through, the new source MAC.
     pub egress_mac: [u8; 6],
-    /// Ifindex of that NIC.
+    /// Ifindex of that NIC: the only NIC its replies are accepted on.
     pub ifindex: u32,
-}
-
-/// What a backend's [`EndpointKey`] maps to.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ReverseValue {
-    /// The VIP the reply must appear to come from, network order.
-    pub vip: [u8; 4],
-    /// Index of the backend in `BACKENDS`, for counters.
-    pub backend: u32,
 }
 
 /// Per-VIP facts.
@@ -141,7 +160,7 @@ pub struct VipInfo {
 pub struct Iface {
     /// The NIC's own MAC.
     pub mac: [u8; 6],
-    /// [`iface_flags`] bits.
+    /// [`iface_flags`] bits; zero: not a NIC of ours.
     pub flags: u16,
     /// Dense slot number of this NIC, for the `ACTIONS` counters.
     pub slot: u32,
@@ -155,17 +174,205 @@ pub mod iface_flags {
     pub const BACKEND: u16 = 1 << 1;
 }
 
-/// Where a client was last seen: how to send a reply back to it.
+/// One direction of a connection: addresses, ports and protocol as they are on the wire.
+///
+/// A flow is keyed as the client sends it (client → VIP) in `FLOWS`, and as its backend
+/// answers (backend → client) in `REPLIES`. ICMP echo uses the identifier as the client's
+/// port and 0 as the VIP's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Source address.
+    pub src: [u8; 4],
+    /// Destination address.
+    pub dst: [u8; 4],
+    /// Source port (network order; the echo identifier of an ICMP request, 0 in a reply).
+    pub src_port: [u8; 2],
+    /// Destination port (network order; 0 in an ICMP request, the identifier in a reply).
+    pub dst_port: [u8; 2],
+    /// IP protocol ([`proto`]).
+    pub proto: u8,
+    /// Always zero.
+    pub pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The key of `src:src_port → dst:dst_port` over `protocol`.
+    #[inline(always)]
+    pub const fn new(
+        protocol: u8,
+        src: [u8; 4],
+        src_port: [u8; 2],
+        dst: [u8; 4],
+        dst_port: [u8; 2],
+    ) -> Self {
+        FlowKey {
+            src,
+            dst,
+            src_port,
+            dst_port,
+            proto: protocol,
+            pad: [0; 3],
+        }
+    }
+
+    /// The key of the answers to this direction when they come from `peer` instead of
+    /// `self.dst` (a flow's reply key, with its backend as `peer`).
+    #[inline(always)]
+    pub const fn answered_by(&self, peer: [u8; 4]) -> Self {
+        Self::new(self.proto, peer, self.dst_port, self.src, self.src_port)
+    }
+}
+
+/// A connection the program created: where its client is and which backend serves it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Neighbor {
-    /// The client's MAC (or its router's), the reply's destination MAC.
-    pub mac: [u8; 6],
-    /// MAC of the NIC the client was seen on, the reply's source MAC.
-    pub iface_mac: [u8; 6],
-    /// Ifindex of that NIC.
+pub struct Flow {
+    /// Monotonic time (ns, coarse clock) of its first packet.
+    pub created_ns: u64,
+    /// Monotonic time (ns, coarse clock) it was last seen, refreshed about once a second
+    /// and on every change of state.
+    pub seen_ns: u64,
+    /// Index of its backend in `BACKENDS`.
+    pub backend: u32,
+    /// Its service (index into `ACTIVE`).
+    pub service: u32,
+    /// Ifindex of the NIC the client is behind.
     pub ifindex: u32,
+    /// The client's MAC (or its router's): where replies go, and the only source MAC the
+    /// flow's packets are accepted from.
+    pub client_mac: [u8; 6],
+    /// [`flow_state`].
+    pub state: u8,
+    /// [`flow_flags`] bits.
+    pub flags: u8,
+    /// Always zero.
+    pub pad: u32,
 }
+
+/// States of a [`Flow`].
+pub mod flow_state {
+    /// Only the client has sent (TCP: handshake under way, or picked up mid-stream).
+    pub const NEW: u8 = 0;
+    /// The backend has answered.
+    pub const REPLIED: u8 = 1;
+    /// TCP: the client acknowledged the backend's answer.
+    pub const ESTABLISHED: u8 = 2;
+    /// TCP: a FIN or RST was seen.
+    pub const CLOSING: u8 = 3;
+    /// Names, indexed by state.
+    pub const NAMES: [&str; 4] = ["new", "replied", "established", "closing"];
+}
+
+/// Bits of [`Flow::flags`].
+pub mod flow_flags {
+    /// The flow stays on its backend while that backend's `KEEP` deadline allows
+    /// (graceful failback), instead of following the active backend.
+    pub const STICKY: u8 = 1 << 0;
+}
+
+/// What a reply key maps to: the flow it answers.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// The flow's key in `FLOWS` (its destination is the VIP replies must carry).
+    pub flow: FlowKey,
+    /// The backend the reply must come from (index in `BACKENDS`).
+    pub backend: u32,
+}
+
+/// Timeouts of the connection table, in nanoseconds: a flow idle for longer than its
+/// timeout is gone (its next packet starts a new flow; a reply to it is not rewritten).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowSettings {
+    /// TCP after the handshake.
+    pub tcp_established_ns: u64,
+    /// TCP during the handshake (also a connection picked up mid-stream, until answered).
+    pub tcp_handshake_ns: u64,
+    /// TCP after a FIN or RST.
+    pub tcp_closing_ns: u64,
+    /// UDP.
+    pub udp_ns: u64,
+    /// ICMP echo.
+    pub icmp_ns: u64,
+}
+
+impl FlowSettings {
+    /// How long a flow of `protocol` in `state` may stay idle.
+    #[inline(always)]
+    pub const fn timeout(&self, protocol: u8, state: u8) -> u64 {
+        match protocol {
+            proto::TCP => match state {
+                flow_state::ESTABLISHED => self.tcp_established_ns,
+                flow_state::CLOSING => self.tcp_closing_ns,
+                _ => self.tcp_handshake_ns,
+            },
+            proto::UDP => self.udp_ns,
+            _ => self.icmp_ns,
+        }
+    }
+}
+
+/// Decisions of the dataplane that are counted in `EVENTS` (per CPU).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A flow was created (a client's first packet, or one after its flow expired).
+    FlowCreated = 0,
+    /// A TCP packet without SYN and without a flow started one (picked up mid-stream).
+    FlowPickedUp,
+    /// A flow followed its service's active backend (its own is down or drained).
+    FlowMoved,
+    /// A flow could not be written to the table: its packet was dropped.
+    FlowTableError,
+    /// A packet to a VIP from one of the switch host's own addresses: dropped.
+    LocalSource,
+    /// A packet to a VIP from an address no client can have (a VIP, 0/8, 127/8,
+    /// multicast, reserved, broadcast): dropped.
+    BadSource,
+    /// A packet of a known flow from another MAC or NIC than the flow's client: dropped.
+    ClientMismatch,
+    /// A reply-shaped frame of a known flow on a NIC that is not its backend's: passed.
+    ReplyWrongNic,
+    /// A reply-shaped frame of a known flow from another MAC than its backend's: passed.
+    ReplyWrongMac,
+    /// A reply to a flow that has expired or was evicted: passed.
+    ReplyNoFlow,
+    /// An 802.1Q-tagged frame: not served, passed.
+    VlanTagged,
+    /// A packet to a VIP on a protocol or port no service names: passed.
+    NoService,
+    /// A packet to a VIP that cannot be checked completely (options, fragment, bad
+    /// checksum, truncated, ICMP other than echo): passed.
+    Unparsable,
+    /// A packet of a service with no backend serving: dropped.
+    NoBackend,
+    /// A rewritten frame whose egress NIC is missing from `TX_PORTS`: dropped.
+    NoRedirectPort,
+}
+
+/// Number of [`Event`]s.
+pub const EVENTS: u32 = 15;
+
+/// Names of the [`Event`]s, as exported in metrics, indexed by event.
+pub const EVENT_NAMES: [&str; EVENTS as usize] = [
+    "flow_created",
+    "flow_picked_up",
+    "flow_moved",
+    "flow_table_error",
+    "local_source",
+    "bad_source",
+    "client_mismatch",
+    "reply_wrong_nic",
+    "reply_wrong_mac",
+    "reply_no_flow",
+    "vlan_tagged",
+    "no_service",
+    "unparsable",
+    "no_backend",
+    "no_redirect_port",
+];
 
 /// Packet and byte counters.
 #[repr(C)]
@@ -217,13 +424,17 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for Backend {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for ReverseValue {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for VipInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Iface {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for Neighbor {}
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Flow {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Reply {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowSettings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Traffic {}
 }
@@ -236,11 +447,13 @@ mod tests {
     #[test]
     fn map_types_have_no_padding() {
         assert_eq!(size_of::<EndpointKey>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 4);
+        assert_eq!(size_of::<ServiceValue>(), 8);
         assert_eq!(size_of::<Backend>(), 20);
-        assert_eq!(size_of::<ReverseValue>(), 8);
         assert_eq!(size_of::<Iface>(), 12);
-        assert_eq!(size_of::<Neighbor>(), 16);
+        assert_eq!(size_of::<FlowKey>(), 16);
+        assert_eq!(size_of::<Flow>(), 40);
+        assert_eq!(size_of::<Reply>(), 20);
+        assert_eq!(size_of::<FlowSettings>(), 40);
         assert_eq!(size_of::<Traffic>(), 16);
     }
 
@@ -250,6 +463,23 @@ mod tests {
         assert_eq!((exact.proto, exact.port), (proto::TCP, [0, 80]));
         assert_eq!((any_port.proto, any_port.port), (proto::TCP, [0, 0]));
         assert_eq!((any.proto, any.port), (proto::ANY, [0, 0]));
+    }
+
+    #[test]
+    fn a_reply_key_mirrors_the_flow_key() {
+        let (client, vip, master) = ([198, 18, 1, 2], [198, 18, 1, 100], [198, 18, 2, 2]);
+        let forward = FlowKey::new(proto::TCP, client, [0x9c, 0x40], vip, [0, 80]);
+        let reply = FlowKey::new(proto::TCP, master, [0, 80], client, [0x9c, 0x40]);
+        assert_eq!(forward.answered_by(master), reply);
+    }
+
+    #[test]
+    fn every_event_has_a_name() {
+        assert_eq!(Event::NoRedirectPort as u32 + 1, EVENTS);
+        assert_eq!(
+            EVENT_NAMES[Event::ReplyWrongMac as usize],
+            "reply_wrong_mac"
+        );
     }
 
     #[test]

@@ -1,48 +1,169 @@
-//! Forward path: client → VIP, rewritten to the service's active backend.
+//! Forward path: client → VIP, rewritten to the backend of the packet's flow.
+//!
+//! A packet of a known flow goes to the flow's backend ([`known`]), unless that backend
+//! may no longer keep it; a packet to a VIP without a flow starts one ([`new`]) on the
+//! service's active backend, once its source has been checked.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{proto, Direction, Iface, Neighbor};
+use lb_common::{
+    flow_flags, flow_state, proto, service_flags, Backend, Direction, Event, Flow, FlowKey,
+    FLOW_REFRESH_NS,
+};
 use network_types::eth::EthHdr;
 
 use crate::{
     maps,
     packet::{frame_len, header_mut},
-    parse::{self, L2},
+    parse::{self, tcp_flags, Ipv4, L2},
     rewrite::{self, Address},
-    stats,
+    stats::{self, counted},
 };
 
-/// Handles a frame addressed to a VIP.
+/// Handles a packet of the flow at `flow` (its key is `key`).
 ///
-/// Outcomes: rewritten and sent to the active backend; `XDP_DROP` when the service has no
-/// backend serving; `XDP_PASS` when no service matches the protocol or port, or the packet
-/// cannot be checked completely (see [`parse`]).
+/// Outcomes: sent to the flow's backend (or, if that one is down or drained, to the
+/// service's active backend, which the flow then follows); `XDP_DROP` when the packet
+/// comes from another MAC or NIC than the flow's client, or the service has no backend
+/// serving. An expired flow, or a new TCP connection on the tuple of a closing one, is
+/// started afresh by [`new`].
 #[inline(always)]
-pub fn forward(ctx: &XdpContext, l2: &L2, iface: &Iface) -> u32 {
-    let Some(packet) = parse::ipv4(ctx, l2) else {
-        return xdp_action::XDP_PASS;
+pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut Flow) -> u32 {
+    // SAFETY: `flow` comes from a successful lookup and stays valid for this program run.
+    // Other CPUs may update the same flow; every field is a plain value, and a lost
+    // update of `seen_ns` or `state` is corrected by the flow's next packet.
+    let flow = unsafe { &mut *flow };
+    let Some(settings) = maps::settings() else {
+        return xdp_action::XDP_ABORTED;
     };
+    let now = maps::now();
+    if now.saturating_sub(flow.seen_ns) > settings.timeout(packet.protocol, flow.state) {
+        return new(ctx, l2, packet, key);
+    }
+    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    if eth.src_addr != flow.client_mac || ctx.ingress_ifindex() as u32 != flow.ifindex {
+        return counted(Event::ClientMismatch, xdp_action::XDP_DROP);
+    }
+    if packet.protocol == proto::TCP
+        && flow.state == flow_state::CLOSING
+        && packet.tcp_flags & (tcp_flags::SYN | tcp_flags::ACK) == tcp_flags::SYN
+    {
+        return new(ctx, l2, packet, key); // a new connection on the same ports
+    }
+    let Some(active) = maps::active(flow.service) else {
+        return counted(Event::NoBackend, xdp_action::XDP_DROP);
+    };
+    let mut refresh = now.saturating_sub(flow.seen_ns) > FLOW_REFRESH_NS;
+    if flow.backend != active && !may_stay(flow, now) {
+        flow.backend = active;
+        stats::count(Event::FlowMoved);
+        refresh = true;
+    }
+    let Some(backend) = maps::backend(flow.backend) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let state = next_state(flow.state, packet);
+    if state != flow.state || refresh {
+        flow.state = state;
+        flow.seen_ns = now;
+        // Keeps the reply index entry fresh too, so LRU eviction does not take it alone.
+        if maps::insert_reply(key, flow.backend, backend.ip).is_err() {
+            stats::count(Event::FlowTableError);
+        }
+    }
+    send(ctx, l2, packet, flow.backend, &backend)
+}
+
+/// Handles a packet to a VIP that belongs to no (live) flow: checks its source, finds its
+/// service and starts a flow on the active backend.
+///
+/// Outcomes: sent to the active backend; `XDP_DROP` for a source no client can have (the
+/// switch host's own addresses, VIPs, martians), a service with no backend serving, or a
+/// flow the table refused; `XDP_PASS` when no service matches, or for ICMP other than an
+/// echo request.
+#[inline(always)]
+pub fn new(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey) -> u32 {
+    if let Some(refused) = refused_source(&packet.src) {
+        return counted(refused, xdp_action::XDP_DROP);
+    }
     if packet.protocol == proto::ICMP && packet.icmp_type != parse::ICMP_ECHO_REQUEST {
-        return xdp_action::XDP_PASS;
+        return counted(Event::NoService, xdp_action::XDP_PASS);
     }
     let Some(service) = maps::service(packet.dst, packet.protocol, packet.dst_port) else {
-        return xdp_action::XDP_PASS;
+        return counted(Event::NoService, xdp_action::XDP_PASS);
     };
-    let Some((index, backend)) = maps::active_backend(service) else {
-        return xdp_action::XDP_DROP;
+    let Some(active) = maps::active(service.id) else {
+        return counted(Event::NoBackend, xdp_action::XDP_DROP);
+    };
+    let Some(backend) = maps::backend(active) else {
+        return xdp_action::XDP_ABORTED;
     };
     let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
+        return xdp_action::XDP_ABORTED;
     };
-    let seen = Neighbor {
-        mac: eth.src_addr,
-        iface_mac: iface.mac,
+    let sticky = packet.protocol == proto::TCP && service.flags & service_flags::GRACEFUL != 0;
+    let now = maps::now();
+    let flow = Flow {
+        created_ns: now,
+        seen_ns: now,
+        backend: active,
+        service: service.id,
         ifindex: ctx.ingress_ifindex() as u32,
+        client_mac: eth.src_addr,
+        state: next_state(flow_state::NEW, packet),
+        flags: if sticky { flow_flags::STICKY } else { 0 },
+        pad: 0,
     };
-    maps::learn_client(&packet.src, &seen);
+    if maps::insert_flow(key, &flow, backend.ip).is_err() {
+        return counted(Event::FlowTableError, xdp_action::XDP_DROP);
+    }
+    if packet.protocol == proto::TCP && !packet.has(tcp_flags::SYN) {
+        stats::count(Event::FlowPickedUp);
+    } else {
+        stats::count(Event::FlowCreated);
+    }
+    send(ctx, l2, packet, active, &backend)
+}
 
+/// Why a packet from `src` may not start a flow, if it may not.
+#[inline(always)]
+fn refused_source(src: &[u8; 4]) -> Option<Event> {
+    // 0/8 ("this network"), 127/8 (loopback), 224/4 (multicast), 240/4 (reserved and the
+    // broadcast address): never the source of a real client.
+    if src[0] == 0 || src[0] == 127 || src[0] >= 224 || maps::is_vip(src) {
+        return Some(Event::BadSource);
+    }
+    maps::is_local(src).then_some(Event::LocalSource)
+}
+
+/// Whether a sticky flow may stay on its backend although the service's active backend
+/// is another one (graceful failback or drain, within the backend's `KEEP` deadline).
+#[inline(always)]
+fn may_stay(flow: &Flow, now: u64) -> bool {
+    flow.flags & flow_flags::STICKY != 0 && now < maps::keep_until(flow.backend)
+}
+
+/// The state of a flow after the client sent `packet`.
+#[inline(always)]
+fn next_state(state: u8, packet: &Ipv4) -> u8 {
+    if packet.protocol != proto::TCP {
+        return state;
+    }
+    if packet.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+        flow_state::CLOSING
+    } else if state == flow_state::REPLIED && packet.tcp_flags & tcp_flags::SYN == 0 {
+        flow_state::ESTABLISHED
+    } else {
+        state
+    }
+}
+
+/// Rewrites `packet` toward backend `index` and sends it.
+#[inline(always)]
+fn send(ctx: &XdpContext, l2: &L2, packet: &Ipv4, index: u32, backend: &Backend) -> u32 {
     if rewrite::macs(ctx, backend.mac, backend.egress_mac).is_none()
-        || rewrite::address(ctx, l2, &packet, Address::Destination, backend.ip).is_none()
+        || rewrite::address(ctx, l2, packet, Address::Destination, backend.ip).is_none()
     {
         return xdp_action::XDP_ABORTED;
     }

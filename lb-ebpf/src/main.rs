@@ -3,14 +3,16 @@
 //! One entry point, [`lb_xdp`], runs on every NIC the agent attaches it to. Each packet goes
 //! through the same steps, top to bottom:
 //!
-//! 1. **parse** the Ethernet header (one optional 802.1Q tag) — [`parse`];
+//! 1. **parse** the Ethernet header; tagged (802.1Q) frames are not served — [`parse`];
 //! 2. **ARP**: a request for a VIP on a client-facing NIC is answered in place — [`arp`];
-//! 3. **look up** the destination among the VIPs, or the source among the backends — [`maps`];
+//! 3. **look up** the packet in the connection table, as a client's packet (`FLOWS`), as a
+//!    new flow to a VIP, or as a backend's reply (`REPLIES`) — [`maps`];
 //! 4. **rewrite** addresses and checksums — [`forward`], [`reverse`], [`rewrite`];
 //! 5. **forward** with `XDP_TX` or `XDP_REDIRECT` — [`rewrite::transmit`].
 //!
-//! Anything that is not VIP traffic, or that cannot be parsed and checksummed completely, is
-//! handed to the kernel untouched (`XDP_PASS`).
+//! Only packets of flows the program created are rewritten. Anything else, or anything
+//! that cannot be parsed and checksummed completely, is handed to the kernel untouched
+//! (`XDP_PASS`); every refusal is counted in `EVENTS`.
 #![no_std]
 #![no_main]
 
@@ -24,13 +26,14 @@ mod rewrite;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
-use lb_common::iface_flags;
+use lb_common::{iface_flags, Event};
 use network_types::eth::EtherType;
+use stats::counted;
 
 /// Entry point: classifies one frame and returns its XDP action.
 #[xdp]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
-    let Some(iface) = maps::ingress_iface(&ctx) else {
+    let Some(iface) = maps::iface(ctx.ingress_ifindex() as u32) else {
         // Not a NIC of ours (the agent has not configured it yet): hands off.
         return xdp_action::XDP_PASS;
     };
@@ -55,6 +58,10 @@ fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
     let Some(l2) = parse::ethernet(ctx) else {
         return xdp_action::XDP_PASS;
     };
+    if l2.tagged {
+        // Served frames would cross segments; a tag is only valid on its own.
+        return counted(Event::VlanTagged, xdp_action::XDP_PASS);
+    }
     if l2.ether_type == EtherType::Arp as u16 {
         if iface.flags & iface_flags::CLIENT == 0 {
             return xdp_action::XDP_PASS;
@@ -64,16 +71,23 @@ fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
     if l2.ether_type != EtherType::Ipv4 as u16 {
         return xdp_action::XDP_PASS;
     }
-    let Some(addrs) = parse::ipv4_addresses(ctx, &l2) else {
+    let Some(packet) = parse::ipv4(ctx, &l2) else {
+        if parse::ipv4_addresses(ctx, &l2).is_some_and(|ip| maps::is_vip(&ip.dst)) {
+            return counted(Event::Unparsable, xdp_action::XDP_PASS);
+        }
         return xdp_action::XDP_PASS;
     };
-    if maps::is_vip(&addrs.dst) {
-        forward::forward(ctx, &l2, iface)
-    } else if iface.flags & iface_flags::BACKEND != 0 {
-        reverse::reverse(ctx, &l2)
-    } else {
-        xdp_action::XDP_PASS
+    let key = packet.key();
+    if let Some(flow) = maps::flow(&key) {
+        return forward::known(ctx, &l2, &packet, &key, flow);
     }
+    if maps::is_vip(&packet.dst) {
+        return forward::new(ctx, &l2, &packet, &key);
+    }
+    if let Some(reply) = maps::reply(&key) {
+        return reverse::reply(ctx, &l2, &packet, &reply);
+    }
+    xdp_action::XDP_PASS
 }
 
 #[cfg(not(test))]

@@ -1,22 +1,23 @@
 //! Every map of the program, in one place, with the lookups the packet path makes.
 //!
-//! Sizes and value layouts come from `lb_common`, which the agent shares.
+//! Sizes and value layouts come from `lb_common`, which the agent shares; the agent may
+//! resize `FLOWS` and `REPLIES` when it loads the program.
 
 use aya_ebpf::{
+    helpers::bpf_ktime_get_coarse_ns,
     macros::map,
     maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
-    programs::XdpContext,
 };
 use lb_common::{
-    Backend, EndpointKey, Iface, Neighbor, ReverseValue, ServiceValue, Traffic, VipInfo,
-    ACTIONS_ENTRIES, MAX_BACKENDS, MAX_CLIENTS, MAX_IFACES, MAX_SERVICES, NO_BACKEND,
-    TRAFFIC_ENTRIES,
+    Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply, ServiceValue, Traffic,
+    VipInfo, ACTIONS_ENTRIES, DEFAULT_MAX_FLOWS, EVENTS as EVENT_COUNT, MAX_BACKENDS, MAX_IFACES,
+    MAX_IFINDEX, MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES,
 };
 
-/// Service key → service id.
+/// Service key → service id and flags (each service's own key, plus echo keys).
 #[map]
 pub static SERVICES: HashMap<EndpointKey, ServiceValue> =
-    HashMap::with_max_entries(MAX_SERVICES * 3, 0);
+    HashMap::with_max_entries(MAX_SERVICES * 2, 0);
 
 /// Service id → index of its active backend. The one entry a failover writes.
 #[map]
@@ -26,22 +27,33 @@ pub static ACTIVE: Array<u32> = Array::with_max_entries(MAX_SERVICES, 0);
 #[map]
 pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 
-/// Backend address and service port → the VIP its replies must carry.
+/// Backend index → until when (monotonic ns) its sticky flows may stay on it.
 #[map]
-pub static REVERSE: HashMap<EndpointKey, ReverseValue> =
-    HashMap::with_max_entries(MAX_BACKENDS * 2, 0);
+pub static KEEP: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
 /// Configured VIPs.
 #[map]
 pub static VIPS: HashMap<[u8; 4], VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
-/// NICs the program serves.
+/// NICs the program serves, indexed by ifindex.
 #[map]
-pub static IFACES: HashMap<u32, Iface> = HashMap::with_max_entries(MAX_IFACES, 0);
+pub static IFACES: Array<Iface> = Array::with_max_entries(MAX_IFINDEX, 0);
 
-/// Clients seen on the forward path, for sending replies back.
+/// The switch host's own addresses: never clients.
 #[map]
-pub static CLIENTS: LruHashMap<[u8; 4], Neighbor> = LruHashMap::with_max_entries(MAX_CLIENTS, 0);
+pub static LOCAL_ADDRS: HashMap<[u8; 4], u8> = HashMap::with_max_entries(MAX_LOCAL_ADDRS, 0);
+
+/// The connection table, keyed as the client sends.
+#[map]
+pub static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// The reply index, keyed as the backend answers.
+#[map]
+pub static REPLIES: LruHashMap<FlowKey, Reply> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// The connection table's timeouts (one entry, written by the agent).
+#[map]
+pub static SETTINGS: Array<FlowSettings> = Array::with_max_entries(1, 0);
 
 /// Egress NICs for `XDP_REDIRECT`.
 #[map]
@@ -55,19 +67,23 @@ pub static TRAFFIC: PerCpuArray<Traffic> = PerCpuArray::with_max_entries(TRAFFIC
 #[map]
 pub static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTIONS_ENTRIES, 0);
 
-/// Frames dropped because their egress NIC was missing from `TX_PORTS` (one counter).
+/// Counted decisions, indexed by `lb_common::Event`.
 #[map]
-pub static NO_PORT_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT, 0);
 
-/// The configuration of the NIC the frame arrived on, if the agent configured it.
+/// Copies out the value a successful lookup pointed to.
 #[inline(always)]
-pub fn ingress_iface(ctx: &XdpContext) -> Option<Iface> {
-    let ifindex = ctx.ingress_ifindex() as u32;
-    IFACES.get_ptr(ifindex).map(|iface| {
-        // SAFETY: a pointer from a successful map lookup is valid for this program run; the
-        // value is copied out at once.
-        unsafe { *iface }
-    })
+fn copy<T: Copy>(value: *const T) -> T {
+    // SAFETY: every pointer passed here comes from a successful map lookup, valid for the
+    // rest of this program run; the value is copied out at once.
+    unsafe { *value }
+}
+
+/// The configuration of NIC `ifindex`, if the agent configured it.
+#[inline(always)]
+pub fn iface(ifindex: u32) -> Option<Iface> {
+    let iface = copy(IFACES.get_ptr(ifindex)?);
+    (iface.flags != 0).then_some(iface)
 }
 
 /// Whether `ip` is a configured VIP.
@@ -76,61 +92,78 @@ pub fn is_vip(ip: &[u8; 4]) -> bool {
     VIPS.get_ptr(ip).is_some()
 }
 
-/// The value of the most specific key of `map` that matches `ip`, `protocol` and `port`.
+/// Whether `ip` is one of the switch host's own addresses.
 #[inline(always)]
-fn most_specific<V: Copy>(
-    map: &HashMap<EndpointKey, V>,
-    ip: [u8; 4],
-    protocol: u8,
-    port: [u8; 2],
-) -> Option<V> {
-    EndpointKey::candidates(ip, protocol, port)
+pub fn is_local(ip: &[u8; 4]) -> bool {
+    LOCAL_ADDRS.get_ptr(ip).is_some()
+}
+
+/// The service a packet to `vip` belongs to: the most specific of its keys that exists.
+#[inline(always)]
+pub fn service(vip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<ServiceValue> {
+    EndpointKey::candidates(vip, protocol, port)
         .iter()
-        .find_map(|key| map.get_ptr(key))
-        .map(|value| {
-            // SAFETY: a pointer from a successful map lookup is valid for this program run;
-            // the value is copied out at once.
-            unsafe { *value }
-        })
+        .find_map(|key| SERVICES.get_ptr(key))
+        .map(copy)
 }
 
-/// The service a packet to `vip` belongs to.
+/// Index of the active backend of service `id`; `None` when no backend is serving.
 #[inline(always)]
-pub fn service(vip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<u32> {
-    most_specific(&SERVICES, vip, protocol, port).map(|service| service.id)
+pub fn active(id: u32) -> Option<u32> {
+    let index = copy(ACTIVE.get_ptr(id)?);
+    (index != NO_BACKEND).then_some(index)
 }
 
-/// The active backend of service `id`, with its index; `None` when no backend is serving.
+/// Backend `index`.
 #[inline(always)]
-pub fn active_backend(id: u32) -> Option<(u32, Backend)> {
-    let index = *ACTIVE.get(id)?;
-    if index == NO_BACKEND {
-        return None;
-    }
-    BACKENDS.get(index).map(|backend| (index, *backend))
+pub fn backend(index: u32) -> Option<Backend> {
+    BACKENDS.get_ptr(index).map(copy)
 }
 
-/// The VIP that replies from `ip:port` must carry, if that is a backend of a service.
+/// Until when sticky flows may stay on backend `index` (0: not at all).
 #[inline(always)]
-pub fn reverse(ip: [u8; 4], protocol: u8, port: [u8; 2]) -> Option<ReverseValue> {
-    most_specific(&REVERSE, ip, protocol, port)
+pub fn keep_until(index: u32) -> u64 {
+    KEEP.get_ptr(index).map_or(0, copy)
 }
 
-/// Where the client `ip` was last seen.
+/// The connection table's timeouts.
 #[inline(always)]
-pub fn client(ip: &[u8; 4]) -> Option<Neighbor> {
-    CLIENTS.get_ptr(ip).map(|value| {
-        // SAFETY: valid lookup result, copied out at once.
-        unsafe { *value }
-    })
+pub fn settings() -> Option<FlowSettings> {
+    SETTINGS.get_ptr(0).map(copy)
 }
 
-/// Remembers where client `ip` is, writing only when it moved (most packets read only).
+/// The flow `key` belongs to, for reading and updating in place.
 #[inline(always)]
-pub fn learn_client(ip: &[u8; 4], seen: &Neighbor) {
-    if client(ip).as_ref() != Some(seen) {
-        // A full LRU map evicts its oldest entry; an error here only means the next
-        // packet of this client tries again.
-        let _ = CLIENTS.insert(ip, seen, 0);
-    }
+pub fn flow(key: &FlowKey) -> Option<*mut Flow> {
+    FLOWS.get_ptr_mut(key)
+}
+
+/// The flow a reply with `key` answers.
+#[inline(always)]
+pub fn reply(key: &FlowKey) -> Option<Reply> {
+    REPLIES.get_ptr(key).map(copy)
+}
+
+/// Writes flow `key` and its reply index entry (for backend `backend_ip`).
+#[inline(always)]
+pub fn insert_flow(key: &FlowKey, flow: &Flow, backend_ip: [u8; 4]) -> Result<(), i32> {
+    FLOWS.insert(key, flow, 0)?;
+    insert_reply(key, flow.backend, backend_ip)
+}
+
+/// Writes (or refreshes) the reply index entry of flow `key` served by backend `index`.
+#[inline(always)]
+pub fn insert_reply(key: &FlowKey, index: u32, backend_ip: [u8; 4]) -> Result<(), i32> {
+    let reply = Reply {
+        flow: *key,
+        backend: index,
+    };
+    REPLIES.insert(&key.answered_by(backend_ip), &reply, 0)
+}
+
+/// Now, on the monotonic coarse clock (the agent's `CLOCK_MONOTONIC_COARSE`).
+#[inline(always)]
+pub fn now() -> u64 {
+    // SAFETY: the helper takes no arguments and has no preconditions.
+    unsafe { bpf_ktime_get_coarse_ns() }
 }

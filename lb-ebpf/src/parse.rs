@@ -4,10 +4,10 @@
 //! Refused on purpose (the frame goes to the kernel untouched): IPv4 with options
 //! (IHL ≠ 5), fragments (MF set or non-zero offset), a bad IPv4 header checksum, a total
 //! length that disagrees with the frame, a transport header shorter than its minimum,
-//! ICMP other than echo.
+//! ICMP other than echo request and reply.
 
 use aya_ebpf::programs::XdpContext;
-use lb_common::{csum, proto};
+use lb_common::{csum, proto, FlowKey};
 use network_types::{
     eth::{EthHdr, EtherType},
     icmp::Icmpv4Hdr,
@@ -25,6 +25,8 @@ pub struct L2 {
     pub ether_type: u16,
     /// Offset of the network header.
     pub l3: usize,
+    /// The frame carries an 802.1Q tag.
+    pub tagged: bool,
 }
 
 /// The two addresses of an IPv4 header, enough to decide whether a frame is ours.
@@ -41,14 +43,48 @@ pub struct Ipv4 {
     pub dst: [u8; 4],
     /// [`proto`] number.
     pub protocol: u8,
-    /// Source port (TCP, UDP) or `[0, 0]`.
+    /// Source port (TCP, UDP); for ICMP the echo identifier of a request, 0 in a reply.
     pub src_port: [u8; 2],
-    /// Destination port (TCP, UDP) or `[0, 0]`.
+    /// Destination port (TCP, UDP); for ICMP 0 in a request, the identifier in a reply.
     pub dst_port: [u8; 2],
     /// ICMP type, for ICMP.
     pub icmp_type: u8,
+    /// TCP flags ([`tcp_flags`]), for TCP.
+    pub tcp_flags: u8,
     /// Offset of the transport header.
     pub l4: usize,
+}
+
+/// Bits of [`Ipv4::tcp_flags`].
+pub mod tcp_flags {
+    /// FIN.
+    pub const FIN: u8 = 1 << 0;
+    /// SYN.
+    pub const SYN: u8 = 1 << 1;
+    /// RST.
+    pub const RST: u8 = 1 << 2;
+    /// ACK.
+    pub const ACK: u8 = 1 << 4;
+}
+
+impl Ipv4 {
+    /// The packet's addresses, ports and protocol as a connection-table key.
+    #[inline(always)]
+    pub fn key(&self) -> FlowKey {
+        FlowKey::new(
+            self.protocol,
+            self.src,
+            self.src_port,
+            self.dst,
+            self.dst_port,
+        )
+    }
+
+    /// Whether the packet has every one of the TCP `flags`.
+    #[inline(always)]
+    pub fn has(&self, flags: u8) -> bool {
+        self.tcp_flags & flags == flags
+    }
 }
 
 /// ICMP echo request type.
@@ -65,12 +101,14 @@ pub fn ethernet(ctx: &XdpContext) -> Option<L2> {
         return Some(L2 {
             ether_type,
             l3: EthHdr::LEN,
+            tagged: false,
         });
     }
     let vlan: &mut VlanHdr = header_mut(ctx, EthHdr::LEN)?;
     Some(L2 {
         ether_type: vlan.ether_type,
         l3: EthHdr::LEN + VlanHdr::LEN,
+        tagged: true,
     })
 }
 
@@ -108,6 +146,7 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Option<Ipv4> {
         src_port: [0, 0],
         dst_port: [0, 0],
         icmp_type: 0,
+        tcp_flags: 0,
         l4,
     };
     match packet.protocol {
@@ -118,6 +157,10 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Option<Ipv4> {
             }
             packet.src_port = tcp.source;
             packet.dst_port = tcp.dest;
+            packet.tcp_flags = (tcp.fin() as u8)
+                | (tcp.syn() as u8) << 1
+                | (tcp.rst() as u8) << 2
+                | (tcp.ack() as u8) << 4;
         }
         proto::UDP => {
             let udp: &mut UdpHdr = header_mut(ctx, l4)?;
@@ -135,6 +178,12 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Option<Ipv4> {
             packet.icmp_type = icmp.type_;
             if icmp.code != 0 {
                 return None;
+            }
+            let id = [icmp.data[0], icmp.data[1]];
+            match icmp.type_ {
+                ICMP_ECHO_REQUEST => packet.src_port = id,
+                ICMP_ECHO_REPLY => packet.dst_port = id,
+                _ => return None,
             }
         }
         _ => return None,

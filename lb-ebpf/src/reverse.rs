@@ -1,39 +1,74 @@
 //! Reverse path: backend → client, rewritten so that the reply comes from the VIP.
+//!
+//! Only a packet that answers a flow the program created, and that arrives from that
+//! flow's backend (on its NIC, from its MAC), is rewritten; everything else goes to the
+//! kernel untouched.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{proto, Direction};
+use lb_common::{flow_state, proto, Direction, Event, Reply, FLOW_REFRESH_NS};
+use network_types::eth::EthHdr;
 
 use crate::{
     maps,
-    packet::frame_len,
-    parse::{self, L2},
+    packet::{frame_len, header_mut},
+    parse::{tcp_flags, Ipv4, L2},
     rewrite::{self, Address},
-    stats,
+    stats::{self, counted},
 };
 
-/// Handles a frame that arrived on a backend-facing NIC and is not addressed to a VIP.
+/// Handles `packet`, whose addresses and ports match the reply index entry `reply`.
 ///
-/// It is rewritten when it comes from a backend's service port (or is an echo reply from a
-/// backend) and goes to a client seen on the forward path; anything else is `XDP_PASS`.
+/// Outcomes: rewritten to come from the VIP and sent to the flow's client; `XDP_PASS`
+/// (counted) when it arrived on another NIC or from another MAC than the backend's, or
+/// its flow has expired.
 #[inline(always)]
-pub fn reverse(ctx: &XdpContext, l2: &L2) -> u32 {
-    let Some(packet) = parse::ipv4(ctx, l2) else {
+pub fn reply(ctx: &XdpContext, l2: &L2, packet: &Ipv4, reply: &Reply) -> u32 {
+    let Some(backend) = maps::backend(reply.backend) else {
         return xdp_action::XDP_PASS;
     };
-    if packet.protocol == proto::ICMP && packet.icmp_type != parse::ICMP_ECHO_REPLY {
-        return xdp_action::XDP_PASS;
+    if ctx.ingress_ifindex() as u32 != backend.ifindex {
+        return counted(Event::ReplyWrongNic, xdp_action::XDP_PASS);
     }
-    let Some(reply) = maps::reverse(packet.src, packet.protocol, packet.src_port) else {
+    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_PASS;
     };
-    let Some(client) = maps::client(&packet.dst) else {
+    if eth.src_addr != backend.mac {
+        return counted(Event::ReplyWrongMac, xdp_action::XDP_PASS);
+    }
+    let (Some(flow), Some(settings)) = (maps::flow(&reply.flow), maps::settings()) else {
+        return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
+    };
+    // SAFETY: as in `forward::known`.
+    let flow = unsafe { &mut *flow };
+    let now = maps::now();
+    if now.saturating_sub(flow.seen_ns) > settings.timeout(packet.protocol, flow.state) {
+        return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
+    }
+    let state = next_state(flow.state, packet);
+    if state != flow.state || now.saturating_sub(flow.seen_ns) > FLOW_REFRESH_NS {
+        flow.state = state;
+        flow.seen_ns = now;
+    }
+    let Some(client_iface) = maps::iface(flow.ifindex) else {
         return xdp_action::XDP_PASS;
     };
-    if rewrite::macs(ctx, client.mac, client.iface_mac).is_none()
-        || rewrite::address(ctx, l2, &packet, Address::Source, reply.vip).is_none()
+    if rewrite::macs(ctx, flow.client_mac, client_iface.mac).is_none()
+        || rewrite::address(ctx, l2, packet, Address::Source, reply.flow.dst).is_none()
     {
         return xdp_action::XDP_ABORTED;
     }
     stats::count_traffic(reply.backend, Direction::Reverse, frame_len(ctx));
-    rewrite::transmit(ctx, client.ifindex)
+    rewrite::transmit(ctx, flow.ifindex)
+}
+
+/// The state of a flow after its backend sent `packet`.
+#[inline(always)]
+fn next_state(state: u8, packet: &Ipv4) -> u8 {
+    if packet.protocol == proto::TCP && packet.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
+        flow_state::CLOSING
+    } else if state == flow_state::NEW {
+        flow_state::REPLIED
+    } else {
+        state
+    }
 }

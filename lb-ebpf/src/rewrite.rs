@@ -6,7 +6,7 @@
 //! checksum does not cover them.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{csum, proto};
+use lb_common::{csum, proto, Event};
 use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 
 use crate::{
@@ -78,7 +78,7 @@ pub fn transmit(ctx: &XdpContext, ifindex: u32) -> u32 {
             // The agent puts every NIC it plans with into TX_PORTS, so this means the maps
             // and the NICs disagree (an interface was re-created under the agent). Logged on
             // the 1st, 2nd, 4th, 8th… such drop of each CPU, never at line rate.
-            let drops = stats::count_no_port_drop();
+            let drops = stats::count(Event::NoRedirectPort);
             if drops & (drops - 1) == 0 {
                 aya_log_ebpf::warn!(
                     ctx,

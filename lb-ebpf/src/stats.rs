@@ -1,8 +1,8 @@
 //! Per-CPU counters, read and summed by the agent at scrape time.
 
-use lb_common::{action_index, traffic_index, Direction, XDP_ACTIONS};
+use lb_common::{action_index, traffic_index, Direction, Event, XDP_ACTIONS};
 
-use crate::maps::{ACTIONS, NO_PORT_DROPS, TRAFFIC};
+use crate::maps::{ACTIONS, EVENTS, TRAFFIC};
 
 /// Counts one frame leaving the program with `action` on the NIC in `slot`.
 #[inline(always)]
@@ -28,11 +28,10 @@ pub fn count_traffic(backend: u32, direction: Direction, bytes: usize) {
     }
 }
 
-/// Counts one frame dropped for want of a redirect port; returns this CPU's count so far
-/// (0 if the counter is unavailable).
+/// Counts one `event`; returns this CPU's count of it so far (0 if unavailable).
 #[inline(always)]
-pub fn count_no_port_drop() -> u64 {
-    match NO_PORT_DROPS.get_ptr_mut(0) {
+pub fn count(event: Event) -> u64 {
+    match EVENTS.get_ptr_mut(event as u32) {
         Some(counter) => {
             // SAFETY: as in `count_action`.
             unsafe {
@@ -42,4 +41,11 @@ pub fn count_no_port_drop() -> u64 {
         }
         None => 0,
     }
+}
+
+/// Counts `event` and returns `action`: the last step of a decision that is counted.
+#[inline(always)]
+pub fn counted(event: Event, action: u32) -> u32 {
+    count(event);
+    action
 }

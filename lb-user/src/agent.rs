@@ -1,7 +1,10 @@
 //! `lb run`: resolve the plan, load and attach the program, write the maps, start the
 //! failover engine and the endpoint, and on SIGINT/SIGTERM detach everything.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
@@ -11,6 +14,7 @@ use crate::{
     control::{self, AgentState, InterfaceStatus},
     dataplane::Dataplane,
     failover::Engine,
+    flows::{self, Census},
     metrics::Metrics,
     net::{self, carrier::CarrierEvents, Netlink},
     plan::Plan,
@@ -40,7 +44,7 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             config.metrics_listen
         )
         })?;
-    let (mut dataplane, mut maps) = Dataplane::load()?;
+    let (mut dataplane, mut maps) = Dataplane::load(plan.flows.max)?;
     dataplane.forward_logs()?;
     maps.write_plan(&plan)
         .context("cannot write the plan into the maps")?;
@@ -78,7 +82,13 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         carriers.insert(iface.ifindex, link.carrier);
     }
     let maps = Arc::new(maps);
-    let metrics = Arc::new(Metrics::new(&plan, maps.clone()));
+    let census = Arc::new(Mutex::new(Census::default()));
+    let sweeper = tokio::spawn(flows::sweep_loop(
+        plan.clone(),
+        maps.clone(),
+        census.clone(),
+    ));
+    let metrics = Arc::new(Metrics::new(&plan, maps.clone(), census.clone()));
     let engine = Engine::start(&plan, maps.clone(), metrics.clone(), carriers, events).await?;
     for service in &plan.services {
         for backend in &service.backends {
@@ -101,12 +111,14 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         engine,
         metrics,
         interfaces,
+        census,
     });
-    tracing::info!(listen = %config.metrics_listen, "endpoint ready: /metrics /status /healthz");
+    tracing::info!(listen = %config.metrics_listen, "endpoint ready: /metrics /status /flows /healthz");
     axum::serve(listener, control::router(state.clone()))
         .with_graceful_shutdown(shutdown_signal())
         .await
         .context("the HTTP endpoint failed")?;
+    sweeper.abort();
     drop(state);
     dataplane.detach_all()?;
     tracing::info!("stopped; every XDP attachment removed");

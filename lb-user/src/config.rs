@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use crate::failover::policy::AllDown;
+pub use crate::failover::policy::{AllDown, Failback};
 
 /// Default address of the control and metrics endpoint.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
@@ -33,6 +33,84 @@ pub struct Config {
     /// The services: one VIP (and optionally protocol and port) each.
     #[serde(default)]
     pub services: Vec<ServiceConfig>,
+    /// The dataplane's connection table: size and timeouts.
+    #[serde(default)]
+    pub flows: FlowsConfig,
+}
+
+/// The connection table (`[flows]`): how many flows it holds and how long an idle flow
+/// lives. A flow whose timeout passed is gone: its next packet starts a new flow on the
+/// active backend, and a reply to it is no longer rewritten.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FlowsConfig {
+    /// Flows the table holds; when it is full, the least recently used flow is evicted.
+    /// Default 262144 (about 20 MiB with the reply index).
+    #[serde(default = "default_max_flows")]
+    pub max: u32,
+    /// Idle timeout of an established TCP connection. Default `"3h"`: longer than the
+    /// default TCP keepalive time (2 h), so idle connections with keepalives survive.
+    #[serde(default = "default_tcp_established", with = "humantime_serde")]
+    pub tcp_established: Duration,
+    /// Idle timeout of a TCP connection whose handshake has not completed (also one picked
+    /// up mid-stream, until its backend answers). Default `"30s"`.
+    #[serde(default = "default_tcp_handshake", with = "humantime_serde")]
+    pub tcp_handshake: Duration,
+    /// Idle timeout of a TCP connection after a FIN or RST. Default `"10s"`.
+    #[serde(default = "default_tcp_closing", with = "humantime_serde")]
+    pub tcp_closing: Duration,
+    /// Idle timeout of a UDP flow. Default `"60s"`.
+    #[serde(default = "default_udp", with = "humantime_serde")]
+    pub udp: Duration,
+    /// Idle timeout of an ICMP echo flow. Default `"10s"`.
+    #[serde(default = "default_icmp", with = "humantime_serde")]
+    pub icmp: Duration,
+    /// How often the agent sweeps expired flows out of the table and counts the live ones
+    /// for `/metrics`. Default `"5s"`.
+    #[serde(default = "default_sweep", with = "humantime_serde")]
+    pub sweep_interval: Duration,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        FlowsConfig {
+            max: default_max_flows(),
+            tcp_established: default_tcp_established(),
+            tcp_handshake: default_tcp_handshake(),
+            tcp_closing: default_tcp_closing(),
+            udp: default_udp(),
+            icmp: default_icmp(),
+            sweep_interval: default_sweep(),
+        }
+    }
+}
+
+fn default_max_flows() -> u32 {
+    lb_common::DEFAULT_MAX_FLOWS
+}
+
+fn default_tcp_established() -> Duration {
+    Duration::from_secs(3 * 3600)
+}
+
+fn default_tcp_handshake() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_tcp_closing() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_udp() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_icmp() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_sweep() -> Duration {
+    Duration::from_secs(5)
 }
 
 fn default_listen() -> SocketAddr {
@@ -102,6 +180,17 @@ pub struct ServiceConfig {
     /// `"drop"` drops the service's packets until one is back.
     #[serde(default)]
     pub on_all_down: AllDown,
+    /// When the active backend changes while the previous one is still healthy (failback,
+    /// `lb activate`, `lb drain`): `"graceful"` (default) lets TCP connections finish on
+    /// the backend they started on while new ones go to the new active backend;
+    /// `"immediate"` moves every flow at once. UDP and ICMP always follow at once.
+    #[serde(default)]
+    pub failback: Failback,
+    /// With graceful failback, the longest TCP connections may stay on a backend that is no
+    /// longer active, for example `"10m"`; then they follow the active backend. Default:
+    /// until they end (FIN/RST) or idle out.
+    #[serde(default, with = "humantime_serde::option")]
+    pub drain_limit: Option<Duration>,
 }
 
 fn default_true() -> bool {

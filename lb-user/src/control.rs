@@ -1,10 +1,12 @@
-//! The agent's HTTP endpoint: `/healthz`, `/status` (JSON, what `lb status` prints) and
-//! `POST /services/{service}/activate/{backend}` (manual failover, what `lb activate` sends).
+//! The agent's HTTP endpoint: `/healthz`, `/status` (JSON, what `lb status` prints),
+//! `/flows` (the connection table, what `lb flows` prints), and the manual actions
+//! `POST /services/{service}/activate/{backend}`, `…/drain/{backend}` and
+//! `…/undrain/{backend}` (what `lb activate`, `lb drain` and `lb undrain` send).
 
 use std::sync::Arc;
 
 use axum::{
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{header, HeaderMap, StatusCode},
     response::IntoResponse,
     routing::{get, post},
@@ -14,7 +16,13 @@ use lb_common::Direction;
 use serde::{Deserialize, Serialize};
 
 pub use crate::failover::Change;
-use crate::{dataplane::MapWriter, failover::Engine, metrics::Metrics, plan::Plan};
+use crate::{
+    dataplane::MapWriter,
+    failover::Engine,
+    flows::{self, Census, FlowView},
+    metrics::Metrics,
+    plan::Plan,
+};
 
 /// Everything the endpoint reads and changes. Interior locks only: reading never blocks a
 /// failover for longer than one service's decision.
@@ -29,6 +37,8 @@ pub struct AgentState {
     pub metrics: Arc<Metrics>,
     /// NICs and the mode the program runs in on each.
     pub interfaces: Vec<InterfaceStatus>,
+    /// The last sweep of the connection table.
+    pub census: Arc<std::sync::Mutex<Census>>,
 }
 
 /// Shared handle on the agent state.
@@ -45,15 +55,16 @@ impl AgentState {
                 let service = &runtime.plan;
                 // A snapshot under the lock; the counters are read after it is released, so a
                 // status request never holds up a flip.
-                let (active, last_change, health): (Option<usize>, _, Vec<(bool, String)>) = {
+                let (active, last_change, health): (Option<usize>, _, Vec<(bool, String, bool)>) = {
                     let state = runtime.state.lock().expect("service state lock");
                     let health = state
                         .backends
                         .iter()
-                        .map(|b| (b.up, b.last_cause.clone()))
+                        .map(|b| (b.up, b.last_cause.clone(), b.drained))
                         .collect();
                     (state.active, state.last_change.clone(), health)
                 };
+                let census = self.census.lock().expect("census lock").counts.clone();
                 ServiceStatus {
                     name: service.name.clone(),
                     vip: service.vip.to_string(),
@@ -75,6 +86,7 @@ impl AgentState {
                                 .maps
                                 .traffic_of(b.index, Direction::Reverse)
                                 .unwrap_or_default();
+                            let b_name = &b.name;
                             BackendStatus {
                                 name: b.name.clone(),
                                 ip: b.ip.to_string(),
@@ -83,6 +95,12 @@ impl AgentState {
                                 up: health.0,
                                 health_cause: health.1,
                                 active: active == Some(position),
+                                drained: health.2,
+                                flows: census
+                                    .iter()
+                                    .filter(|((s, b, _), _)| s == &service.name && b == b_name)
+                                    .map(|(_, count)| count)
+                                    .sum(),
                                 packets_forward: forward.packets,
                                 packets_reverse: reverse.packets,
                             }
@@ -143,6 +161,12 @@ pub struct BackendStatus {
     pub health_cause: String,
     /// Whether it is the active backend.
     pub active: bool,
+    /// Taken out of service by `lb drain`.
+    #[serde(default)]
+    pub drained: bool,
+    /// Live flows on it, as of the last sweep of the connection table.
+    #[serde(default)]
+    pub flows: u64,
     /// Packets rewritten toward it.
     pub packets_forward: u64,
     /// Reply packets rewritten from it.
@@ -164,8 +188,82 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/status", get(status))
         .route("/metrics", get(metrics))
+        .route("/flows", get(list_flows))
         .route("/services/{service}/activate/{backend}", post(activate))
+        .route("/services/{service}/drain/{backend}", post(drain))
+        .route("/services/{service}/undrain/{backend}", post(undrain))
         .with_state(state)
+}
+
+/// Filters of `/flows`.
+#[derive(Debug, Deserialize)]
+struct FlowFilter {
+    service: Option<String>,
+    backend: Option<String>,
+}
+
+async fn list_flows(
+    State(state): State<Shared>,
+    Query(filter): Query<FlowFilter>,
+) -> Result<Json<Vec<FlowView>>, (StatusCode, String)> {
+    if let Some(service) = &filter.service {
+        let planned = state
+            .plan
+            .service(service)
+            .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
+        if let Some(backend) = &filter.backend {
+            planned
+                .backend(backend)
+                .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
+        }
+    }
+    // One syscall per table entry: off the runtime's thread.
+    let listed = tokio::task::spawn_blocking(move || {
+        flows::list(
+            &state.plan,
+            &state.maps,
+            filter.service.as_deref(),
+            filter.backend.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")))?;
+    listed
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")))
+}
+
+async fn drain(
+    State(state): State<Shared>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Result<Json<Change>, (StatusCode, String)> {
+    set_drained(&state, &service, &backend, true)
+}
+
+async fn undrain(
+    State(state): State<Shared>,
+    Path((service, backend)): Path<(String, String)>,
+) -> Result<Json<Change>, (StatusCode, String)> {
+    set_drained(&state, &service, &backend, false)
+}
+
+fn set_drained(
+    state: &Shared,
+    service: &str,
+    backend: &str,
+    drained: bool,
+) -> Result<Json<Change>, (StatusCode, String)> {
+    let runtime = state
+        .engine
+        .service(service)
+        .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
+    if let Err(e) = runtime.plan.backend(backend) {
+        return Err((StatusCode::NOT_FOUND, format!("{e:#}\n")));
+    }
+    runtime
+        .set_drained(backend, drained)
+        .map(Json)
+        .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}\n")))
 }
 
 async fn status(State(state): State<Shared>) -> Json<Status> {

@@ -5,6 +5,7 @@
 //! - [`plan`]: that file checked and resolved against the host's NICs;
 //! - [`dataplane`]: the embedded XDP program, its attachment and the map writer;
 //! - [`health`]: health probes; [`failover`]: the rules and the engine that flips;
+//! - [`flows`]: the connection table as the agent sees it (sweep, counts, `lb flows`);
 //! - [`metrics`]: the Prometheus exposition;
 //! - [`control`]: the HTTP endpoint (`/metrics`, `/status`, manual activation);
 //! - [`agent`]: ties them together for `lb run`;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod control;
 pub mod dataplane;
 pub mod failover;
+pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod net;

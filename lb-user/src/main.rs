@@ -10,6 +10,7 @@ use lb_user::{
     agent::{self, RunOptions},
     config::{Config, XdpModeSetting, DEFAULT_LISTEN},
     control::{Change, Status},
+    flows::FlowView,
     plan::Plan,
 };
 
@@ -65,6 +66,39 @@ enum Command {
         /// Stop by itself after this many seconds.
         #[arg(long, default_value_t = 600)]
         duration: u64,
+    },
+    /// List the connections in the dataplane's table (like `conntrack -L`).
+    Flows {
+        /// Only the flows of this service.
+        #[arg(long)]
+        service: Option<String>,
+        /// Only the flows on this backend (with --service).
+        #[arg(long, requires = "service")]
+        backend: Option<String>,
+        /// The agent's endpoint.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        endpoint: String,
+    },
+    /// Take BACKEND of SERVICE out of service: no new flows; if it was active, the next
+    /// backend takes over, and its TCP connections finish under the service's failback rules.
+    Drain {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+        /// The agent's endpoint.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        endpoint: String,
+    },
+    /// Put a drained BACKEND of SERVICE back into service.
+    Undrain {
+        /// Service name.
+        service: String,
+        /// Backend name.
+        backend: String,
+        /// The agent's endpoint.
+        #[arg(long, default_value = DEFAULT_LISTEN)]
+        endpoint: String,
     },
     /// Make BACKEND the active backend of SERVICE now (manual failover).
     Activate {
@@ -129,8 +163,30 @@ fn main() -> Result<()> {
                 backend,
                 endpoint,
             } => {
-                tokio::task::spawn_blocking(move || activate(&endpoint, &service, &backend)).await?
+                tokio::task::spawn_blocking(move || act(&endpoint, "activate", &service, &backend))
+                    .await?
             }
+            Command::Drain {
+                service,
+                backend,
+                endpoint,
+            } => {
+                tokio::task::spawn_blocking(move || act(&endpoint, "drain", &service, &backend))
+                    .await?
+            }
+            Command::Undrain {
+                service,
+                backend,
+                endpoint,
+            } => {
+                tokio::task::spawn_blocking(move || act(&endpoint, "undrain", &service, &backend))
+                    .await?
+            }
+            Command::Flows {
+                service,
+                backend,
+                endpoint,
+            } => tokio::task::spawn_blocking(move || flows(&endpoint, service, backend)).await?,
         }
     })
 }
@@ -216,14 +272,16 @@ fn status(endpoint: &str) -> Result<()> {
         );
         for b in &service.backends {
             println!(
-                "  {} {} {} via {} priority {}: {} ({}); {} packets forward, {} reverse",
+                "  {} {} {} via {} priority {}: {}{} ({}); {} flows; {} packets forward, {} reverse",
                 if b.active { "*" } else { " " },
                 b.name,
                 b.ip,
                 b.iface,
                 b.priority,
                 if b.up { "up" } else { "DOWN" },
+                if b.drained { ", drained" } else { "" },
                 b.health_cause,
+                b.flows,
                 b.packets_forward,
                 b.packets_reverse
             );
@@ -241,8 +299,9 @@ fn status(endpoint: &str) -> Result<()> {
     Ok(())
 }
 
-fn activate(endpoint: &str, service: &str, backend: &str) -> Result<()> {
-    let url = endpoint_url(endpoint, &format!("/services/{service}/activate/{backend}"));
+/// Sends manual action `action` (`activate`, `drain`, `undrain`) for a backend.
+fn act(endpoint: &str, action: &str, service: &str, backend: &str) -> Result<()> {
+    let url = endpoint_url(endpoint, &format!("/services/{service}/{action}/{backend}"));
     let mut response = ureq::post(&url)
         .config()
         .http_status_as_error(false)
@@ -255,10 +314,55 @@ fn activate(endpoint: &str, service: &str, backend: &str) -> Result<()> {
     }
     let change: Change = response.body_mut().read_json()?;
     println!(
-        "service {service}: {} -> {} (map write {:.1} us)",
+        "service {service}: {} -> {} ({}; map write {:.1} us)",
         change.from.as_deref().unwrap_or("-"),
         change.to.as_deref().unwrap_or("-"),
+        change.cause,
         change.flip_us
     );
+    Ok(())
+}
+
+fn flows(endpoint: &str, service: Option<String>, backend: Option<String>) -> Result<()> {
+    let mut url = endpoint_url(endpoint, "/flows");
+    let filters: Vec<String> = [("service", service), ("backend", backend)]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|v| format!("{key}={v}")))
+        .collect();
+    if !filters.is_empty() {
+        url = format!("{url}?{}", filters.join("&"));
+    }
+    let mut response = ureq::get(&url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .call()
+        .with_context(|| format!("cannot reach the agent at {url}; is `lb run` running?"))?;
+    if !response.status().is_success() {
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        bail!("the agent refused: {}", text.trim());
+    }
+    let flows: Vec<FlowView> = response
+        .body_mut()
+        .read_json()
+        .context("the agent's /flows answer is not valid")?;
+    println!(
+        "{:<12} {:<5} {:<21} {:<21} {:<12} {:<12} {:>9} {:>7}",
+        "SERVICE", "PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "AGE", "IDLE"
+    );
+    for f in &flows {
+        println!(
+            "{:<12} {:<5} {:<21} {:<21} {:<12} {:<12} {:>8.1}s {:>6.1}s",
+            f.service,
+            f.protocol,
+            f.client.to_string(),
+            f.vip.to_string(),
+            f.backend,
+            f.state,
+            f.age_s,
+            f.idle_s
+        );
+    }
+    println!("{} flows", flows.len());
     Ok(())
 }

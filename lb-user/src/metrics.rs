@@ -10,10 +10,15 @@
 //! | `lb_health_checks_total` | counter | service, backend, check, result |
 //! | `lb_packets_total`, `lb_bytes_total` | counter | service, backend, direction |
 //! | `lb_xdp_actions_total` | counter | interface, action |
+//! | `lb_dataplane_events_total` | counter | event |
+//! | `lb_flows` | gauge | service, backend, protocol |
+//! | `lb_flows_expired_total` | counter | |
 //!
-//! The last three are read from the XDP program's per-CPU maps at scrape time.
+//! `lb_packets_total`, `lb_bytes_total`, `lb_xdp_actions_total` and
+//! `lb_dataplane_events_total` are read from the XDP program's per-CPU maps at scrape time;
+//! `lb_flows` is the last sweep's count of live flows in the connection table.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use prometheus_client::{
     collector::Collector,
@@ -21,7 +26,7 @@ use prometheus_client::{
     metrics::{
         counter::{ConstCounter, Counter},
         family::Family,
-        gauge::Gauge,
+        gauge::{ConstGauge, Gauge},
         histogram::Histogram,
         MetricType,
     },
@@ -30,6 +35,7 @@ use prometheus_client::{
 
 use crate::{
     dataplane::{counters::ACTION_NAMES, MapWriter},
+    flows::Census,
     plan::Plan,
 };
 
@@ -124,8 +130,9 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    /// Registers every metric; the dataplane counters come from `maps` at scrape time.
-    pub fn new(plan: &Plan, maps: Arc<MapWriter>) -> Self {
+    /// Registers every metric; the dataplane counters come from `maps` at scrape time, the
+    /// flow counts from `census`.
+    pub fn new(plan: &Plan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) -> Self {
         let mut registry = Registry::default();
         let backend_up = Family::<BackendLabels, Gauge>::default();
         let backend_active = Family::<BackendLabels, Gauge>::default();
@@ -168,6 +175,7 @@ impl Metrics {
         registry.register_collector(Box::new(DataplaneCollector {
             plan: plan.clone(),
             maps,
+            census,
         }));
         Metrics {
             registry,
@@ -224,11 +232,12 @@ fn openmetrics_to_prometheus(text: &str) -> String {
     out
 }
 
-/// Reads the XDP program's counters when scraped.
+/// Reads the XDP program's counters and the last flow census when scraped.
 #[derive(Debug)]
 struct DataplaneCollector {
     plan: Plan,
     maps: Arc<MapWriter>,
+    census: Arc<Mutex<Census>>,
 }
 
 impl Collector for DataplaneCollector {
@@ -288,6 +297,43 @@ impl Collector for DataplaneCollector {
                 ConstCounter::new(*count).encode(actions.encode_family(&labels)?)?;
             }
         }
+        let mut events = encoder.encode_descriptor(
+            "lb_dataplane_events",
+            "Decisions of the XDP program: flows created, moved or picked up, and every frame \
+             it refused to rewrite, by reason",
+            None,
+            MetricType::Counter,
+        )?;
+        let counts = self.maps.events().unwrap_or_default();
+        for (count, event) in counts.iter().zip(lb_common::EVENT_NAMES) {
+            let labels = [("event", event.to_string())];
+            ConstCounter::new(*count).encode(events.encode_family(&labels)?)?;
+        }
+        let (flow_counts, removed) = {
+            let census = self.census.lock().expect("census lock");
+            (census.counts.clone(), census.removed)
+        };
+        let mut flows = encoder.encode_descriptor(
+            "lb_flows",
+            "Live flows in the connection table, as of the last sweep",
+            None,
+            MetricType::Gauge,
+        )?;
+        for ((service, backend, protocol), count) in &flow_counts {
+            let labels = [
+                ("service", service.clone()),
+                ("backend", backend.clone()),
+                ("protocol", protocol.to_string()),
+            ];
+            ConstGauge::new(*count as i64).encode(flows.encode_family(&labels)?)?;
+        }
+        let expired = encoder.encode_descriptor(
+            "lb_flows_expired",
+            "Flows removed from the connection table by the sweep after their idle timeout",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(removed).encode(expired)?;
         Ok(())
     }
 }

@@ -14,7 +14,9 @@ use lb_common::{MAX_BACKENDS, MAX_IFACES, MAX_SERVICES};
 use serde::Serialize;
 
 use crate::{
-    config::{CheckConfig, Config, HealthConfig, Protocol, Role, ServiceConfig},
+    config::{
+        CheckConfig, Config, Failback, FlowsConfig, HealthConfig, Protocol, Role, ServiceConfig,
+    },
     failover::policy::Policy,
     net::{self, Link, Netlink},
 };
@@ -181,7 +183,39 @@ pub struct Plan {
     pub interfaces: Vec<PlannedInterface>,
     /// Services, in id order.
     pub services: Vec<PlannedService>,
+    /// The connection table's size and timeouts.
+    pub flows: FlowsConfig,
+    /// The switch host's own addresses, which are never accepted as clients.
+    pub local_addresses: Vec<Ipv4Addr>,
 }
+
+/// Checks the `[flows]` table.
+fn validate_flows(flows: &FlowsConfig) -> Result<()> {
+    if !(MIN_FLOWS..=MAX_FLOWS).contains(&flows.max) {
+        bail!(
+            "flows.max = {}: must be {MIN_FLOWS} to {MAX_FLOWS}",
+            flows.max
+        );
+    }
+    for (key, value) in [
+        ("tcp_established", flows.tcp_established),
+        ("tcp_handshake", flows.tcp_handshake),
+        ("tcp_closing", flows.tcp_closing),
+        ("udp", flows.udp),
+        ("icmp", flows.icmp),
+        ("sweep_interval", flows.sweep_interval),
+    ] {
+        if value < Duration::from_secs(1) {
+            bail!("flows.{key} = {value:?}: must be at least 1s");
+        }
+    }
+    Ok(())
+}
+
+/// The smallest connection table `flows.max` allows.
+pub const MIN_FLOWS: u32 = 1024;
+/// The largest connection table `flows.max` allows (about 1.3 GiB with the reply index).
+pub const MAX_FLOWS: u32 = 16 * 1024 * 1024;
 
 fn serialize_mac<S: serde::Serializer>(mac: &[u8; 6], s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&net::format_mac(mac))
@@ -197,6 +231,7 @@ pub fn validate(config: &Config) -> Result<()> {
     if config.services.is_empty() {
         bail!("no service configured: add at least one [[services]] table");
     }
+    validate_flows(&config.flows)?;
     if config.services.len() > MAX_SERVICES as usize {
         bail!(
             "{} services configured, at most {MAX_SERVICES} are supported",
@@ -225,6 +260,12 @@ pub fn validate(config: &Config) -> Result<()> {
             bail!(
                 "service {name:?}: vip {} is not a unicast address",
                 service.vip
+            );
+        }
+        if service.drain_limit.is_some() && service.failback == Failback::Immediate {
+            bail!(
+                "service {name:?}: drain_limit only applies to failback = \"graceful\" \
+                 (with \"immediate\" every flow moves at once)"
             );
         }
         if let Some(port) = service.port {
@@ -419,6 +460,8 @@ impl Plan {
                     preempt: service.preempt,
                     failback_delay: service.failback_delay,
                     all_down: service.on_all_down,
+                    failback: service.failback,
+                    drain_limit: service.drain_limit,
                 },
             });
         }
@@ -460,9 +503,15 @@ impl Plan {
         {
             bail!("no client-facing interface: name the NIC clients arrive on with --iface or [[interfaces]]");
         }
+        let local_addresses = netlink
+            .local_ipv4_addresses()
+            .await
+            .context("cannot read this host's own addresses")?;
         Ok(Plan {
             interfaces,
             services,
+            flows: config.flows.clone(),
+            local_addresses,
         })
     }
 
@@ -601,6 +650,23 @@ mod tests {
             .replace("name = \"web\"", "name = \"alt\"")
             .replace("port = 80", "port = 8080");
         validate(&Config::parse(&format!("{GOOD}\n{other_port}")).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn flow_table_settings_are_checked() {
+        let e = error_of(&format!("{GOOD}\n[flows]\nmax = 10\n"));
+        assert!(e.contains("flows.max = 10"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[flows]\nudp = \"10ms\"\n"));
+        assert!(e.contains("flows.udp"), "{e}");
+        let e = error_of(&format!("{GOOD}\n[flows]\ntcp = \"1h\"\n"));
+        assert!(e.contains("unknown field `tcp`"), "{e}");
+        let e = error_of(&GOOD.replace(
+            "port = 80",
+            "port = 80\nfailback = \"immediate\"\ndrain_limit = \"1m\"",
+        ));
+        assert!(e.contains("drain_limit only applies"), "{e}");
+        let e = error_of(&GOOD.replace("port = 80", "port = 80\nfailback = \"later\""));
+        assert!(e.contains("unknown variant `later`"), "{e}");
     }
 
     #[test]

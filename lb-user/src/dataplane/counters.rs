@@ -1,7 +1,7 @@
 //! Reading the program's per-CPU counters, summed over CPUs.
 
 use anyhow::Result;
-use lb_common::{action_index, traffic_index, Direction, Traffic, XDP_ACTIONS};
+use lb_common::{action_index, traffic_index, Direction, Traffic, EVENTS, XDP_ACTIONS};
 
 use super::MapWriter;
 
@@ -25,6 +25,18 @@ impl MapWriter {
         for (action, count) in counts.iter_mut().enumerate() {
             let per_cpu = self.actions.get(&action_index(slot, action as u32), 0)?;
             *count = per_cpu.iter().sum();
+        }
+        Ok(counts)
+    }
+}
+
+impl MapWriter {
+    /// How often each counted dataplane decision happened, in `lb_common::EVENT_NAMES`
+    /// order.
+    pub fn events(&self) -> Result<[u64; EVENTS as usize]> {
+        let mut counts = [0u64; EVENTS as usize];
+        for (event, count) in counts.iter_mut().enumerate() {
+            *count = self.events.get(&(event as u32), 0)?.iter().sum();
         }
         Ok(counts)
     }

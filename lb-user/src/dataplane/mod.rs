@@ -4,17 +4,19 @@
 //! - [`Dataplane::attach`] puts it on a NIC (detached again on drop, also if the agent dies:
 //!   attachments are kernel links owned by this process);
 //! - [`writer::MapWriter`] writes the plan and flips a service's active backend;
+//! - [`flows`] reads and sweeps the connection table;
 //! - [`counters`] reads the per-CPU counters.
 
 pub mod counters;
+pub mod flows;
 pub mod writer;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
     programs::{xdp::XdpLinkId, Xdp, XdpMode},
-    Ebpf,
+    Ebpf, EbpfLoader,
 };
-use lb_common::{PASS_PROGRAM_NAME, PROGRAM_NAME};
+use lb_common::{map_names, PASS_PROGRAM_NAME, PROGRAM_NAME};
 
 use crate::config::XdpModeSetting;
 pub use writer::MapWriter;
@@ -39,13 +41,18 @@ pub struct Attachment {
 }
 
 impl Dataplane {
-    /// Loads the embedded program into the kernel (it is not attached anywhere yet) and
-    /// takes its maps.
-    pub fn load() -> Result<(Self, MapWriter)> {
+    /// Loads the embedded program into the kernel (it is not attached anywhere yet) with a
+    /// connection table of `max_flows` flows, and takes its maps.
+    pub fn load(max_flows: u32) -> Result<(Self, MapWriter)> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT).context(
-            "cannot load the XDP program into the kernel (needs root or CAP_BPF + CAP_NET_ADMIN)",
-        )?;
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_names::FLOWS, max_flows)
+            .map_max_entries(map_names::REPLIES, max_flows)
+            .load(OBJECT)
+            .context(
+                "cannot load the XDP program into the kernel (needs root or CAP_BPF + \
+                 CAP_NET_ADMIN, and memory for the connection table: see flows.max)",
+            )?;
         let maps = MapWriter::take(&mut ebpf)?;
         let mut dataplane = Dataplane {
             ebpf,

@@ -3,42 +3,51 @@
 //! [`MapWriter::write_plan`] fills every map from a [`Plan`]; [`MapWriter::set_active`] is the
 //! failover itself — one write of one `u32` into the `ACTIVE` array, which the program reads
 //! on every packet, so the packet after the write already goes to the new backend.
+//! [`MapWriter::set_keep`] tells the program how long a backend that is no longer active
+//! keeps its TCP connections (graceful failback and drain).
 
 use std::{collections::BTreeMap, sync::Mutex};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use aya::{
     maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
     Ebpf,
 };
 use lb_common::{
-    iface_flags, map_names, proto, Backend, EndpointKey, Iface, Neighbor, ReverseValue,
-    ServiceValue, Traffic, VipInfo, NO_BACKEND,
+    iface_flags, map_names, proto, service_flags, Backend, EndpointKey, Flow, FlowKey,
+    FlowSettings, Iface, Reply, ServiceValue, Traffic, VipInfo, KEEP_FOREVER, MAX_IFINDEX,
+    NO_BACKEND,
 };
 
 use crate::{
-    config::{Protocol, Role},
+    config::{Failback, FlowsConfig, Protocol, Role},
     plan::{Plan, PlannedService},
 };
 
 /// Owned handles on every map of the program.
 ///
-/// Shared (`Arc`) between the failover engine, which flips `ACTIVE` through `&self`, and the
-/// metrics and status readers.
+/// Shared (`Arc`) between the failover engine, which flips `ACTIVE` and `KEEP` through
+/// `&self`, the flow sweeper, and the metrics and status readers.
 pub struct MapWriter {
     services: HashMap<MapData, EndpointKey, ServiceValue>,
     active: Mutex<Array<MapData, u32>>,
-    backends: Array<MapData, Backend>,
-    reverse: HashMap<MapData, EndpointKey, ReverseValue>,
+    pub(super) backends: Array<MapData, Backend>,
+    keep: Mutex<Array<MapData, u64>>,
     vips: HashMap<MapData, [u8; 4], VipInfo>,
-    ifaces: HashMap<MapData, u32, Iface>,
+    ifaces: Array<MapData, Iface>,
+    local_addrs: HashMap<MapData, [u8; 4], u8>,
+    pub(super) settings: Array<MapData, FlowSettings>,
     tx_ports: DevMapHash<MapData>,
-    /// Learned clients (read-only here: for diagnostics).
-    pub clients: HashMap<MapData, [u8; 4], Neighbor>,
+    /// The connection table (read and swept by [`super::flows`]).
+    pub(super) flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
+    /// The reply index (entries removed with their flows).
+    pub(super) replies: Mutex<HashMap<MapData, FlowKey, Reply>>,
     /// Per-backend traffic counters.
     pub traffic: PerCpuArray<MapData, Traffic>,
     /// Per-NIC action counters.
     pub actions: PerCpuArray<MapData, u64>,
+    /// Counted dataplane decisions, indexed by `lb_common::Event`.
+    pub events: PerCpuArray<MapData, u64>,
 }
 
 impl std::fmt::Debug for MapWriter {
@@ -65,6 +74,29 @@ fn protocol_number(protocol: Option<Protocol>) -> u8 {
     }
 }
 
+/// The timeouts of `[flows]` as the program reads them.
+pub fn flow_settings(flows: &FlowsConfig) -> FlowSettings {
+    let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+    FlowSettings {
+        tcp_established_ns: ns(flows.tcp_established),
+        tcp_handshake_ns: ns(flows.tcp_handshake),
+        tcp_closing_ns: ns(flows.tcp_closing),
+        udp_ns: ns(flows.udp),
+        icmp_ns: ns(flows.icmp),
+    }
+}
+
+/// Now on the clock the program reads (`bpf_ktime_get_coarse_ns`), in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which lives on this stack frame.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 impl MapWriter {
     /// Takes the maps out of a freshly loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
@@ -72,13 +104,17 @@ impl MapWriter {
             services: take(ebpf, map_names::SERVICES)?,
             active: Mutex::new(take(ebpf, map_names::ACTIVE)?),
             backends: take(ebpf, map_names::BACKENDS)?,
-            reverse: take(ebpf, map_names::REVERSE)?,
+            keep: Mutex::new(take(ebpf, map_names::KEEP)?),
             vips: take(ebpf, map_names::VIPS)?,
             ifaces: take(ebpf, map_names::IFACES)?,
+            local_addrs: take(ebpf, map_names::LOCAL_ADDRS)?,
+            settings: take(ebpf, map_names::SETTINGS)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
-            clients: take(ebpf, map_names::CLIENTS)?,
+            flows: Mutex::new(take(ebpf, map_names::FLOWS)?),
+            replies: Mutex::new(take(ebpf, map_names::REPLIES)?),
             traffic: take(ebpf, map_names::TRAFFIC)?,
             actions: take(ebpf, map_names::ACTIONS)?,
+            events: take(ebpf, map_names::EVENTS)?,
         })
     }
 
@@ -87,14 +123,21 @@ impl MapWriter {
     /// The NICs are written last, so the program ignores traffic until everything it could
     /// look up is in place.
     pub fn write_plan(&mut self, plan: &Plan) -> Result<()> {
+        self.settings
+            .set(0, flow_settings(&plan.flows), 0)
+            .context("cannot write the connection table's timeouts")?;
+        for ip in &plan.local_addresses {
+            self.local_addrs
+                .insert(ip.octets(), 1, 0)
+                .with_context(|| format!("cannot write local address {ip}"))?;
+        }
         let mut vips: BTreeMap<[u8; 4], u32> = BTreeMap::new();
         for service in &plan.services {
             self.write_service(service)?;
             *vips.entry(service.vip.octets()).or_default() += 1;
         }
         // ICMP echo to a VIP goes to the first service on that VIP, unless one takes every
-        // protocol (its wildcard key already matches echo). A backend's echo replies carry
-        // the VIP of the first service that claimed its echo key.
+        // protocol (its wildcard key already matches echo).
         for service in &plan.services {
             let vip = service.vip.octets();
             let takes_all = plan
@@ -106,21 +149,8 @@ impl MapWriter {
                 continue;
             }
             self.services
-                .insert(echo, ServiceValue { id: service.id }, 0)
+                .insert(echo, service_value(service), 0)
                 .with_context(|| format!("cannot write the echo entry of {}", service.name))?;
-            for backend in &service.backends {
-                let key = EndpointKey::new(backend.ip.octets(), proto::ICMP, [0, 0]);
-                if self.reverse.get(&key, 0).is_ok() {
-                    continue;
-                }
-                let value = ReverseValue {
-                    vip,
-                    backend: backend.index,
-                };
-                self.reverse.insert(key, value, 0).with_context(|| {
-                    format!("cannot write the echo reply entry of {}", backend.name)
-                })?;
-            }
         }
         for (vip, services) in vips {
             self.vips
@@ -133,6 +163,13 @@ impl MapWriter {
                 .with_context(|| format!("cannot add {} to the redirect map", iface.name))?;
         }
         for iface in &plan.interfaces {
+            if iface.ifindex >= MAX_IFINDEX {
+                bail!(
+                    "interface {} has index {}; the dataplane serves indexes below {MAX_IFINDEX}",
+                    iface.name,
+                    iface.ifindex
+                );
+            }
             let flags = match iface.role {
                 Role::Client => iface_flags::CLIENT,
                 Role::Backend => iface_flags::BACKEND,
@@ -143,7 +180,7 @@ impl MapWriter {
                 flags,
                 slot: iface.slot,
             };
-            self.ifaces.insert(iface.ifindex, value, 0)?;
+            self.ifaces.set(iface.ifindex, value, 0)?;
         }
         Ok(())
     }
@@ -160,21 +197,13 @@ impl MapWriter {
                 ifindex: backend.ifindex,
             };
             self.backends.set(backend.index, value, 0)?;
-            let key = EndpointKey::new(backend.ip.octets(), proto, port);
-            self.reverse.insert(
-                key,
-                ReverseValue {
-                    vip,
-                    backend: backend.index,
-                },
-                0,
-            )?;
+            self.set_keep(backend.index, KEEP_FOREVER)?;
         }
         let first = service.backends.first().map_or(NO_BACKEND, |b| b.index);
         self.set_active(service.id, first)?;
         let key = EndpointKey::new(vip, proto, port);
         self.services
-            .insert(key, ServiceValue { id: service.id }, 0)
+            .insert(key, service_value(service), 0)
             .with_context(|| format!("cannot write service {}", service.name))?;
         Ok(())
     }
@@ -196,5 +225,27 @@ impl MapWriter {
             .lock()
             .expect("ACTIVE map lock")
             .get(&service, 0)?)
+    }
+
+    /// Lets backend `backend` keep its sticky (graceful) TCP flows until `until` on the
+    /// [`monotonic_ns`] clock: [`KEEP_FOREVER`] for as long as they last, 0 to move them to
+    /// the active backend at their next packet. One map write.
+    pub fn set_keep(&self, backend: u32, until: u64) -> Result<()> {
+        self.keep
+            .lock()
+            .expect("KEEP map lock")
+            .set(backend, until, 0)
+            .with_context(|| format!("cannot write the keep deadline of backend {backend}"))
+    }
+}
+
+fn service_value(service: &PlannedService) -> ServiceValue {
+    let flags = match service.policy.failback {
+        Failback::Graceful => service_flags::GRACEFUL,
+        Failback::Immediate => 0,
+    };
+    ServiceValue {
+        id: service.id,
+        flags,
     }
 }

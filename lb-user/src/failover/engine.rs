@@ -10,14 +10,14 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::NO_BACKEND;
+use lb_common::{KEEP_FOREVER, NO_BACKEND};
 use serde::{Deserialize, Serialize};
 use tokio::{task::JoinHandle, time::MissedTickBehavior};
 
 use super::policy::{choose, Candidate, CheckCounter};
 use crate::{
-    config::CheckConfig,
-    dataplane::MapWriter,
+    config::{CheckConfig, Failback},
+    dataplane::{writer::monotonic_ns, MapWriter},
     health::{Carriers, Probe},
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
@@ -52,6 +52,8 @@ pub struct BackendState {
     pub up_since: Option<Instant>,
     /// Why it last changed state.
     pub last_cause: String,
+    /// Taken out of service by `lb drain`: it gets no new flows, whatever its health.
+    pub drained: bool,
 }
 
 /// Mutable state of one service.
@@ -163,6 +165,13 @@ impl ServiceRuntime {
         let name = &self.plan.backends[position].name;
         let verdict = if up { "up" } else { "down" };
         let change = self.decide(state, at, &|| format!("{name} {verdict}: {}", cause()));
+        // A backend that is down loses its connections to the active one at their next
+        // packet; one that is up again keeps those that did not move meanwhile.
+        if !up {
+            self.write_keep(position, 0);
+        } else if !state.backends[position].drained {
+            self.write_keep(position, KEEP_FOREVER);
+        }
         state.backends[position].last_cause = cause();
         self.metrics
             .backend_up
@@ -262,7 +271,7 @@ impl ServiceRuntime {
             .backends
             .iter()
             .map(|b| Candidate {
-                up: b.up,
+                up: b.up && !b.drained,
                 up_since: b.up_since,
             })
             .collect();
@@ -314,6 +323,15 @@ impl ServiceRuntime {
             return None;
         }
         let flip = at.elapsed();
+        // Then the previous backend's connections: graceful failback lets a healthy one keep
+        // its TCP connections (up to the drain limit); otherwise they follow at once.
+        if let Some(previous) = state.active {
+            let until = self.keep_after_deactivation(&state.backends[previous]);
+            self.write_keep(previous, until);
+        }
+        if let Some(next) = target {
+            self.write_keep(next, KEEP_FOREVER);
+        }
         let from = self.name_of(state.active);
         let to = self.name_of(target);
         self.metrics
@@ -354,6 +372,71 @@ impl ServiceRuntime {
         Some(change)
     }
 
+    /// How long backend state `backend`, which stops being active now, keeps its sticky
+    /// flows (a [`MapWriter::set_keep`] deadline).
+    fn keep_after_deactivation(&self, backend: &BackendState) -> u64 {
+        if !backend.up {
+            return 0;
+        }
+        match (self.plan.policy.failback, self.plan.policy.drain_limit) {
+            (Failback::Immediate, _) => 0,
+            (Failback::Graceful, None) => KEEP_FOREVER,
+            (Failback::Graceful, Some(limit)) => {
+                monotonic_ns().saturating_add(limit.as_nanos().try_into().unwrap_or(u64::MAX))
+            }
+        }
+    }
+
+    /// Writes backend `position`'s keep deadline; a failed write is logged (the flows then
+    /// keep the previous deadline).
+    fn write_keep(&self, position: usize, until: u64) {
+        let backend = &self.plan.backends[position];
+        if let Err(e) = self.maps.set_keep(backend.index, until) {
+            tracing::error!(service = self.plan.name, backend = backend.name, error = %e, "cannot write the keep deadline");
+        }
+    }
+
+    /// Takes backend `name` out of service (`drained`) or puts it back: a drained backend
+    /// gets no new flows; if it was active, the next one takes over at once, and its TCP
+    /// connections finish on it under the service's failback rules (graceful: until they
+    /// end or the drain limit; immediate: they move now). UDP and ICMP flows move at once.
+    pub fn set_drained(self: &Arc<Self>, name: &str, drained: bool) -> Result<Change> {
+        let position = self
+            .plan
+            .backends
+            .iter()
+            .position(|b| b.name == name)
+            .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
+        let mut state = self.state.lock().expect("service state lock");
+        let was = state.backends[position].drained;
+        state.backends[position].drained = drained;
+        let what = if drained { "drained" } else { "undrained" };
+        tracing::info!(
+            service = self.plan.name,
+            backend = name,
+            "backend {what} by hand"
+        );
+        let cause = || format!("{name} {what} by hand");
+        let change = self.decide(&mut state, Instant::now(), &cause);
+        if drained && !was && state.active != Some(position) {
+            let until = self.keep_after_deactivation(&state.backends[position]);
+            self.write_keep(position, until);
+        } else if !drained && state.backends[position].up {
+            self.write_keep(position, KEEP_FOREVER);
+        }
+        if let Some(change) = &change {
+            self.log_change(change);
+        }
+        let active = self.name_of(state.active);
+        Ok(change.unwrap_or_else(|| Change {
+            from: active.clone(),
+            to: active,
+            cause: format!("{name} {what}; active backend unchanged"),
+            at_unix_s: unix_now(),
+            flip_us: 0.0,
+        }))
+    }
+
     /// Makes backend `name` active now (`lb activate`); the health checks keep deciding
     /// afterwards.
     pub fn activate(self: &Arc<Self>, name: &str) -> Result<Change> {
@@ -364,6 +447,7 @@ impl ServiceRuntime {
             .position(|b| b.name == name)
             .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
         let mut state = self.state.lock().expect("service state lock");
+        state.backends[position].drained = false;
         if state.active == Some(position) {
             let name = Some(name.to_string());
             let cause = "already active: nothing written".to_string();
@@ -435,6 +519,7 @@ impl Engine {
                         } else {
                             "no carrier at start".into()
                         },
+                        drained: false,
                     }
                 })
                 .collect::<Vec<_>>();

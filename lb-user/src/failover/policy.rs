@@ -76,6 +76,19 @@ pub enum AllDown {
     Drop,
 }
 
+/// What happens to a service's flows when its active backend changes while the previous
+/// one is still healthy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Failback {
+    /// TCP connections finish on the backend they started on (until FIN/RST, their idle
+    /// timeout, or the service's `drain_limit`); new connections go to the new backend.
+    #[default]
+    Graceful,
+    /// Every flow follows the new active backend at its next packet.
+    Immediate,
+}
+
 /// A service's failover policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Policy {
@@ -85,6 +98,10 @@ pub struct Policy {
     pub failback_delay: Duration,
     /// Every backend down.
     pub all_down: AllDown,
+    /// What happens to the flows of a healthy backend that is no longer active.
+    pub failback: Failback,
+    /// With graceful failback, how long such flows may stay (`None`: until they end).
+    pub drain_limit: Option<Duration>,
 }
 
 impl Default for Policy {
@@ -93,6 +110,8 @@ impl Default for Policy {
             preempt: true,
             failback_delay: Duration::ZERO,
             all_down: AllDown::KeepLast,
+            failback: Failback::Graceful,
+            drain_limit: None,
         }
     }
 }
@@ -100,7 +119,7 @@ impl Default for Policy {
 /// One backend as [`choose`] sees it. Backends are given highest priority first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Candidate {
-    /// Whether every check of the backend is up.
+    /// Whether the backend may serve new flows: every check is up and it is not drained.
     pub up: bool,
     /// Since when it has been up (for `failback_delay`).
     pub up_since: Option<Instant>,
@@ -170,11 +189,7 @@ mod tests {
     use super::*;
 
     fn policy() -> Policy {
-        Policy {
-            preempt: true,
-            failback_delay: Duration::ZERO,
-            all_down: AllDown::KeepLast,
-        }
+        Policy::default()
     }
 
     fn up(at: Instant) -> Candidate {

@@ -3,12 +3,16 @@
 
 pub mod carrier;
 
-use std::{net::Ipv4Addr, time::Duration};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures::TryStreamExt;
 use rtnetlink::{
     packet_route::{
+        address::AddressAttribute,
         link::{LinkAttribute, LinkFlags, LinkXdp},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute},
@@ -122,6 +126,29 @@ impl Netlink {
             })?;
         }
         Ok(())
+    }
+
+    /// Every IPv4 address of this host (this network namespace), on any NIC: the addresses
+    /// the dataplane never accepts as clients.
+    pub async fn local_ipv4_addresses(&self) -> Result<Vec<Ipv4Addr>> {
+        let mut messages = self.handle.address().get().execute();
+        let mut addresses = Vec::new();
+        while let Some(message) = messages
+            .try_next()
+            .await
+            .context("cannot list the host's addresses")?
+        {
+            for attribute in &message.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(ip))
+                | AddressAttribute::Address(IpAddr::V4(ip)) = attribute
+                {
+                    if !addresses.contains(ip) {
+                        addresses.push(*ip);
+                    }
+                }
+            }
+        }
+        Ok(addresses)
     }
 
     /// Where the kernel sends packets for `ip`: the egress NIC's index and the next hop (the

@@ -268,7 +268,7 @@ impl Rig {
                 backend.ip = VIP;
             }
         }
-        let (fixed, mut fixed_maps) = Dataplane::load()?;
+        let (fixed, mut fixed_maps) = Dataplane::load(plan.flows.max)?;
         fixed_maps.write_plan(&fixed_plan)?;
         let master_index = plan.service("echo")?.backend("master")?.index;
         let service_id = plan.service("echo")?.id;
@@ -683,10 +683,11 @@ impl Rig {
             evidence.push("frame unchanged".into());
         }
         if let Some(ip) = probe.unlearned {
-            if self.fixed_maps.clients.get(&ip.octets(), 0).is_ok() {
-                return Err(fail(format!("client {ip} was learned")));
+            let flows = self.fixed_maps.read_flows(usize::MAX);
+            if flows.iter().any(|f| f.key.src == ip.octets()) {
+                return Err(fail(format!("a flow of {ip} was created")));
             }
-            evidence.push(format!("{ip} not in `CLIENTS`"));
+            evidence.push(format!("no flow of {ip} in `FLOWS`"));
         }
         Ok((ns, wall, evidence.join(", ")))
     }

@@ -1,0 +1,170 @@
+//! The agent's view of the connection table: the periodic sweep that removes expired flows
+//! and counts the live ones per service and backend (for `/metrics`), and the listing
+//! behind `lb flows`.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use lb_common::{flow_flags, flow_state, proto, FlowSettings};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    dataplane::{flows::FlowRecord, writer::monotonic_ns, MapWriter},
+    plan::Plan,
+};
+
+/// Live flows per (service, backend, protocol), as of the last sweep.
+pub type FlowCounts = BTreeMap<(String, String, &'static str), u64>;
+
+/// The last sweep's results, shared with the metrics.
+#[derive(Debug, Default)]
+pub struct Census {
+    /// Live flows per service, backend and protocol.
+    pub counts: FlowCounts,
+    /// Expired flows the sweeps removed, in all.
+    pub removed: u64,
+}
+
+/// One flow as `lb flows` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct FlowView {
+    /// Service name.
+    pub service: String,
+    /// `tcp`, `udp` or `icmp`.
+    pub protocol: String,
+    /// The client's address and port (ICMP: the echo identifier).
+    pub client: SocketAddrV4,
+    /// The VIP and port the client sent to.
+    pub vip: SocketAddrV4,
+    /// Name of the backend serving it.
+    pub backend: String,
+    /// `new`, `replied`, `established` or `closing`.
+    pub state: String,
+    /// Stays on its backend under graceful failback.
+    pub sticky: bool,
+    /// Seconds since its first packet.
+    pub age_s: f64,
+    /// Seconds since it was last seen (refreshed about once a second).
+    pub idle_s: f64,
+}
+
+/// Names a protocol number.
+pub fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        proto::TCP => "tcp",
+        proto::UDP => "udp",
+        proto::ICMP => "icmp",
+        _ => "other",
+    }
+}
+
+/// Service and backend names of a flow, from the plan.
+fn names(plan: &Plan, record: &FlowRecord) -> (String, String) {
+    let service = plan.services.get(record.flow.service as usize);
+    let backend = service.and_then(|s| {
+        s.backends
+            .iter()
+            .find(|b| b.index == record.flow.backend)
+            .map(|b| b.name.clone())
+    });
+    (
+        service.map_or_else(|| format!("#{}", record.flow.service), |s| s.name.clone()),
+        backend.unwrap_or_else(|| format!("#{}", record.flow.backend)),
+    )
+}
+
+/// How many entries one read of the table may visit: the table changes while it is read.
+fn read_limit(plan: &Plan) -> usize {
+    plan.flows.max as usize * 2
+}
+
+/// Sweeps once: removes expired flows and recounts the live ones into `census`.
+pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mutex<Census>) {
+    let mut counts = FlowCounts::new();
+    for service in &plan.services {
+        for backend in &service.backends {
+            for protocol in ["tcp", "udp", "icmp"] {
+                counts.insert((service.name.clone(), backend.name.clone(), protocol), 0);
+            }
+        }
+    }
+    let removed = maps.sweep_flows(settings, monotonic_ns(), read_limit(plan), |record| {
+        let (service, backend) = names(plan, record);
+        *counts
+            .entry((service, backend, protocol_name(record.key.proto)))
+            .or_default() += 1;
+    });
+    let mut census = census.lock().expect("census lock");
+    census.counts = counts;
+    match removed {
+        Ok(removed) => census.removed += removed as u64,
+        Err(e) => tracing::warn!(error = %e, "cannot sweep the connection table"),
+    }
+}
+
+/// Sweeps every `plan.flows.sweep_interval`, forever.
+pub async fn sweep_loop(plan: Plan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) {
+    let settings = match maps.flow_settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the connection table's timeouts; no sweeps");
+            return;
+        }
+    };
+    let mut ticker = tokio::time::interval(plan.flows.sweep_interval.max(Duration::from_secs(1)));
+    loop {
+        ticker.tick().await;
+        let (plan, maps, census) = (plan.clone(), maps.clone(), census.clone());
+        // Reading the table is one syscall per entry: off the runtime's thread.
+        let swept = tokio::task::spawn_blocking(move || sweep(&plan, &maps, &settings, &census));
+        if swept.await.is_err() {
+            tracing::error!("the connection table sweep panicked");
+        }
+    }
+}
+
+/// The live flows, optionally only those of `service` and of `backend`.
+pub fn list(
+    plan: &Plan,
+    maps: &MapWriter,
+    service: Option<&str>,
+    backend: Option<&str>,
+) -> anyhow::Result<Vec<FlowView>> {
+    let settings = maps.flow_settings()?;
+    let now = monotonic_ns();
+    let mut views = Vec::new();
+    for record in maps.read_flows(read_limit(plan)) {
+        if record.expired(&settings, now) {
+            continue;
+        }
+        let (service_name, backend_name) = names(plan, &record);
+        if service.is_some_and(|s| s != service_name) || backend.is_some_and(|b| b != backend_name)
+        {
+            continue;
+        }
+        let key = &record.key;
+        let seconds = |since: u64| now.saturating_sub(since) as f64 / 1e9;
+        views.push(FlowView {
+            service: service_name,
+            protocol: protocol_name(key.proto).to_string(),
+            client: SocketAddrV4::new(Ipv4Addr::from(key.src), u16::from_be_bytes(key.src_port)),
+            vip: SocketAddrV4::new(Ipv4Addr::from(key.dst), u16::from_be_bytes(key.dst_port)),
+            backend: backend_name,
+            state: flow_state::NAMES
+                .get(record.flow.state as usize)
+                .unwrap_or(&"unknown")
+                .to_string(),
+            sticky: record.flow.flags & flow_flags::STICKY != 0,
+            age_s: seconds(record.flow.created_ns),
+            idle_s: seconds(record.flow.seen_ns),
+        });
+    }
+    views.sort_by(|a, b| {
+        (&a.service, &a.backend, a.client).cmp(&(&b.service, &b.backend, b.client))
+    });
+    Ok(views)
+}
