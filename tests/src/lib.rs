@@ -4,4 +4,5 @@
 
 pub mod bench;
 pub mod checks;
+pub mod rig;
 pub mod testrun;

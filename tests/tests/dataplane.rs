@@ -1,195 +1,26 @@
 //! The XDP program run on crafted frames through `BPF_PROG_TEST_RUN`: every rewrite checked
 //! byte by byte, every checksum verified with etherparse, ARP answers, untouched non-VIP
-//! traffic, and the defined fate of malformed frames.
-//!
-//! Each test runs in a namespace of its own holding one veth pair (`t-cli` for clients,
-//! `t-bck` for backends), so ifindexes in the maps are real devices.
+//! traffic, and the defined fate of malformed frames. The connection table's own rules
+//! (spoofing, failover of flows, expiry) are in `flows.rs`.
 
 use std::net::Ipv4Addr;
 
 use anyhow::Result;
 use etherparse::PacketBuilder;
 use lb_common::{Direction, NO_BACKEND};
-use lb_user::{dataplane::Dataplane, plan::Plan, testbed::netns::Netns};
+use lb_user::testbed::netns::Netns;
 use tests::{
     checks::verify_checksums,
+    rig::*,
     testrun::{
-        self, interface, load, namespace, BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC,
-        XDP_ABORTED, XDP_DROP, XDP_PASS, XDP_REDIRECT, XDP_TX,
+        BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_ABORTED, XDP_DROP, XDP_PASS,
+        XDP_REDIRECT, XDP_TX,
     },
 };
 
-const SLAVE_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x03, 0x02];
-const LOCAL_A_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x0a];
-
-const CLIENT: [u8; 4] = [198, 18, 1, 2];
-const VIP: [u8; 4] = [198, 18, 1, 100];
-const VIP_ONE_ARM: [u8; 4] = [198, 18, 1, 101];
-const MASTER: [u8; 4] = [198, 18, 2, 2];
-const SLAVE: [u8; 4] = [198, 18, 3, 2];
-const LOCAL_A: [u8; 4] = [198, 18, 1, 10];
-const OTHER: [u8; 4] = [198, 18, 9, 9];
-
-const CONFIG: &str = r#"
-metrics_listen = "127.0.0.1:9100"
-
-[[interfaces]]
-name = "t-cli"
-role = "both"
-
-[[interfaces]]
-name = "t-bck"
-role = "backend"
-
-[[services]]
-name = "web"
-vip = "198.18.1.100"
-protocol = "tcp"
-port = 80
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
-[[services]]
-name = "dns"
-vip = "198.18.1.100"
-protocol = "udp"
-port = 53
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
-[[services]]
-name = "gone"
-vip = "198.18.1.102"
-backends = [
-  { name = "x", ip = "198.18.5.2", priority = 2, mac = "02:00:00:00:05:02", iface = "t-x" },
-  { name = "y", ip = "198.18.5.3", priority = 1, mac = "02:00:00:00:05:03", iface = "t-x" },
-]
-
-[[services]]
-name = "one-arm"
-vip = "198.18.1.101"
-backends = [
-  { name = "a", ip = "198.18.1.10", priority = 2, mac = "02:00:00:00:01:0a", iface = "t-cli" },
-  { name = "b", ip = "198.18.1.11", priority = 1, mac = "02:00:00:00:01:0b", iface = "t-cli" },
-]
-"#;
-
-/// A loaded dataplane with `CONFIG` written, inside a private namespace.
-struct Bench {
-    dataplane: Dataplane,
-    maps: lb_user::dataplane::MapWriter,
-    plan: Plan,
-    client_if: u32,
-    backend_if: u32,
-}
-
-impl Bench {
-    fn new() -> Result<Self> {
-        let (plan, dataplane, maps) = load(CONFIG)?;
-        Ok(Bench {
-            client_if: interface(&plan, "t-cli")?.ifindex,
-            backend_if: interface(&plan, "t-bck")?.ifindex,
-            dataplane,
-            maps,
-            plan,
-        })
-    }
-
-    /// Runs the program on `frame` as if it arrived on `ifindex`: (action, frame after).
-    fn run(&mut self, ifindex: u32, frame: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let (action, _, out) = testrun::run(self.dataplane.program()?, ifindex, frame, 1)?;
-        Ok((action, out))
-    }
-
-    fn activate(&mut self, service: &str, backend: &str) -> Result<()> {
-        let svc = self.plan.service(service)?;
-        let index = svc.backend(backend)?.index;
-        self.maps.set_active(svc.id, index)
-    }
-}
-
-/// Runs `test` on a fresh [`Bench`] inside a fresh namespace called `name`.
-fn with_bench(name: &str, test: impl FnOnce(&mut Bench) -> Result<()> + Send + 'static) {
-    let ns = namespace(name).expect("create namespace");
-    ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"])
-        .expect("create veth pair");
-    ns.enter(move || {
-        let mut bench = Bench::new()?;
-        test(&mut bench)
-    })
-    .expect("enter namespace")
-    .expect("test body");
-}
-
-fn tcp(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src, dst, 64)
-        .tcp(sport, dport, 0x1234_5678, 64_000)
-        .syn()
-        .write(&mut frame, b"hello vip")
-        .unwrap();
-    frame
-}
-
-fn udp(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
-) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(src_mac, dst_mac)
-        .ipv4(src, dst, 64)
-        .udp(sport, dport)
-        .write(&mut frame, b"query")
-        .unwrap();
-    frame
-}
-
-fn echo_request(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_IF_MAC)
-        .ipv4(src, dst, 64)
-        .icmpv4_echo_request(7, 1)
-        .write(&mut frame, b"ping payload")
-        .unwrap();
-    frame
-}
-
-/// Offsets in an untagged Ethernet/IPv4 frame.
-const IP_CHECK: std::ops::Range<usize> = 24..26;
-const IP_SRC: std::ops::Range<usize> = 26..30;
-const IP_DST: std::ops::Range<usize> = 30..34;
-const TCP_CHECK: std::ops::Range<usize> = 50..52;
-const UDP_CHECK: std::ops::Range<usize> = 40..42;
-
-/// Asserts that `after` differs from `before` exactly in the byte ranges `changed`.
-fn assert_only_changed(before: &[u8], after: &[u8], changed: &[std::ops::Range<usize>]) {
-    assert_eq!(before.len(), after.len(), "frame length changed");
-    for (i, (b, a)) in before.iter().zip(after).enumerate() {
-        if !changed.iter().any(|r| r.contains(&i)) {
-            assert_eq!(b, a, "byte {i} changed but should not have");
-        }
-    }
-}
-
 #[test]
 fn tcp_to_vip_is_rewritten_to_the_master_and_redirected() {
-    with_bench("lbt-fwd-tcp", |b| {
+    with_rig("lbt-fwd-tcp", |b| {
         let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
         let (action, out) = b.run(b.client_if, &frame)?;
         assert_eq!(action, XDP_REDIRECT);
@@ -205,7 +36,7 @@ fn tcp_to_vip_is_rewritten_to_the_master_and_redirected() {
 
 #[test]
 fn reply_from_master_is_rewritten_to_come_from_the_vip() {
-    with_bench("lbt-rev-tcp", |b| {
+    with_rig("lbt-rev-tcp", |b| {
         // The client must have been seen on the forward path first.
         let (action, _) = b.run(
             b.client_if,
@@ -226,7 +57,7 @@ fn reply_from_master_is_rewritten_to_come_from_the_vip() {
 
 #[test]
 fn reply_to_an_unknown_client_goes_to_the_kernel_untouched() {
-    with_bench("lbt-rev-unk", |b| {
+    with_rig("lbt-rev-unk", |b| {
         let reply = tcp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 80, 40_000);
         let (action, out) = b.run(b.backend_if, &reply)?;
         assert_eq!((action, out), (XDP_PASS, reply));
@@ -236,7 +67,7 @@ fn reply_to_an_unknown_client_goes_to_the_kernel_untouched() {
 
 #[test]
 fn backend_traffic_from_other_ports_is_untouched() {
-    with_bench("lbt-rev-port", |b| {
+    with_rig("lbt-rev-port", |b| {
         b.run(
             b.client_if,
             &tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80),
@@ -250,7 +81,7 @@ fn backend_traffic_from_other_ports_is_untouched() {
 
 #[test]
 fn udp_to_vip_is_rewritten_and_checksum_zero_stays_zero() {
-    with_bench("lbt-fwd-udp", |b| {
+    with_rig("lbt-fwd-udp", |b| {
         let frame = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5353, 53);
         let (action, out) = b.run(b.client_if, &frame)?;
         assert_eq!(action, XDP_REDIRECT);
@@ -276,31 +107,31 @@ fn udp_to_vip_is_rewritten_and_checksum_zero_stays_zero() {
 }
 
 #[test]
-fn vlan_tagged_frame_is_rewritten_with_its_tag_kept() {
-    with_bench("lbt-vlan", |b| {
+fn vlan_tagged_frames_are_not_served() {
+    with_rig("lbt-vlan", |b| {
         let mut frame = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_IF_MAC)
             .single_vlan(etherparse::VlanId::try_new(42)?)
             .ipv4(CLIENT, VIP, 64)
             .tcp(40_001, 80, 1, 1000)
+            .syn()
             .write(&mut frame, b"tagged")?;
         let (action, out) = b.run(b.client_if, &frame)?;
-        assert_eq!(action, XDP_REDIRECT);
-        assert_eq!(&out[12..16], &frame[12..16], "802.1Q tag kept");
-        let ip_dst = 34..38;
-        assert_eq!(&out[ip_dst.clone()], &MASTER);
-        assert_only_changed(&frame, &out, &[0..12, 28..30, ip_dst, 54..56]);
-        // Independent checksum check on the same frame with the tag removed.
-        let mut untagged = out[..12].to_vec();
-        untagged.extend_from_slice(&out[16..]);
-        verify_checksums(&untagged)?;
+        assert_eq!((action, out), (XDP_PASS, frame));
+        // An ARP request for the VIP on a VLAN is not answered either.
+        let mut arp = arp_request(CLIENT_MAC, CLIENT, VIP);
+        arp.splice(12..12, [0x81, 0x00, 0x00, 42]);
+        let (action, out) = b.run(b.client_if, &arp)?;
+        assert_eq!((action, out), (XDP_PASS, arp));
+        assert_eq!(b.event("vlan_tagged")?, 2);
+        assert!(b.flows().is_empty(), "no flow for a tagged frame");
         Ok(())
     })
 }
 
 #[test]
 fn ping_of_the_vip_is_carried_both_ways() {
-    with_bench("lbt-icmp", |b| {
+    with_rig("lbt-icmp", |b| {
         let request = echo_request(CLIENT, VIP);
         let (action, out) = b.run(b.client_if, &request)?;
         assert_eq!(action, XDP_REDIRECT);
@@ -322,15 +153,16 @@ fn ping_of_the_vip_is_carried_both_ways() {
 }
 
 #[test]
-fn flipping_the_active_entry_moves_the_next_packet_to_the_slave() {
-    with_bench("lbt-flip", |b| {
-        let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
+fn flipping_the_active_entry_moves_new_flows_to_the_slave() {
+    with_rig("lbt-flip", |b| {
+        let first = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
         assert_eq!(
-            verify_checksums(&b.run(b.client_if, &frame)?.1)?.dst_ip,
+            verify_checksums(&b.run(b.client_if, &first)?.1)?.dst_ip,
             MASTER
         );
         b.activate("web", "slave")?;
-        let (action, out) = b.run(b.client_if, &frame)?;
+        let second = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_001, 80);
+        let (action, out) = b.run(b.client_if, &second)?;
         assert_eq!(action, XDP_REDIRECT);
         let s = verify_checksums(&out)?;
         assert_eq!((s.dst_ip, s.dst_mac), (SLAVE, SLAVE_MAC));
@@ -341,8 +173,9 @@ fn flipping_the_active_entry_moves_the_next_packet_to_the_slave() {
             MASTER
         );
         b.activate("web", "master")?;
+        let third = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_002, 80);
         assert_eq!(
-            verify_checksums(&b.run(b.client_if, &frame)?.1)?.dst_ip,
+            verify_checksums(&b.run(b.client_if, &third)?.1)?.dst_ip,
             MASTER
         );
         Ok(())
@@ -351,7 +184,7 @@ fn flipping_the_active_entry_moves_the_next_packet_to_the_slave() {
 
 #[test]
 fn service_without_backend_drops_its_traffic() {
-    with_bench("lbt-nobk", |b| {
+    with_rig("lbt-nobk", |b| {
         let id = b.plan.service("web")?.id;
         b.maps.set_active(id, NO_BACKEND)?;
         let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
@@ -362,7 +195,7 @@ fn service_without_backend_drops_its_traffic() {
 
 #[test]
 fn backend_behind_the_ingress_nic_is_sent_with_xdp_tx() {
-    with_bench("lbt-onearm", |b| {
+    with_rig("lbt-onearm", |b| {
         let frame = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP_ONE_ARM, 1234, 9999);
         let (action, out) = b.run(b.client_if, &frame)?;
         assert_eq!(action, XDP_TX);
@@ -377,7 +210,7 @@ fn backend_behind_the_ingress_nic_is_sent_with_xdp_tx() {
 
 #[test]
 fn vip_port_without_a_service_goes_to_the_kernel() {
-    with_bench("lbt-noport", |b| {
+    with_rig("lbt-noport", |b| {
         let frame = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 22);
         let (action, out) = b.run(b.client_if, &frame)?;
         assert_eq!((action, out), (XDP_PASS, frame));
@@ -398,7 +231,7 @@ fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) -> V
 
 #[test]
 fn arp_request_for_the_vip_is_answered_on_the_client_nic() {
-    with_bench("lbt-arp", |b| {
+    with_rig("lbt-arp", |b| {
         let request = arp_request(CLIENT_MAC, CLIENT, VIP);
         let (action, out) = b.run(b.client_if, &request)?;
         assert_eq!(action, XDP_TX);
@@ -419,7 +252,7 @@ fn arp_request_for_the_vip_is_answered_on_the_client_nic() {
 
 #[test]
 fn other_arp_goes_to_the_kernel_untouched() {
-    with_bench("lbt-arp-other", |b| {
+    with_rig("lbt-arp-other", |b| {
         for (ifindex, frame) in [
             (b.client_if, arp_request(CLIENT_MAC, CLIENT, OTHER)), // not a VIP
             (b.backend_if, arp_request(MASTER_MAC, MASTER, VIP)),  // backend-facing NIC
@@ -438,7 +271,7 @@ fn other_arp_goes_to_the_kernel_untouched() {
 
 #[test]
 fn non_vip_traffic_is_byte_identical() {
-    with_bench("lbt-nonvip", |b| {
+    with_rig("lbt-nonvip", |b| {
         let mut ipv6 = Vec::new();
         PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_IF_MAC)
             .ipv6([0xfe; 16], [0xfd; 16], 64)
@@ -474,7 +307,7 @@ fn frames_on_an_unconfigured_nic_are_untouched() {
     ns.ip(&["link", "add", "t-u", "type", "veth", "peer", "name", "t-v"])
         .unwrap();
     ns.enter(|| -> Result<()> {
-        let mut b = Bench::new()?;
+        let mut b = Rig::new(CONFIG)?;
         // SAFETY: if_nametoindex reads a NUL-terminated name.
         let other = unsafe { libc::if_nametoindex(c"t-u".as_ptr()) };
         assert_ne!(other, 0);
@@ -490,7 +323,7 @@ fn frames_on_an_unconfigured_nic_are_untouched() {
 /// Malformed frames of every header layer: each has a defined fate, and none is rewritten.
 #[test]
 fn malformed_frames_are_never_rewritten() {
-    with_bench("lbt-malformed", |b| {
+    with_rig("lbt-malformed", |b| {
         let good = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
         let good_udp = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5353, 53);
         let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
@@ -582,7 +415,7 @@ fn fix_ip_checksum(frame: &mut [u8]) {
 
 #[test]
 fn the_service_vip_is_an_address_the_plan_reports() {
-    with_bench("lbt-plan", |b| {
+    with_rig("lbt-plan", |b| {
         let web = b.plan.service("web")?;
         assert_eq!(web.vip, Ipv4Addr::from(VIP));
         assert_eq!(web.backends[0].name, "master");
@@ -610,7 +443,7 @@ impl log::Log for Records {
 
 #[test]
 fn a_backend_whose_nic_vanished_is_dropped_and_logged() {
-    with_bench("lbt-gone", |b| {
+    with_rig("lbt-gone", |b| {
         let records = Records::default();
         let mut logger = b.dataplane.capture_logs(records.clone())?;
         let gone = b
