@@ -5,4 +5,5 @@
 pub mod bench;
 pub mod checks;
 pub mod rig;
+pub mod spoof;
 pub mod testrun;

@@ -7,6 +7,7 @@
 
 pub mod netns;
 pub mod process;
+pub mod tcp_responder;
 pub mod topology;
 
 pub use topology::{Host, Testbed};

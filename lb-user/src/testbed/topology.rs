@@ -23,9 +23,11 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 
+pub use super::tcp_responder::TCP_PORT;
 use super::{
     netns::{veth, Netns},
     process::Process,
+    tcp_responder::TcpResponder,
 };
 
 /// The VIP of the testbed.
@@ -52,6 +54,7 @@ pub struct Testbed {
     /// Processes (servers, agents), stopped before the namespaces go.
     pub processes: Vec<Process>,
     responders: Vec<(Host, UdpResponder)>,
+    tcp_responders: Vec<TcpResponder>,
     veth_peers: Vec<crate::dataplane::PassProgram>,
     /// The client host.
     pub client: Netns,
@@ -83,6 +86,7 @@ impl Testbed {
         let mut testbed = Testbed {
             processes: Vec::new(),
             responders: Vec::new(),
+            tcp_responders: Vec::new(),
             veth_peers: Vec::new(),
             client: Netns::new(&format!("{prefix}-client"))?,
             switch: Netns::new(&format!("{prefix}-switch"))?,
@@ -325,6 +329,14 @@ backends = [
             thread: Some(thread),
         };
         self.responders.push((host, responder));
+        Ok(())
+    }
+
+    /// Starts a TCP responder on `host` (port [`TCP_PORT`]): every line a client sends on a
+    /// connection is answered with `name`.
+    pub fn start_tcp_responder(&mut self, host: Host, name: &str) -> Result<()> {
+        let responder = TcpResponder::start(self.host(host), name)?;
+        self.tcp_responders.push(responder);
         Ok(())
     }
 
@@ -576,6 +588,7 @@ impl Drop for Testbed {
     fn drop(&mut self) {
         self.processes.clear();
         self.responders.clear();
+        self.tcp_responders.clear();
         self.veth_peers.clear();
     }
 }

@@ -1,0 +1,232 @@
+//! End to end, the connection table with real hosts in network namespaces: a spoofed
+//! packet cannot take a backend down, direct traffic to a backend is left alone, and TCP
+//! connections opened during a failover survive the failback.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::{SocketAddrV4, TcpStream, UdpSocket},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use lb_user::testbed::{
+    topology::{lb_binary, Testbed, MASTER_IP, SLAVE_IP, TCP_PORT, UDP_PORT, VIP},
+    Host,
+};
+
+const LISTEN: &str = "127.0.0.1:9100";
+
+/// Starts `lb` with `config` on the testbed's switch and waits until it serves.
+fn start_agent(bed: &mut Testbed, config: &str) -> usize {
+    let path = bed.write_file("lb.toml", config).unwrap();
+    let agent = bed
+        .start_lb(&["run", "--config", path.to_str().unwrap()])
+        .unwrap();
+    bed.wait_for_agent(agent, LISTEN).unwrap();
+    agent
+}
+
+/// The agent's `/metrics` text.
+fn metrics(bed: &Testbed) -> String {
+    let url = format!("http://{LISTEN}/metrics");
+    let (ok, text, err) = bed
+        .output(Host::Switch, "curl", &["-sS", "--max-time", "3", &url])
+        .unwrap();
+    assert!(ok, "{err}");
+    text
+}
+
+/// Waits until `service`'s active backend is `backend`.
+fn wait_active(bed: &Testbed, service: &str, backend: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let status = bed.agent_status(LISTEN)?;
+        let active = status
+            .services
+            .iter()
+            .find(|s| s.name == service)
+            .and_then(|s| s.active.clone());
+        if active.as_deref() == Some(backend) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("{service} did not switch to {backend} within 10 s")
+}
+
+#[test]
+fn a_spoofed_packet_from_the_switchs_own_address_takes_nothing_down() {
+    let mut bed = Testbed::new("lbc-spoof").expect("testbed");
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    bed.start_udp_responder(Host::Slave, "slave").unwrap();
+    let health = r#"{ checks = [{ type = "udp", send = "check" }], interval = "5ms", rise = 3, fall = 3 }"#;
+    let config = format!(
+        "{}{}",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("echo", "udp", UDP_PORT, health)
+    );
+    start_agent(&mut bed, &config);
+    // Packets with the switch host's own address on the master's segment as their source,
+    // from every port the health checks might use.
+    tests::spoof::send_udp(
+        &bed.client,
+        "198.18.2.1".parse().unwrap(),
+        32_768,
+        VIP,
+        UDP_PORT,
+        2000,
+    )
+    .unwrap();
+    // Ten times the checks' detection time later, nothing has moved.
+    std::thread::sleep(Duration::from_millis(200));
+    let status = bed.agent_status(LISTEN).unwrap();
+    let echo = &status.services[0];
+    assert_eq!(echo.active.as_deref(), Some("master"));
+    assert!(echo.last_change.is_none(), "{:?}", echo.last_change);
+    assert!(echo.backends.iter().all(|b| b.up), "{:?}", echo.backends);
+    assert_eq!(bed.udp_request_vip("still").unwrap().0, "master still");
+    let text = metrics(&bed);
+    assert!(
+        text.contains("lb_dataplane_events_total{event=\"local_source\"} 2000"),
+        "{text}"
+    );
+}
+
+#[test]
+fn direct_traffic_to_a_backend_is_untouched_while_the_client_uses_the_vip() {
+    let mut bed = Testbed::new("lbc-direct").expect("testbed");
+    bed.start_web_server(Host::Master, "master").unwrap();
+    bed.start_web_server(Host::Slave, "slave").unwrap();
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    bed.start_udp_responder(Host::Slave, "slave").unwrap();
+    // A routed switch host: what is not VIP traffic, its kernel forwards.
+    bed.switch
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    let config = bed.config(LISTEN);
+    start_agent(&mut bed, &config);
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+    assert_eq!(bed.udp_request_vip("via vip").unwrap().0, "master via vip");
+    // Connected UDP sockets to the backends' own addresses: the answers must come from
+    // those addresses, or the kernel would reject them.
+    let answers = bed
+        .client
+        .enter(|| -> Result<Vec<String>> {
+            let mut answers = Vec::new();
+            for ip in [SLAVE_IP, MASTER_IP] {
+                let socket = UdpSocket::bind("0.0.0.0:0")?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.connect(SocketAddrV4::new(ip, UDP_PORT))?;
+                socket.send(b"direct")?;
+                let mut buf = [0u8; 512];
+                let len = socket.recv(&mut buf).context("no direct UDP answer")?;
+                answers.push(String::from_utf8_lossy(&buf[..len]).into_owned());
+            }
+            Ok(answers)
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(answers, ["slave direct", "master direct"]);
+    // Direct HTTP to each backend, and the VIP again.
+    for (ip, name) in [(SLAVE_IP, "slave"), (MASTER_IP, "master")] {
+        let url = format!("http://{ip}/");
+        let (ok, body, err) = bed
+            .output(Host::Client, "curl", &["-sS", "--max-time", "3", &url])
+            .unwrap();
+        assert!(ok, "direct HTTP to {ip}: {err}");
+        assert_eq!(body.trim(), name);
+    }
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+}
+
+/// A long-lived TCP connection from the client to the VIP's port [`TCP_PORT`].
+struct Connection {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl Connection {
+    fn open(bed: &Testbed) -> Result<Self> {
+        let stream = bed.client.enter(|| -> Result<TcpStream> {
+            let stream = TcpStream::connect_timeout(
+                &SocketAddrV4::new(VIP, TCP_PORT).into(),
+                Duration::from_secs(3),
+            )?;
+            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
+            Ok(stream)
+        })??;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(Connection { stream, reader })
+    }
+
+    /// Sends a line; returns the name of the backend that answered it.
+    fn ask(&mut self) -> Result<String> {
+        self.stream.write_all(b"who\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed by the far end");
+        }
+        Ok(line.trim().to_string())
+    }
+}
+
+#[test]
+fn tcp_connections_opened_during_a_failover_survive_the_failback() {
+    let mut bed = Testbed::new("lbc-graceful").expect("testbed");
+    bed.start_tcp_responder(Host::Master, "master").unwrap();
+    bed.start_tcp_responder(Host::Slave, "slave").unwrap();
+    let health = r#"{ checks = [{ type = "link" }, { type = "tcp" }], interval = "10ms", rise = 3, fall = 3 }"#;
+    let config = format!(
+        "{}{}",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("hold", "tcp", TCP_PORT, health)
+    );
+    start_agent(&mut bed, &config);
+    let mut before = Connection::open(&bed).unwrap();
+    assert_eq!(before.ask().unwrap(), "master");
+
+    // The master's switch port goes down: new connections reach the slave.
+    bed.set_link(Host::Master, false).unwrap();
+    wait_active(&bed, "hold", "slave").unwrap();
+    let mut during: Vec<Connection> = (0..20).map(|_| Connection::open(&bed).unwrap()).collect();
+    for connection in &mut during {
+        assert_eq!(connection.ask().unwrap(), "slave");
+    }
+
+    // The master comes back: the service fails back, and every connection made during the
+    // outage stays on the slave while a new one reaches the master.
+    bed.set_link(Host::Master, true).unwrap();
+    wait_active(&bed, "hold", "master").unwrap();
+    for (i, connection) in during.iter_mut().enumerate() {
+        assert_eq!(
+            connection.ask().unwrap(),
+            "slave",
+            "connection {i} after failback"
+        );
+    }
+    let mut after = Connection::open(&bed).unwrap();
+    assert_eq!(after.ask().unwrap(), "master");
+
+    // `lb flows` lists them on the slave.
+    let lb = lb_binary().unwrap();
+    let (ok, listing, err) = bed
+        .output(
+            Host::Switch,
+            &lb,
+            &["flows", "--service", "hold", "--backend", "slave"],
+        )
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(listing.contains("20 flows"), "{listing}");
+    assert!(listing.contains("established"), "{listing}");
+
+    // Draining the slave by hand follows the same rule: its connections finish on it.
+    let (ok, out, err) = bed
+        .output(Host::Switch, &lb, &["drain", "hold", "slave"])
+        .unwrap();
+    assert!(ok, "{out}{err}");
+    for connection in &mut during {
+        assert_eq!(connection.ask().unwrap(), "slave");
+    }
+    drop(before);
+}
