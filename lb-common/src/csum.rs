@@ -27,6 +27,14 @@ pub const fn replace4(check: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
     !fold(sum)
 }
 
+/// Updates checksum `check` after a 2-byte field covered by it changed from `old` to `new`
+/// (RFC 1624, eqn. 3).
+#[inline(always)]
+pub const fn replace2(check: u16, old: [u8; 2], new: [u8; 2]) -> u16 {
+    let sum = !check as u32 + !u16::from_be_bytes(old) as u32 + u16::from_be_bytes(new) as u32;
+    !fold(sum)
+}
+
 /// Checksum of a 20-byte IPv4 header whose checksum field (bytes 10–11) is taken as zero.
 #[inline(always)]
 pub const fn ipv4_header(header: &[u8; 20]) -> u16 {
@@ -119,6 +127,24 @@ mod tests {
             h[16..20].copy_from_slice(&new);
             let full = ipv4_header(&h);
             // 0x0000 and 0xffff are the same one's-complement value.
+            assert!(
+                updated == full || (updated ^ full) == 0xffff,
+                "{updated:#x} {full:#x}"
+            );
+            h[10..12].copy_from_slice(&full.to_be_bytes());
+        }
+    }
+
+    #[test]
+    fn two_byte_update_equals_recomputation() {
+        let mut h = HEADER;
+        let c = ipv4_header(&h);
+        h[10..12].copy_from_slice(&c.to_be_bytes());
+        for new in [[0, 0], [0xff, 0xff], [0x12, 0x34]] {
+            let old = [h[4], h[5]];
+            let updated = replace2(u16::from_be_bytes([h[10], h[11]]), old, new);
+            h[4..6].copy_from_slice(&new);
+            let full = ipv4_header(&h);
             assert!(
                 updated == full || (updated ^ full) == 0xffff,
                 "{updated:#x} {full:#x}"

@@ -7,7 +7,8 @@
 //! 2. **ARP**: a request for a VIP on a client-facing NIC is answered in place — [`arp`];
 //! 3. **look up** the packet in the connection table, as a client's packet (`FLOWS`), as a
 //!    new flow to a VIP, or as a backend's reply (`REPLIES`) — [`maps`];
-//! 4. **rewrite** addresses and checksums — [`forward`], [`reverse`], [`rewrite`];
+//! 4. **rewrite** addresses and checksums — [`forward`], [`reverse`], [`icmp`] (errors
+//!    about a flow's packets), [`rewrite`];
 //! 5. **forward** with `XDP_TX` or `XDP_REDIRECT` — [`rewrite::transmit`].
 //!
 //! Only packets of flows the program created are rewritten. Anything else, or anything
@@ -18,6 +19,7 @@
 
 mod arp;
 mod forward;
+mod icmp;
 mod maps;
 mod packet;
 mod parse;
@@ -77,6 +79,9 @@ fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
         }
         return xdp_action::XDP_PASS;
     };
+    if packet.is_icmp_error() {
+        return icmp::error(ctx, &l2, &packet);
+    }
     let key = packet.key();
     if let Some(flow) = maps::flow(&key) {
         return forward::known(ctx, &l2, &packet, &key, flow);

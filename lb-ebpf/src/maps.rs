@@ -158,7 +158,7 @@ pub fn insert_reply(key: &FlowKey, index: u32, backend_ip: [u8; 4]) -> Result<()
         flow: *key,
         backend: index,
     };
-    REPLIES.insert(&key.answered_by(backend_ip), &reply, 0)
+    REPLIES.insert(key.answered_by(backend_ip), reply, 0)
 }
 
 /// Now, on the monotonic coarse clock (the agent's `CLOCK_MONOTONIC_COARSE`).

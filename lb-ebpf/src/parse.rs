@@ -4,7 +4,7 @@
 //! Refused on purpose (the frame goes to the kernel untouched): IPv4 with options
 //! (IHL ≠ 5), fragments (MF set or non-zero offset), a bad IPv4 header checksum, a total
 //! length that disagrees with the frame, a transport header shorter than its minimum,
-//! ICMP other than echo request and reply.
+//! ICMP other than echo request and reply, destination unreachable and time exceeded.
 
 use aya_ebpf::programs::XdpContext;
 use lb_common::{csum, proto, FlowKey};
@@ -80,12 +80,25 @@ impl Ipv4 {
         )
     }
 
+    /// Whether the packet is an ICMP error (destination unreachable, time exceeded), which
+    /// quotes the header of the packet it is about.
+    #[inline(always)]
+    pub fn is_icmp_error(&self) -> bool {
+        self.protocol == proto::ICMP
+            && (self.icmp_type == ICMP_DEST_UNREACHABLE || self.icmp_type == ICMP_TIME_EXCEEDED)
+    }
+
     /// Whether the packet has every one of the TCP `flags`.
     #[inline(always)]
     pub fn has(&self, flags: u8) -> bool {
         self.tcp_flags & flags == flags
     }
 }
+
+/// ICMP destination unreachable (fragmentation needed is its code 4).
+pub const ICMP_DEST_UNREACHABLE: u8 = 3;
+/// ICMP time exceeded.
+pub const ICMP_TIME_EXCEEDED: u8 = 11;
 
 /// ICMP echo request type.
 pub const ICMP_ECHO_REQUEST: u8 = 8;
@@ -176,13 +189,11 @@ pub fn ipv4(ctx: &XdpContext, l2: &L2) -> Option<Ipv4> {
                 return None;
             }
             packet.icmp_type = icmp.type_;
-            if icmp.code != 0 {
-                return None;
-            }
             let id = [icmp.data[0], icmp.data[1]];
-            match icmp.type_ {
-                ICMP_ECHO_REQUEST => packet.src_port = id,
-                ICMP_ECHO_REPLY => packet.dst_port = id,
+            match (icmp.type_, icmp.code) {
+                (ICMP_ECHO_REQUEST, 0) => packet.src_port = id,
+                (ICMP_ECHO_REPLY, 0) => packet.dst_port = id,
+                (ICMP_DEST_UNREACHABLE | ICMP_TIME_EXCEEDED, _) => {}
                 _ => return None,
             }
         }

@@ -70,3 +70,53 @@ pub fn verify_checksums(frame: &[u8]) -> Result<Summary> {
         dst_ip: ip.header().destination(),
     })
 }
+
+/// Parses the packet an ICMP error in `frame` quotes (after [`verify_checksums`] checked the
+/// error itself), verifies the quoted IPv4 header checksum and, when the whole quoted
+/// datagram is there, its TCP or UDP checksum; returns the quoted (source, destination).
+pub fn verify_quoted(frame: &[u8]) -> Result<([u8; 4], [u8; 4])> {
+    let packet = SlicedPacket::from_ethernet(frame).context("etherparse cannot parse the frame")?;
+    let Some(TransportSlice::Icmpv4(icmp)) = &packet.transport else {
+        bail!("not an ICMP message");
+    };
+    let quoted = icmp.payload();
+    let inner = etherparse::Ipv4HeaderSlice::from_slice(quoted)
+        .context("the quoted IPv4 header does not parse")?
+        .to_header();
+    if inner.calc_header_checksum() != inner.header_checksum {
+        bail!(
+            "bad quoted IPv4 header checksum {:#06x}",
+            inner.header_checksum
+        );
+    }
+    let total = usize::from(inner.total_len);
+    if quoted.len() >= total {
+        let transport = &quoted[inner.header_len()..total];
+        let (stored, expected) = match inner.protocol {
+            etherparse::IpNumber::UDP => {
+                let udp = etherparse::UdpSlice::from_slice(transport)?;
+                let stored = udp.checksum();
+                if stored == 0 {
+                    (0, 0)
+                } else {
+                    (
+                        stored,
+                        udp.to_header().calc_checksum_ipv4(&inner, udp.payload())?,
+                    )
+                }
+            }
+            etherparse::IpNumber::TCP => {
+                let tcp = etherparse::TcpSlice::from_slice(transport)?;
+                (
+                    tcp.checksum(),
+                    tcp.calc_checksum_ipv4(inner.source, inner.destination)?,
+                )
+            }
+            _ => (0, 0),
+        };
+        if stored != expected {
+            bail!("bad quoted transport checksum {stored:#06x}, expected {expected:#06x}");
+        }
+    }
+    Ok((inner.source, inner.destination))
+}

@@ -59,7 +59,8 @@ fn a_spoofed_packet_from_the_switchs_own_address_takes_nothing_down() {
     let mut bed = Testbed::new("lbc-spoof").expect("testbed");
     bed.start_udp_responder(Host::Master, "master").unwrap();
     bed.start_udp_responder(Host::Slave, "slave").unwrap();
-    let health = r#"{ checks = [{ type = "udp", send = "check" }], interval = "5ms", rise = 3, fall = 3 }"#;
+    let health =
+        r#"{ checks = [{ type = "udp", send = "check" }], interval = "5ms", rise = 3, fall = 3 }"#;
     let config = format!(
         "{}{}",
         Testbed::config_head(LISTEN),
