@@ -231,3 +231,69 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
     }
     drop(before);
 }
+
+#[test]
+fn a_large_download_through_the_vip_crosses_a_smaller_mtu_with_path_mtu_discovery() {
+    let mut bed = Testbed::new("lbc-pmtu").expect("testbed");
+    // A far client behind the client host, which routes for it over a link of 1400 bytes
+    // on its side (the far client's own MTU, and so its MSS, stay those of Ethernet).
+    let far = lb_user::testbed::netns::Netns::new("lbc-pmtu-far").unwrap();
+    lb_user::testbed::netns::veth(
+        &far,
+        "eth0",
+        "02:00:00:00:06:02",
+        &bed.client,
+        "f0",
+        "02:00:00:00:06:01",
+    )
+    .unwrap();
+    far.ip(&["addr", "add", "198.18.6.2/24", "dev", "eth0"])
+        .unwrap();
+    far.ip(&["route", "add", "default", "via", "198.18.6.1"])
+        .unwrap();
+    bed.client
+        .ip(&["addr", "add", "198.18.6.1/24", "dev", "f0"])
+        .unwrap();
+    bed.client
+        .ip(&["link", "set", "f0", "mtu", "1400"])
+        .unwrap();
+    for (ns, dev) in [(&far, "eth0"), (&bed.client, "f0")] {
+        ns.exec("ethtool", &["-K", dev, "tx", "off"]).unwrap();
+    }
+    bed.client
+        .exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    bed.start_web_server(Host::Master, "master").unwrap();
+    let size = 4 << 20;
+    std::fs::write(bed.web_root("master").join("big.bin"), vec![0x5a; size]).unwrap();
+    let config = bed.config(LISTEN);
+    start_agent(&mut bed, &config);
+
+    let url = format!("http://{VIP}/big.bin");
+    let output = far
+        .command("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{size_download}",
+            "--max-time",
+            "20",
+            &url,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "download through the VIP failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        metrics(&bed)
+    );
+    assert_eq!(String::from_utf8_lossy(&output.stdout), size.to_string());
+    // The master learnt the smaller MTU from the error the program carried to it.
+    let (_, route, _) = bed
+        .output(Host::Master, "ip", &["route", "get", "198.18.6.2"])
+        .unwrap();
+    assert!(route.contains("mtu 1400"), "{route}");
+}
