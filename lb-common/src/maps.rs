@@ -52,6 +52,10 @@ pub mod map_names {
     pub const KEEP: &str = "KEEP";
     /// VIP (network order bytes) → [`VipInfo`](super::VipInfo); answers ARP.
     pub const VIPS: &str = "VIPS";
+    /// A bit per low 16 bits of an address, set for each VIP: the array lookup that tells
+    /// most frames apart from VIP traffic before any hash lookup
+    /// ([`vip_bit`](super::vip_bit)).
+    pub const VIP_BITS: &str = "VIP_BITS";
     /// Ingress ifindex → [`Iface`](super::Iface) (an array: `flags == 0` is not served).
     pub const IFACES: &str = "IFACES";
     /// The switch host's own IPv4 addresses, which are never clients.
@@ -283,6 +287,8 @@ pub struct Reply {
 
 /// Timeouts of the connection table, in nanoseconds: a flow idle for longer than its
 /// timeout is gone (its next packet starts a new flow; a reply to it is not rewritten).
+/// Every timeout is at least [`FLOW_REFRESH_NS`]: a flow seen within that time is live
+/// without looking them up.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowSettings {
@@ -392,6 +398,18 @@ pub enum Direction {
     Forward = 0,
     /// Backend → VIP → client.
     Reverse = 1,
+}
+
+/// Entries of the `VIP_BITS` array (64 bits each: one bit per value of an address's low
+/// 16 bits).
+pub const VIP_BITS_ENTRIES: u32 = 1024;
+
+/// Where the bit of address `ip` is in `VIP_BITS`: (entry, bit mask). Set for every VIP;
+/// an address whose bit is clear is not a VIP.
+#[inline(always)]
+pub const fn vip_bit(ip: &[u8; 4]) -> (u32, u64) {
+    let low = u16::from_be_bytes([ip[2], ip[3]]);
+    ((low >> 6) as u32, 1u64 << (low & 63))
 }
 
 /// Entries of the `TRAFFIC` map.

@@ -32,12 +32,17 @@ pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut
     // Other CPUs may update the same flow; every field is a plain value, and a lost
     // update of `seen_ns` or `state` is corrected by the flow's next packet.
     let flow = unsafe { &mut *flow };
-    let Some(settings) = maps::settings() else {
-        return xdp_action::XDP_ABORTED;
-    };
     let now = maps::now();
-    if now.saturating_sub(flow.seen_ns) > settings.timeout(packet.protocol, flow.state) {
-        return new(ctx, l2, packet, key);
+    let idle = now.saturating_sub(flow.seen_ns);
+    // Every timeout is at least the refresh interval: a flow seen since is live.
+    let mut refresh = idle > FLOW_REFRESH_NS;
+    if refresh {
+        let Some(settings) = maps::settings() else {
+            return xdp_action::XDP_ABORTED;
+        };
+        if idle > settings.timeout(packet.protocol, flow.state) {
+            return new(ctx, l2, packet, key);
+        }
     }
     let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
         return xdp_action::XDP_ABORTED;
@@ -54,7 +59,6 @@ pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut
     let Some(active) = maps::active(flow.service) else {
         return counted(Event::NoBackend, xdp_action::XDP_DROP);
     };
-    let mut refresh = now.saturating_sub(flow.seen_ns) > FLOW_REFRESH_NS;
     if flow.backend != active && !may_stay(flow, now) {
         flow.backend = active;
         stats::count(Event::FlowMoved);

@@ -83,11 +83,13 @@ fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
         return icmp::error(ctx, &l2, &packet);
     }
     let key = packet.key();
-    if let Some(flow) = maps::flow(&key) {
-        return forward::known(ctx, &l2, &packet, &key, flow);
-    }
-    if maps::is_vip(&packet.dst) {
-        return forward::new(ctx, &l2, &packet, &key);
+    if maps::may_be_vip(&packet.dst) {
+        if let Some(flow) = maps::flow(&key) {
+            return forward::known(ctx, &l2, &packet, &key, flow);
+        }
+        if maps::is_vip(&packet.dst) {
+            return forward::new(ctx, &l2, &packet, &key);
+        }
     }
     if let Some(reply) = maps::reply(&key) {
         return reverse::reply(ctx, &l2, &packet, &reply);

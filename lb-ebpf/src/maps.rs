@@ -11,7 +11,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply, ServiceValue, Traffic,
     VipInfo, ACTIONS_ENTRIES, DEFAULT_MAX_FLOWS, EVENTS as EVENT_COUNT, MAX_BACKENDS, MAX_IFACES,
-    MAX_IFINDEX, MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES,
+    MAX_IFINDEX, MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES, VIP_BITS_ENTRIES,
 };
 
 /// Service key → service id and flags (each service's own key, plus echo keys).
@@ -34,6 +34,10 @@ pub static KEEP: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 /// Configured VIPs.
 #[map]
 pub static VIPS: HashMap<[u8; 4], VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);
+
+/// One bit per low 16 bits of an address, set for each VIP.
+#[map]
+pub static VIP_BITS: Array<u64> = Array::with_max_entries(VIP_BITS_ENTRIES, 0);
 
 /// NICs the program serves, indexed by ifindex.
 #[map]
@@ -90,6 +94,16 @@ pub fn iface(ifindex: u32) -> Option<Iface> {
 #[inline(always)]
 pub fn is_vip(ip: &[u8; 4]) -> bool {
     VIPS.get_ptr(ip).is_some()
+}
+
+/// Whether `ip` may be a VIP: false for almost every other address, at the cost of an
+/// array lookup (no hash).
+#[inline(always)]
+pub fn may_be_vip(ip: &[u8; 4]) -> bool {
+    let (entry, bit) = lb_common::vip_bit(ip);
+    VIP_BITS
+        .get_ptr(entry)
+        .is_some_and(|bits| copy(bits) & bit != 0)
 }
 
 /// Whether `ip` is one of the switch host's own addresses.

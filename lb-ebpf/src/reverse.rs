@@ -35,17 +35,20 @@ pub fn reply(ctx: &XdpContext, l2: &L2, packet: &Ipv4, reply: &Reply) -> u32 {
     if eth.src_addr != backend.mac {
         return counted(Event::ReplyWrongMac, xdp_action::XDP_PASS);
     }
-    let (Some(flow), Some(settings)) = (maps::flow(&reply.flow), maps::settings()) else {
+    let Some(flow) = maps::flow(&reply.flow) else {
         return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
     };
     // SAFETY: as in `forward::known`.
     let flow = unsafe { &mut *flow };
     let now = maps::now();
-    if now.saturating_sub(flow.seen_ns) > settings.timeout(packet.protocol, flow.state) {
+    let idle = now.saturating_sub(flow.seen_ns);
+    // Every timeout is at least the refresh interval: a flow seen since is live.
+    let refresh = idle > FLOW_REFRESH_NS;
+    if refresh && maps::settings().is_none_or(|s| idle > s.timeout(packet.protocol, flow.state)) {
         return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
     }
     let state = next_state(flow.state, packet);
-    if state != flow.state || now.saturating_sub(flow.seen_ns) > FLOW_REFRESH_NS {
+    if state != flow.state || refresh {
         flow.state = state;
         flow.seen_ns = now;
     }

@@ -14,7 +14,7 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    iface_flags, map_names, proto, service_flags, Backend, EndpointKey, Flow, FlowKey,
+    iface_flags, map_names, proto, service_flags, vip_bit, Backend, EndpointKey, Flow, FlowKey,
     FlowSettings, Iface, Reply, ServiceValue, Traffic, VipInfo, KEEP_FOREVER, MAX_IFINDEX,
     NO_BACKEND,
 };
@@ -34,6 +34,7 @@ pub struct MapWriter {
     pub(super) backends: Array<MapData, Backend>,
     keep: Mutex<Array<MapData, u64>>,
     vips: HashMap<MapData, [u8; 4], VipInfo>,
+    vip_bits: Array<MapData, u64>,
     ifaces: Array<MapData, Iface>,
     local_addrs: HashMap<MapData, [u8; 4], u8>,
     pub(super) settings: Array<MapData, FlowSettings>,
@@ -106,6 +107,7 @@ impl MapWriter {
             backends: take(ebpf, map_names::BACKENDS)?,
             keep: Mutex::new(take(ebpf, map_names::KEEP)?),
             vips: take(ebpf, map_names::VIPS)?,
+            vip_bits: take(ebpf, map_names::VIP_BITS)?,
             ifaces: take(ebpf, map_names::IFACES)?,
             local_addrs: take(ebpf, map_names::LOCAL_ADDRS)?,
             settings: take(ebpf, map_names::SETTINGS)?,
@@ -156,6 +158,11 @@ impl MapWriter {
             self.vips
                 .insert(vip, VipInfo { services }, 0)
                 .context("cannot write a VIP")?;
+            let (entry, bit) = vip_bit(&vip);
+            let bits = self.vip_bits.get(&entry, 0)?;
+            self.vip_bits
+                .set(entry, bits | bit, 0)
+                .context("cannot write a VIP's bit")?;
         }
         for iface in &plan.interfaces {
             self.tx_ports
