@@ -6,7 +6,7 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
     macros::map,
-    maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
 };
 use lb_common::{
     Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply, ServiceValue, Traffic,
@@ -61,7 +61,7 @@ pub static SETTINGS: Array<FlowSettings> = Array::with_max_entries(1, 0);
 
 /// Egress NICs for `XDP_REDIRECT`.
 #[map]
-pub static TX_PORTS: DevMapHash = DevMapHash::with_max_entries(MAX_IFACES, 0);
+pub static TX_PORTS: DevMap = DevMap::with_max_entries(MAX_IFINDEX, 0);
 
 /// Rewritten packets and bytes per backend and direction.
 #[map]

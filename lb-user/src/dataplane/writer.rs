@@ -10,7 +10,7 @@ use std::{collections::BTreeMap, sync::Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::{Array, DevMapHash, HashMap, MapData, PerCpuArray},
+    maps::{Array, DevMap, HashMap, MapData, PerCpuArray},
     Ebpf,
 };
 use lb_common::{
@@ -38,7 +38,7 @@ pub struct MapWriter {
     ifaces: Array<MapData, Iface>,
     local_addrs: HashMap<MapData, [u8; 4], u8>,
     pub(super) settings: Array<MapData, FlowSettings>,
-    tx_ports: DevMapHash<MapData>,
+    tx_ports: DevMap<MapData>,
     /// The connection table (read and swept by [`super::flows`]).
     pub(super) flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
     /// The reply index (entries removed with their flows).
@@ -165,11 +165,6 @@ impl MapWriter {
                 .context("cannot write a VIP's bit")?;
         }
         for iface in &plan.interfaces {
-            self.tx_ports
-                .insert(iface.ifindex, iface.ifindex, None, 0)
-                .with_context(|| format!("cannot add {} to the redirect map", iface.name))?;
-        }
-        for iface in &plan.interfaces {
             if iface.ifindex >= MAX_IFINDEX {
                 bail!(
                     "interface {} has index {}; the dataplane serves indexes below {MAX_IFINDEX}",
@@ -177,6 +172,11 @@ impl MapWriter {
                     iface.ifindex
                 );
             }
+            self.tx_ports
+                .set(iface.ifindex, iface.ifindex, None, 0)
+                .with_context(|| format!("cannot add {} to the redirect map", iface.name))?;
+        }
+        for iface in &plan.interfaces {
             let flags = match iface.role {
                 Role::Client => iface_flags::CLIENT,
                 Role::Backend => iface_flags::BACKEND,
