@@ -10,8 +10,8 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply, ServiceValue, Traffic,
-    VipInfo, ACTIONS_ENTRIES, DEFAULT_MAX_FLOWS, EVENTS as EVENT_COUNT, MAX_BACKENDS, MAX_IFACES,
-    MAX_IFINDEX, MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES, VIP_BITS_ENTRIES,
+    VipInfo, ACTIONS_ENTRIES, DEFAULT_MAX_FLOWS, EVENTS as EVENT_COUNT, MAX_BACKENDS, MAX_IFINDEX,
+    MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES, VIP_BITS_ENTRIES,
 };
 
 /// Service key → service id and flags (each service's own key, plus echo keys).

@@ -6,7 +6,7 @@
 //! - `test`: setup, `cargo fmt --check`, clippy with `-D warnings` (userspace and eBPF), then
 //!   every test of the workspace;
 //! - `run [-- ARGS]`: builds and runs `lb ARGS`; without arguments, `lb demo`;
-//! - `bench failover|throughput [-- ARGS]`: release builds of `lb` and `lb-bench`, then the
+//! - `bench failover|throughput|flood [-- ARGS]`: release builds of `lb` and `lb-bench`, then the
 //!   bench, which writes `docs/BENCHMARKS.md`.
 
 mod setup;
@@ -50,8 +50,8 @@ enum Task {
     },
     /// Run a benchmark (release builds) and write docs/BENCHMARKS.md.
     Bench {
-        /// Which bench: `failover` or `throughput`.
-        #[arg(value_parser = ["failover", "throughput"])]
+        /// Which bench: `failover`, `throughput` or `flood`.
+        #[arg(value_parser = ["failover", "throughput", "flood"])]
         which: String,
         /// Options for the bench (`cargo xtask bench failover -- --help` lists them).
         #[arg(last = true)]

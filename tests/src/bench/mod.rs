@@ -1,9 +1,10 @@
 //! The benchmarks behind `cargo xtask bench`: failover (downtime, failback, UDP loss, beside
-//! keepalived VRRP) and throughput (XDP beside nftables NAT, per-packet cost, agent
-//! overhead). They run on the namespace testbed of `lb_user::testbed` and write
+//! keepalived VRRP), throughput (XDP beside nftables NAT, per-packet cost, agent overhead)
+//! and flood (the connection table under a flood of spoofed new flows). They run on the namespace testbed of `lb_user::testbed` and write
 //! `docs/BENCHMARKS.md`.
 
 pub mod failover;
+pub mod flood;
 pub mod interrupt;
 pub mod keepalived;
 pub mod plot;

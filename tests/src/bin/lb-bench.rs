@@ -1,5 +1,5 @@
 //! `lb-bench`: the benchmarks of the XDP failover load balancer. Run it through
-//! `cargo xtask bench failover|throughput`, which builds `lb` and this binary in release mode
+//! `cargo xtask bench failover|throughput|flood`, which builds `lb` and this binary in release mode
 //! and runs them as root.
 
 use anyhow::Result;
@@ -20,6 +20,9 @@ enum Bench {
     /// Packets and bits per second through the VIP beside nftables NAT, per-packet cost of
     /// the program, agent overhead.
     Throughput(bench::throughput::Args),
+    /// The connection table under a flood of spoofed new flows: established flows' answers
+    /// and table entries.
+    Flood(bench::flood::Args),
     /// A benchmark server (started by the failover bench inside a backend's namespace).
     #[command(hide = true)]
     Responder(bench::responder::Args),
@@ -34,6 +37,10 @@ fn main() -> Result<()> {
         Bench::Throughput(args) => {
             bench::interrupt::install()?;
             bench::throughput::run(args)
+        }
+        Bench::Flood(args) => {
+            bench::interrupt::install()?;
+            bench::flood::run(args)
         }
         Bench::Responder(args) => bench::responder::run(args),
     }

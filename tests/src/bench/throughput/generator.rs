@@ -148,6 +148,46 @@ impl PacketSocket {
         }
     }
 
+    /// Sends each of `frames` once with one `sendmmsg`; returns how many the kernel took,
+    /// from the first on (`Ok(0)` when a queue was full).
+    pub fn send_each(&self, frames: &[Vec<u8>]) -> Result<usize> {
+        let mut iovs: Vec<libc::iovec> = frames
+            .iter()
+            .map(|f| libc::iovec {
+                iov_base: f.as_ptr() as *mut libc::c_void,
+                iov_len: f.len(),
+            })
+            .collect();
+        let mut headers: Vec<libc::mmsghdr> = iovs
+            .iter_mut()
+            .map(|iov| {
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) header.
+                let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                header.msg_hdr.msg_iov = iov;
+                header.msg_hdr.msg_iovlen = 1;
+                header
+            })
+            .collect();
+        // SAFETY: each header points at its own iovec, which points at its frame; all of
+        // them outlive the call, and the kernel only reads them for sending.
+        let sent = unsafe {
+            libc::sendmmsg(
+                self.fd.as_raw_fd(),
+                headers.as_mut_ptr(),
+                headers.len() as u32,
+                0,
+            )
+        };
+        if sent >= 0 {
+            return Ok(sent as usize);
+        }
+        let error = std::io::Error::last_os_error();
+        match error.raw_os_error() {
+            Some(libc::ENOBUFS) | Some(libc::EAGAIN) => Ok(0),
+            _ => Err(error).context("sendmmsg"),
+        }
+    }
+
     /// Sends `frame` once.
     pub fn send(&self, frame: &[u8]) -> Result<()> {
         if self.send_batch(frame, 1)? != 1 {
