@@ -12,6 +12,7 @@
 
 mod client;
 mod rig;
+mod tcp;
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -94,6 +95,7 @@ struct SystemResults {
     iperf_loss: Vec<f64>,
     stream_loss: Vec<f64>,
     flips_us: Vec<f64>,
+    tcp: Vec<tcp::TcpTrial>,
     plotted: Option<(StreamResult, u128)>,
     rate: u32,
 }
@@ -180,6 +182,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         iperf_loss: Vec::new(),
         stream_loss: Vec::new(),
         flips_us: Vec::new(),
+        tcp: Vec::new(),
         plotted: None,
         rate: args.rate,
     };
@@ -264,6 +267,14 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
             .stream_loss
             .push(100.0 * (sent - received) as f64 / sent as f64);
         rig.set_master_link(true)?;
+        rig.wait_master_serving(Duration::from_secs(30))?;
+    }
+    for trial in 1..=args.trials {
+        progress(format!(
+            "{label}: trial {trial}/{}: TCP connections across failover and failback",
+            args.trials
+        ));
+        results.tcp.push(tcp::trial(rig, settle)?);
         rig.wait_master_serving(Duration::from_secs(30))?;
     }
     results.flips_us = rig.flip_durations_us()?;
@@ -550,6 +561,7 @@ fn render(args: &Args, results: &[SystemResults]) -> String {
             let _ = writeln!(text, "{row}");
         }
     }
+    render_tcp(&mut text, results);
     if let Some(lb) = results.iter().find(|s| s.label.starts_with("lb")) {
         let _ = writeln!(text, "\n### Flip latency of `lb`\n");
         let _ = writeln!(
@@ -594,6 +606,56 @@ fn render(args: &Args, results: &[SystemResults]) -> String {
         );
     }
     text
+}
+
+/// The TCP experiment's table: connections that survived, per system.
+fn render_tcp(text: &mut String, results: &[SystemResults]) {
+    let _ = writeln!(text, "\n### TCP connections across failover and failback\n");
+    let _ = writeln!(
+        text,
+        "Per trial: {n} TCP connections opened through the VIP, each holding a conversation \
+         with its server (one line asked, one answered, now and then); the master's switch \
+         port goes down; once new connections reach the slave, each old one is asked again \
+         (survived the failover?); {n} more are opened during the outage; the port comes \
+         back; once new connections reach the master again, each of those is asked (survived \
+         the failback?). A connection survives when it answers within a second. Mean (min–max) \
+         over the trials, out of {n}. No system can keep a connection whose server went away \
+         (the slave has no state of the master's connections); what `lb` keeps is the \
+         connections made during the outage, which graceful failback leaves on the slave \
+         while new connections go to the master. keepalived moves the VIP back, so the \
+         master answers them with RST.\n",
+        n = tcp::CONNECTIONS
+    );
+    let _ = writeln!(
+        text,
+        "| system | survived the failover | survived the failback | trials |\n|---|---|---|---|"
+    );
+    for system in results {
+        let cell = |values: Vec<f64>| match Summary::of(&values) {
+            Some(s) => format!("{:.1} ({:.0}–{:.0})", s.mean, s.min, s.max),
+            None => "–".into(),
+        };
+        let _ = writeln!(
+            text,
+            "| {} | {} | {} | {} |",
+            system.label,
+            cell(
+                system
+                    .tcp
+                    .iter()
+                    .map(|t| t.survived_failover as f64)
+                    .collect()
+            ),
+            cell(
+                system
+                    .tcp
+                    .iter()
+                    .map(|t| t.survived_failback as f64)
+                    .collect()
+            ),
+            system.tcp.len()
+        );
+    }
 }
 
 /// One target of the issue: its name, the measured value (`None`: not measured, or a trial

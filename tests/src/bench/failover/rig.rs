@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use lb_user::testbed::{
     process::Process,
-    topology::{lb_binary, UDP_PORT, VIP},
+    topology::{lb_binary, TCP_PORT, UDP_PORT, VIP},
     Host, Testbed,
 };
 
@@ -110,6 +110,8 @@ impl Rig {
             slave_log,
             lb_log: None,
         };
+        rig.testbed.start_tcp_responder(Host::Master, "master")?;
+        rig.testbed.start_tcp_responder(Host::Slave, "slave")?;
         for host in [Host::Master, Host::Slave] {
             let mut command = rig.testbed.host(host).command("iperf3");
             command
@@ -255,8 +257,9 @@ impl Rig {
     }
 }
 
-/// The agent config: the request service, and the iperf3 ports, each moved by the master's
-/// link and (for the request service) a UDP check every millisecond, fall 3, rise 3.
+/// The agent config: the request service, the TCP connection service and the iperf3 ports,
+/// each moved by the master's link and (for the request service) a UDP check every
+/// millisecond, fall 3, rise 3.
 fn lb_config() -> String {
     let fast = "interval = \"1ms\", timeout = \"10ms\", rise = 3, fall = 3";
     let link = format!("{{ checks = [{{ type = \"link\" }}], {fast} }}");
@@ -265,6 +268,7 @@ fn lb_config() -> String {
     );
     Testbed::config_head(LISTEN)
         + &Testbed::service_toml("requests", "udp", UDP_PORT, &link_udp)
+        + &Testbed::service_toml("connections", "tcp", TCP_PORT, &link)
         + &Testbed::service_toml("iperf-control", "tcp", IPERF_PORT, &link)
         + &Testbed::service_toml("iperf-data", "udp", IPERF_PORT, &link)
 }
