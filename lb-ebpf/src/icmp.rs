@@ -16,6 +16,7 @@ use crate::{
     maps,
     packet::{frame_len, header_mut},
     parse::{Ipv4, ICMP_ECHO_REPLY, ICMP_ECHO_REQUEST, L2},
+    reverse,
     rewrite::{self, Address},
     stats::{self, counted},
 };
@@ -88,18 +89,10 @@ fn quote(ctx: &XdpContext, packet: &Ipv4) -> Option<Quote> {
 /// itself sent it), and it goes to the flow's client.
 #[inline(always)]
 fn toward_client(ctx: &XdpContext, l2: &L2, packet: &Ipv4, quote: &Quote, reply: &Reply) -> u32 {
-    let Some(backend) = maps::backend(reply.backend) else {
-        return xdp_action::XDP_PASS;
+    let backend = match reverse::sender(ctx, reply) {
+        Ok(backend) => backend,
+        Err(action) => return action,
     };
-    if ctx.ingress_ifindex() as u32 != backend.ifindex {
-        return counted(Event::ReplyWrongNic, xdp_action::XDP_PASS);
-    }
-    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    if eth.src_addr != backend.mac {
-        return counted(Event::ReplyWrongMac, xdp_action::XDP_PASS);
-    }
     let Some(flow) = maps::flow(&reply.flow) else {
         return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
     };

@@ -5,7 +5,7 @@
 //! kernel untouched.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{flow_state, proto, Direction, Event, Reply, FLOW_REFRESH_NS};
+use lb_common::{flow_state, proto, Backend, Direction, Event, Reply, FLOW_REFRESH_NS};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -23,17 +23,8 @@ use crate::{
 /// its flow has expired.
 #[inline(always)]
 pub fn reply(ctx: &XdpContext, l2: &L2, packet: &Ipv4, reply: &Reply) -> u32 {
-    let Some(backend) = maps::backend(reply.backend) else {
-        return xdp_action::XDP_PASS;
-    };
-    if ctx.ingress_ifindex() as u32 != backend.ifindex {
-        return counted(Event::ReplyWrongNic, xdp_action::XDP_PASS);
-    }
-    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_PASS;
-    };
-    if eth.src_addr != backend.mac {
-        return counted(Event::ReplyWrongMac, xdp_action::XDP_PASS);
+    if let Err(action) = sender(ctx, reply) {
+        return action;
     }
     let Some(flow) = maps::flow(&reply.flow) else {
         return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
@@ -62,6 +53,26 @@ pub fn reply(ctx: &XdpContext, l2: &L2, packet: &Ipv4, reply: &Reply) -> u32 {
     }
     stats::count_traffic(reply.backend, Direction::Reverse, frame_len(ctx));
     rewrite::transmit(ctx, flow.ifindex)
+}
+
+/// The backend `reply` must come from, when the frame does come from it: on the NIC that
+/// backend is reached through, from its MAC. Otherwise the frame's action (`XDP_PASS`,
+/// counted).
+#[inline(always)]
+pub fn sender(ctx: &XdpContext, reply: &Reply) -> Result<Backend, u32> {
+    let Some(backend) = maps::backend(reply.backend) else {
+        return Err(xdp_action::XDP_PASS);
+    };
+    if ctx.ingress_ifindex() as u32 != backend.ifindex {
+        return Err(counted(Event::ReplyWrongNic, xdp_action::XDP_PASS));
+    }
+    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
+        return Err(xdp_action::XDP_PASS);
+    };
+    if eth.src_addr != backend.mac {
+        return Err(counted(Event::ReplyWrongMac, xdp_action::XDP_PASS));
+    }
+    Ok(backend)
 }
 
 /// The state of a flow after its backend sent `packet`.

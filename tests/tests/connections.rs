@@ -3,13 +3,13 @@
 //! connections opened during a failover survive the failback.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddrV4, TcpStream, UdpSocket},
+    net::{SocketAddrV4, UdpSocket},
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use lb_user::testbed::{
+    tcp_responder::LineClient,
     topology::{lb_binary, Testbed, MASTER_IP, SLAVE_IP, TCP_PORT, UDP_PORT, VIP},
     Host,
 };
@@ -141,34 +141,9 @@ fn direct_traffic_to_a_backend_is_untouched_while_the_client_uses_the_vip() {
 }
 
 /// A long-lived TCP connection from the client to the VIP's port [`TCP_PORT`].
-struct Connection {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl Connection {
-    fn open(bed: &Testbed) -> Result<Self> {
-        let stream = bed.client.enter(|| -> Result<TcpStream> {
-            let stream = TcpStream::connect_timeout(
-                &SocketAddrV4::new(VIP, TCP_PORT).into(),
-                Duration::from_secs(3),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(3)))?;
-            Ok(stream)
-        })??;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Connection { stream, reader })
-    }
-
-    /// Sends a line; returns the name of the backend that answered it.
-    fn ask(&mut self) -> Result<String> {
-        self.stream.write_all(b"who\n")?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            bail!("connection closed by the far end");
-        }
-        Ok(line.trim().to_string())
-    }
+fn connect(bed: &Testbed) -> Result<LineClient> {
+    let vip = SocketAddrV4::new(VIP, TCP_PORT);
+    LineClient::open(&bed.client, vip, Duration::from_secs(3))
 }
 
 #[test]
@@ -183,13 +158,13 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
         Testbed::service_toml("hold", "tcp", TCP_PORT, health)
     );
     start_agent(&mut bed, &config);
-    let mut before = Connection::open(&bed).unwrap();
+    let mut before = connect(&bed).unwrap();
     assert_eq!(before.ask().unwrap(), "master");
 
     // The master's switch port goes down: new connections reach the slave.
     bed.set_link(Host::Master, false).unwrap();
     wait_active(&bed, "hold", "slave").unwrap();
-    let mut during: Vec<Connection> = (0..20).map(|_| Connection::open(&bed).unwrap()).collect();
+    let mut during: Vec<LineClient> = (0..20).map(|_| connect(&bed).unwrap()).collect();
     for connection in &mut during {
         assert_eq!(connection.ask().unwrap(), "slave");
     }
@@ -205,7 +180,7 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
             "connection {i} after failback"
         );
     }
-    let mut after = Connection::open(&bed).unwrap();
+    let mut after = connect(&bed).unwrap();
     assert_eq!(after.ask().unwrap(), "master");
 
     // `lb flows` lists them on the slave.

@@ -396,17 +396,20 @@ impl ServiceRuntime {
         }
     }
 
+    /// Position of backend `name` in the plan; the error lists the known backends.
+    fn position_of(&self, name: &str) -> Result<usize> {
+        match self.plan.backends.iter().position(|b| b.name == name) {
+            Some(position) => Ok(position),
+            None => Err(self.plan.backend(name).unwrap_err()),
+        }
+    }
+
     /// Takes backend `name` out of service (`drained`) or puts it back: a drained backend
     /// gets no new flows; if it was active, the next one takes over at once, and its TCP
     /// connections finish on it under the service's failback rules (graceful: until they
     /// end or the drain limit; immediate: they move now). UDP and ICMP flows move at once.
     pub fn set_drained(self: &Arc<Self>, name: &str, drained: bool) -> Result<Change> {
-        let position = self
-            .plan
-            .backends
-            .iter()
-            .position(|b| b.name == name)
-            .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
+        let position = self.position_of(name)?;
         let mut state = self.state.lock().expect("service state lock");
         let was = state.backends[position].drained;
         state.backends[position].drained = drained;
@@ -440,12 +443,7 @@ impl ServiceRuntime {
     /// Makes backend `name` active now (`lb activate`); the health checks keep deciding
     /// afterwards.
     pub fn activate(self: &Arc<Self>, name: &str) -> Result<Change> {
-        let position = self
-            .plan
-            .backends
-            .iter()
-            .position(|b| b.name == name)
-            .ok_or_else(|| self.plan.backend(name).unwrap_err())?;
+        let position = self.position_of(name)?;
         let mut state = self.state.lock().expect("service state lock");
         state.backends[position].drained = false;
         if state.active == Some(position) {

@@ -4,7 +4,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
-    net::{TcpListener, TcpStream},
+    net::{SocketAddrV4, TcpListener, TcpStream},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 
 use super::netns::Netns;
 
@@ -100,5 +100,37 @@ impl Drop for TcpResponder {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// A client's connection to a responder, made from inside a namespace: each
+/// [`ask`](Self::ask) sends a line and reads the name of the backend that answered.
+pub struct LineClient {
+    stream: TcpStream,
+    reader: BufReader<TcpStream>,
+}
+
+impl LineClient {
+    /// Connects from namespace `ns` to `to`; connecting, reading and writing each give up
+    /// after `timeout`.
+    pub fn open(ns: &Netns, to: SocketAddrV4, timeout: Duration) -> Result<Self> {
+        let stream = ns.enter(move || -> Result<TcpStream> {
+            let stream = TcpStream::connect_timeout(&to.into(), timeout)?;
+            stream.set_read_timeout(Some(timeout))?;
+            stream.set_write_timeout(Some(timeout))?;
+            Ok(stream)
+        })??;
+        let reader = BufReader::new(stream.try_clone()?);
+        Ok(LineClient { stream, reader })
+    }
+
+    /// Sends a line; returns the name of the backend that answered it.
+    pub fn ask(&mut self) -> Result<String> {
+        self.stream.write_all(b"who\n")?;
+        let mut line = String::new();
+        if self.reader.read_line(&mut line)? == 0 {
+            bail!("connection closed by the far end");
+        }
+        Ok(line.trim().to_string())
     }
 }

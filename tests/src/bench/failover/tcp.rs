@@ -7,13 +7,15 @@
 //! once (survived the failback?). A connection survives when it answers within a second.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    net::{SocketAddrV4, TcpStream},
+    net::SocketAddrV4,
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Result};
-use lb_user::testbed::topology::{TCP_PORT, VIP};
+use lb_user::testbed::{
+    tcp_responder::LineClient,
+    topology::{TCP_PORT, VIP},
+};
 
 use super::{super::interrupt, rig::Rig};
 
@@ -29,35 +31,22 @@ pub struct TcpTrial {
     pub survived_failback: usize,
 }
 
-/// A client connection that answers with the name of its backend.
-struct Connection {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
+/// A connection through the VIP from the rig's client.
+struct Connection(LineClient);
 
 impl Connection {
     fn open(rig: &Rig) -> Result<Self> {
-        let stream = rig.testbed.client.enter(|| -> Result<TcpStream> {
-            let stream = TcpStream::connect_timeout(
-                &SocketAddrV4::new(VIP, TCP_PORT).into(),
-                Duration::from_secs(1),
-            )?;
-            stream.set_read_timeout(Some(Duration::from_secs(1)))?;
-            stream.set_write_timeout(Some(Duration::from_secs(1)))?;
-            Ok(stream)
-        })??;
-        let reader = BufReader::new(stream.try_clone()?);
-        Ok(Connection { stream, reader })
+        let to = SocketAddrV4::new(VIP, TCP_PORT);
+        Ok(Connection(LineClient::open(
+            &rig.testbed.client,
+            to,
+            Duration::from_secs(1),
+        )?))
     }
 
     /// The backend's name, if the connection still answers.
     fn ask(&mut self) -> Option<String> {
-        self.stream.write_all(b"who\n").ok()?;
-        let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(n) if n > 0 => Some(line.trim().to_string()),
-            _ => None,
-        }
+        self.0.ask().ok()
     }
 }
 

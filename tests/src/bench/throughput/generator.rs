@@ -129,7 +129,17 @@ impl PacketSocket {
         header.msg_hdr.msg_iovlen = 1;
         let mut headers = vec![header; count];
         // SAFETY: every header points at `iov`, which points at `frame`; both outlive the
-        // call, and the kernel only reads them for sending.
+        // call.
+        unsafe { self.sendmmsg(&mut headers) }
+    }
+
+    /// Sends the messages of `headers` with one `sendmmsg`; returns how many the kernel took
+    /// (`Ok(0)` when a queue was full).
+    ///
+    /// # Safety
+    /// Every header must point at iovecs and data that stay valid for the call.
+    unsafe fn sendmmsg(&self, headers: &mut [libc::mmsghdr]) -> Result<usize> {
+        // SAFETY: the caller vouches for the headers; the kernel only reads them.
         let sent = unsafe {
             libc::sendmmsg(
                 self.fd.as_raw_fd(),
@@ -169,23 +179,8 @@ impl PacketSocket {
             })
             .collect();
         // SAFETY: each header points at its own iovec, which points at its frame; all of
-        // them outlive the call, and the kernel only reads them for sending.
-        let sent = unsafe {
-            libc::sendmmsg(
-                self.fd.as_raw_fd(),
-                headers.as_mut_ptr(),
-                headers.len() as u32,
-                0,
-            )
-        };
-        if sent >= 0 {
-            return Ok(sent as usize);
-        }
-        let error = std::io::Error::last_os_error();
-        match error.raw_os_error() {
-            Some(libc::ENOBUFS) | Some(libc::EAGAIN) => Ok(0),
-            _ => Err(error).context("sendmmsg"),
-        }
+        // them outlive the call.
+        unsafe { self.sendmmsg(&mut headers) }
     }
 
     /// Sends `frame` once.
