@@ -43,38 +43,13 @@ pub const SWITCH_CLIENT_SIDE: [u8; 4] = [198, 18, 1, 1];
 /// The switch host's own address on the backends' segment.
 pub const SWITCH_BACKEND_SIDE: [u8; 4] = [198, 18, 2, 1];
 
-/// The agent config every rig is planned with.
-pub const CONFIG: &str = r#"
-metrics_listen = "127.0.0.1:9100"
-
-[[interfaces]]
-name = "t-cli"
-role = "both"
-
-[[interfaces]]
-name = "t-bck"
-role = "backend"
-
-[[services]]
-name = "web"
-vip = "198.18.1.100"
-protocol = "tcp"
-port = 80
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
-[[services]]
-name = "dns"
-vip = "198.18.1.100"
-protocol = "udp"
-port = 53
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
+/// The config most rigs are planned with: `t-cli` for clients (and the one-arm service's
+/// backends), `t-bck` for backends; `web` (TCP 80) and `dns` (UDP 53) on one VIP, `gone`
+/// behind a NIC a test may delete, `one-arm` behind the client NIC.
+pub fn standard_config() -> String {
+    let interfaces = "[[interfaces]]\nname = \"t-cli\"\nrole = \"both\"\n\n\
+                      [[interfaces]]\nname = \"t-bck\"\nrole = \"backend\"\n";
+    let others = r#"
 [[services]]
 name = "gone"
 vip = "198.18.1.102"
@@ -91,8 +66,42 @@ backends = [
   { name = "b", ip = "198.18.1.11", priority = 1, mac = "02:00:00:00:01:0b", iface = "t-cli" },
 ]
 "#;
+    format!(
+        "{interfaces}{}{}{others}",
+        service("web", "198.18.1.100", "tcp", 80, ""),
+        service("dns", "198.18.1.100", "udp", 53, "")
+    )
+}
 
-/// A loaded dataplane with [`CONFIG`] (or another config) written, inside a private
+/// A config for the rig: client NIC `t-cli`, the given `[[services]]` tables (see
+/// [`service`]) and `tail` (for example a `[flows]` table).
+pub fn config(services: &[String], tail: &str) -> String {
+    format!(
+        "[[interfaces]]\nname = \"t-cli\"\nrole = \"client\"\n{}\n{tail}",
+        services.concat()
+    )
+}
+
+/// A `[[services]]` table: `name` on `vip`, `protocol` and `port`, with `extra` keys,
+/// master and slave as backends behind `t-bck`.
+pub fn service(name: &str, vip: &str, protocol: &str, port: u16, extra: &str) -> String {
+    format!(
+        r#"
+[[services]]
+name = "{name}"
+vip = "{vip}"
+protocol = "{protocol}"
+port = {port}
+{extra}
+backends = [
+  {{ name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" }},
+  {{ name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" }},
+]
+"#
+    )
+}
+
+/// A loaded dataplane with [`standard_config`] (or another config) written, inside a private
 /// namespace.
 pub struct Rig {
     /// The loaded program.
@@ -159,15 +168,15 @@ impl Rig {
     }
 }
 
-/// Runs `test` on a fresh [`Rig`] with [`CONFIG`] inside a fresh namespace called `name`.
+/// Runs `test` on a fresh [`Rig`] with [`standard_config`] inside a fresh namespace called `name`.
 pub fn with_rig(name: &str, test: impl FnOnce(&mut Rig) -> Result<()> + Send + 'static) {
-    with_rig_config(name, CONFIG, test)
+    with_rig_config(name, standard_config(), test)
 }
 
 /// Runs `test` on a fresh [`Rig`] with `config` inside a fresh namespace called `name`.
 pub fn with_rig_config(
     name: &str,
-    config: &'static str,
+    config: String,
     test: impl FnOnce(&mut Rig) -> Result<()> + Send + 'static,
 ) {
     let ns: Netns = namespace(name).expect("create namespace");
@@ -178,7 +187,7 @@ pub fn with_rig_config(
     ns.ip(&["addr", "add", "198.18.2.1/24", "dev", "t-bck"])
         .expect("address t-bck");
     ns.enter(move || {
-        let mut rig = Rig::new(config)?;
+        let mut rig = Rig::new(&config)?;
         test(&mut rig)
     })
     .expect("enter namespace")

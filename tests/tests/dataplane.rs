@@ -307,7 +307,7 @@ fn frames_on_an_unconfigured_nic_are_untouched() {
     ns.ip(&["link", "add", "t-u", "type", "veth", "peer", "name", "t-v"])
         .unwrap();
     ns.enter(|| -> Result<()> {
-        let mut b = Rig::new(CONFIG)?;
+        let mut b = Rig::new(&standard_config())?;
         // SAFETY: if_nametoindex reads a NUL-terminated name.
         let other = unsafe { libc::if_nametoindex(c"t-u".as_ptr()) };
         assert_ne!(other, 0);

@@ -254,32 +254,14 @@ fn direct_traffic_to_and_from_a_backend_is_untouched() {
 
 #[test]
 fn a_backend_of_two_services_answers_ping_with_the_right_vip() {
-    const TWO_VIPS: &str = r#"
-[[interfaces]]
-name = "t-cli"
-role = "client"
-
-[[services]]
-name = "first"
-vip = "198.18.1.100"
-protocol = "tcp"
-port = 80
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
-[[services]]
-name = "second"
-vip = "198.18.1.101"
-protocol = "udp"
-port = 53
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-"#;
-    with_rig_config("lbf-twovips", TWO_VIPS, |b| {
+    let two_vips = config(
+        &[
+            service("first", "198.18.1.100", "tcp", 80, ""),
+            service("second", "198.18.1.101", "udp", 53, ""),
+        ],
+        "",
+    );
+    with_rig_config("lbf-twovips", two_vips, |b| {
         for (vip, id) in [(VIP, 7u16), (VIP_ONE_ARM, 8)] {
             let mut request = Vec::new();
             etherparse::PacketBuilder::ethernet2(CLIENT_MAC, CLIENT_IF_MAC)
@@ -365,23 +347,17 @@ fn graceful_tcp_flows_stay_on_their_backend_until_it_may_not_keep_them() {
 
 #[test]
 fn immediate_failback_moves_tcp_flows_at_once() {
-    const IMMEDIATE: &str = r#"
-[[interfaces]]
-name = "t-cli"
-role = "client"
-
-[[services]]
-name = "web"
-vip = "198.18.1.100"
-protocol = "tcp"
-port = 80
-failback = "immediate"
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-"#;
-    with_rig_config("lbf-immediate", IMMEDIATE, |b| {
+    let immediate = config(
+        &[service(
+            "web",
+            "198.18.1.100",
+            "tcp",
+            80,
+            "failback = \"immediate\"",
+        )],
+        "",
+    );
+    with_rig_config("lbf-immediate", immediate, |b| {
         b.activate("web", "slave")?;
         b.run(b.client_if, &client_segment(40_000, "S"))?;
         assert_eq!(
@@ -397,25 +373,11 @@ backends = [
 
 #[test]
 fn an_expired_flow_is_gone_for_replies_and_started_afresh_by_the_client() {
-    const SHORT: &str = r#"
-[[interfaces]]
-name = "t-cli"
-role = "client"
-
-[[services]]
-name = "dns"
-vip = "198.18.1.100"
-protocol = "udp"
-port = 53
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
-[flows]
-udp = "1s"
-"#;
-    with_rig_config("lbf-expire", SHORT, |b| {
+    let short = config(
+        &[service("dns", "198.18.1.100", "udp", 53, "")],
+        "[flows]\nudp = \"1s\"\n",
+    );
+    with_rig_config("lbf-expire", short, |b| {
         let query = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5000, 53);
         let reply = udp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 53, 5000);
         b.run(b.client_if, &query)?;
@@ -437,25 +399,11 @@ udp = "1s"
 
 #[test]
 fn a_full_table_evicts_idle_flows_and_keeps_busy_ones() {
-    const SMALL: &str = r#"
-[[interfaces]]
-name = "t-cli"
-role = "client"
-
-[[services]]
-name = "dns"
-vip = "198.18.1.100"
-protocol = "udp"
-port = 53
-backends = [
-  { name = "master", ip = "198.18.2.2", priority = 100, mac = "02:00:00:00:02:02", iface = "t-bck" },
-  { name = "slave",  ip = "198.18.3.2", priority = 50,  mac = "02:00:00:00:03:02", iface = "t-bck" },
-]
-
-[flows]
-max = 1024
-"#;
-    with_rig_config("lbf-full", SMALL, |b| {
+    let small = config(
+        &[service("dns", "198.18.1.100", "udp", 53, "")],
+        "[flows]\nmax = 1024\n",
+    );
+    with_rig_config("lbf-full", small, |b| {
         let busy = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5000, 53);
         let busy_reply = udp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 53, 5000);
         b.run(b.client_if, &busy)?;
