@@ -262,7 +262,7 @@ pub mod flow_state {
     pub const REPLIED: u8 = 1;
     /// TCP: the client acknowledged the backend's answer.
     pub const ESTABLISHED: u8 = 2;
-    /// TCP: a FIN or RST was seen.
+    /// TCP: both sides sent a FIN, or one sent a RST.
     pub const CLOSING: u8 = 3;
     /// Names, indexed by state.
     pub const NAMES: [&str; 4] = ["new", "replied", "established", "closing"];
@@ -273,6 +273,10 @@ pub mod flow_flags {
     /// The flow stays on its backend while that backend's `KEEP` deadline allows
     /// (graceful failback), instead of following the active backend.
     pub const STICKY: u8 = 1 << 0;
+    /// TCP: the client sent a FIN.
+    pub const FIN_CLIENT: u8 = 1 << 1;
+    /// TCP: the backend sent a FIN.
+    pub const FIN_BACKEND: u8 = 1 << 2;
 }
 
 /// What a reply key maps to: the flow it answers.
@@ -296,7 +300,7 @@ pub struct FlowSettings {
     pub tcp_established_ns: u64,
     /// TCP during the handshake (also a connection picked up mid-stream, until answered).
     pub tcp_handshake_ns: u64,
-    /// TCP after a FIN or RST.
+    /// TCP after FINs of both sides, or a RST.
     pub tcp_closing_ns: u64,
     /// UDP.
     pub udp_ns: u64,
@@ -337,6 +341,12 @@ pub enum Event {
     /// A packet to a VIP from an address no client can have (a VIP, 0/8, 127/8,
     /// multicast, reserved, broadcast): dropped.
     BadSource,
+    /// A packet to a VIP whose source the switch host would not route back out of the NIC
+    /// it arrived on, or whose source MAC is not that route's neighbour: dropped.
+    SpoofedSource,
+    /// A new flow whose reply key another live flow holds (the same client port toward
+    /// the same backend through another VIP): dropped.
+    FlowCollision,
     /// A packet of a known flow from another MAC or NIC than the flow's client: dropped.
     ClientMismatch,
     /// A reply-shaped frame of a known flow on a NIC that is not its backend's: passed.
@@ -359,7 +369,7 @@ pub enum Event {
 }
 
 /// Number of [`Event`]s.
-pub const EVENTS: u32 = 15;
+pub const EVENTS: u32 = 17;
 
 /// Names of the [`Event`]s, as exported in metrics, indexed by event.
 pub const EVENT_NAMES: [&str; EVENTS as usize] = [
@@ -369,6 +379,8 @@ pub const EVENT_NAMES: [&str; EVENTS as usize] = [
     "flow_table_error",
     "local_source",
     "bad_source",
+    "spoofed_source",
+    "flow_collision",
     "client_mismatch",
     "reply_wrong_nic",
     "reply_wrong_mac",

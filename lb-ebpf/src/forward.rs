@@ -16,16 +16,18 @@ use crate::{
     packet::{frame_len, header_mut},
     parse::{self, tcp_flags, Ipv4, L2},
     rewrite::{self, Address},
+    route,
+    state::{self, Side},
     stats::{self, counted},
 };
 
 /// Handles a packet of the flow at `flow` (its key is `key`).
 ///
-/// Outcomes: sent to the flow's backend (or, if that one is down or drained, to the
+/// Outcomes: sent to the flow's backend (or, if that one may no longer keep it, to the
 /// service's active backend, which the flow then follows); `XDP_DROP` when the packet
-/// comes from another MAC or NIC than the flow's client, or the service has no backend
-/// serving. An expired flow, or a new TCP connection on the tuple of a closing one, is
-/// started afresh by [`new`].
+/// comes from another MAC or NIC than the flow's client, or the flow must move and the
+/// service has no backend serving. An expired flow, or a new TCP connection on the tuple
+/// of a closing one, is started afresh by [`new`].
 #[inline(always)]
 pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut Flow) -> u32 {
     // SAFETY: `flow` comes from a successful lookup and stays valid for this program run.
@@ -56,10 +58,11 @@ pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut
     {
         return new(ctx, l2, packet, key); // a new connection on the same ports
     }
-    let Some(active) = maps::active(flow.service) else {
-        return counted(Event::NoBackend, xdp_action::XDP_DROP);
-    };
-    if flow.backend != active && !may_stay(flow, now) {
+    let active = maps::active(flow.service);
+    if active != Some(flow.backend) && !may_stay(flow, now) {
+        let Some(active) = active else {
+            return counted(Event::NoBackend, xdp_action::XDP_DROP);
+        };
         flow.backend = active;
         stats::count(Event::FlowMoved);
         refresh = true;
@@ -67,12 +70,13 @@ pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut
     let Some(backend) = maps::backend(flow.backend) else {
         return xdp_action::XDP_ABORTED;
     };
-    let state = next_state(flow.state, packet);
-    if state != flow.state || refresh {
-        flow.state = state;
+    if state::advance(flow, packet, Side::Client) || refresh {
         flow.seen_ns = now;
-        // Keeps the reply index entry fresh too, so LRU eviction does not take it alone.
-        if maps::insert_reply(key, flow.backend, backend.ip).is_err() {
+        // Keeps the reply index entry fresh too, so LRU eviction does not take it alone;
+        // never over another live flow's.
+        if maps::reply_key_free(key, backend.ip, now)
+            && maps::insert_reply(key, flow.backend, backend.ip).is_err()
+        {
             stats::count(Event::FlowTableError);
         }
     }
@@ -83,42 +87,51 @@ pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut
 /// service and starts a flow on the active backend.
 ///
 /// Outcomes: sent to the active backend; `XDP_DROP` for a source no client can have (the
-/// switch host's own addresses, VIPs, martians), a service with no backend serving, or a
-/// flow the table refused; `XDP_PASS` when no service matches, or for ICMP other than an
-/// echo request.
+/// switch host's own addresses, VIPs, martians, an address not routed back out of this
+/// NIC to this MAC), a service with no backend serving, a reply key another live flow
+/// holds, or a flow the table refused; `XDP_PASS` when no service matches, or for ICMP other
+/// than an echo request.
 #[inline(always)]
 pub fn new(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey) -> u32 {
-    if let Some(refused) = refused_source(&packet.src) {
-        return counted(refused, xdp_action::XDP_DROP);
-    }
     if packet.protocol == proto::ICMP && packet.icmp_type != parse::ICMP_ECHO_REQUEST {
         return counted(Event::NoService, xdp_action::XDP_PASS);
+    }
+    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    let (client_mac, ifindex) = (eth.src_addr, ctx.ingress_ifindex() as u32);
+    if let Some(refused) = refused_source(&packet.src) {
+        return counted(refused, xdp_action::XDP_DROP);
     }
     let Some(service) = maps::service(packet.dst, packet.protocol, packet.dst_port) else {
         return counted(Event::NoService, xdp_action::XDP_PASS);
     };
+    if !route::leads_back(ctx, packet.src, ifindex, &client_mac) {
+        return counted(Event::SpoofedSource, xdp_action::XDP_DROP);
+    }
     let Some(active) = maps::active(service.id) else {
         return counted(Event::NoBackend, xdp_action::XDP_DROP);
     };
     let Some(backend) = maps::backend(active) else {
         return xdp_action::XDP_ABORTED;
     };
-    let Some(eth) = header_mut::<EthHdr>(ctx, 0) else {
-        return xdp_action::XDP_ABORTED;
-    };
-    let sticky = packet.protocol == proto::TCP && service.flags & service_flags::GRACEFUL != 0;
     let now = maps::now();
-    let flow = Flow {
+    if !maps::reply_key_free(key, backend.ip, now) {
+        return counted(Event::FlowCollision, xdp_action::XDP_DROP);
+    }
+    let sticky = packet.protocol == proto::TCP && service.flags & service_flags::GRACEFUL != 0;
+    let mut flow = Flow {
         created_ns: now,
         seen_ns: now,
         backend: active,
         service: service.id,
-        ifindex: ctx.ingress_ifindex() as u32,
-        client_mac: eth.src_addr,
-        state: next_state(flow_state::NEW, packet),
+        ifindex,
+        client_mac,
+        state: flow_state::NEW,
         flags: if sticky { flow_flags::STICKY } else { 0 },
         pad: 0,
     };
+    state::advance(&mut flow, packet, Side::Client);
     if maps::insert_flow(key, &flow, backend.ip).is_err() {
         return counted(Event::FlowTableError, xdp_action::XDP_DROP);
     }
@@ -130,7 +143,7 @@ pub fn new(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey) -> u32 {
     send(ctx, l2, packet, active, &backend)
 }
 
-/// Why a packet from `src` may not start a flow, if it may not.
+/// Why a packet from `src` may not start a flow, if it may not (before the route check).
 #[inline(always)]
 fn refused_source(src: &[u8; 4]) -> Option<Event> {
     // 0/8 ("this network"), 127/8 (loopback), 224/4 (multicast), 240/4 (reserved and the
@@ -142,25 +155,11 @@ fn refused_source(src: &[u8; 4]) -> Option<Event> {
 }
 
 /// Whether a sticky flow may stay on its backend although the service's active backend
-/// is another one (graceful failback or drain, within the backend's `KEEP` deadline).
+/// is another one, or none (graceful failback or drain, within the backend's `KEEP`
+/// deadline).
 #[inline(always)]
 fn may_stay(flow: &Flow, now: u64) -> bool {
     flow.flags & flow_flags::STICKY != 0 && now < maps::keep_until(flow.backend)
-}
-
-/// The state of a flow after the client sent `packet`.
-#[inline(always)]
-fn next_state(state: u8, packet: &Ipv4) -> u8 {
-    if packet.protocol != proto::TCP {
-        return state;
-    }
-    if packet.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
-        flow_state::CLOSING
-    } else if state == flow_state::REPLIED && packet.tcp_flags & tcp_flags::SYN == 0 {
-        flow_state::ESTABLISHED
-    } else {
-        state
-    }
 }
 
 /// Rewrites `packet` toward backend `index` and sends it.

@@ -5,8 +5,9 @@
 //! An error quotes the header of the packet it is about. Mirrored, that header is the key
 //! of the flow: a packet the program sent to a backend (client → backend) mirrors into the
 //! flow's reply key; a reply it sent to a client (VIP → client) mirrors into the flow's key.
-//! An error that matches no flow, or arrives from anywhere but the flow's own end, is left
-//! to the kernel like any other frame.
+//! An error that matches no flow is left to the kernel like any other frame; one that
+//! arrives from anywhere but the flow's own end is refused as the flow's other packets are
+//! (passed from the backend side, dropped from the client side, counted).
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
 use lb_common::{csum, proto, Direction, Event, Flow, FlowKey, Reply};

@@ -25,6 +25,8 @@ mod packet;
 mod parse;
 mod reverse;
 mod rewrite;
+mod route;
+mod state;
 mod stats;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};

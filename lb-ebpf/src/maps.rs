@@ -158,7 +158,7 @@ pub fn reply(key: &FlowKey) -> Option<Reply> {
     REPLIES.get_ptr(key).map(copy)
 }
 
-/// Writes flow `key` and its reply index entry (for backend `backend_ip`).
+/// Writes flow `key` (served by the backend at `backend_ip`) and its reply index entry.
 #[inline(always)]
 pub fn insert_flow(key: &FlowKey, flow: &Flow, backend_ip: [u8; 4]) -> Result<(), i32> {
     FLOWS.insert(key, flow, 0)?;
@@ -173,6 +173,24 @@ pub fn insert_reply(key: &FlowKey, index: u32, backend_ip: [u8; 4]) -> Result<()
         backend: index,
     };
     REPLIES.insert(key.answered_by(backend_ip), reply, 0)
+}
+
+/// Whether flow `key` may take the reply key its answers from `backend_ip` carry: it is
+/// free, already the flow's, or left by a flow that is gone or has expired at `now`. Two
+/// live flows cannot share one (their replies could not be told apart).
+#[inline(always)]
+pub fn reply_key_free(key: &FlowKey, backend_ip: [u8; 4], now: u64) -> bool {
+    let Some(holder) = reply(&key.answered_by(backend_ip)) else {
+        return true;
+    };
+    if holder.flow == *key {
+        return true;
+    }
+    let Some(other) = FLOWS.get_ptr(holder.flow).map(copy) else {
+        return true;
+    };
+    let idle = now.saturating_sub(other.seen_ns);
+    settings().is_some_and(|s| idle > s.timeout(holder.flow.proto, other.state))
 }
 
 /// Now, on the monotonic coarse clock (the agent's `CLOCK_MONOTONIC_COARSE`).

@@ -5,14 +5,15 @@
 //! kernel untouched.
 
 use aya_ebpf::{bindings::xdp_action, programs::XdpContext};
-use lb_common::{flow_state, proto, Backend, Direction, Event, Reply, FLOW_REFRESH_NS};
+use lb_common::{Backend, Direction, Event, Reply, FLOW_REFRESH_NS};
 use network_types::eth::EthHdr;
 
 use crate::{
     maps,
     packet::{frame_len, header_mut},
-    parse::{tcp_flags, Ipv4, L2},
+    parse::{Ipv4, L2},
     rewrite::{self, Address},
+    state::{self, Side},
     stats::{self, counted},
 };
 
@@ -38,9 +39,7 @@ pub fn reply(ctx: &XdpContext, l2: &L2, packet: &Ipv4, reply: &Reply) -> u32 {
     if refresh && maps::settings().is_none_or(|s| idle > s.timeout(packet.protocol, flow.state)) {
         return counted(Event::ReplyNoFlow, xdp_action::XDP_PASS);
     }
-    let state = next_state(flow.state, packet);
-    if state != flow.state || refresh {
-        flow.state = state;
+    if state::advance(flow, packet, Side::Backend) || refresh {
         flow.seen_ns = now;
     }
     let Some(client_iface) = maps::iface(flow.ifindex) else {
@@ -73,16 +72,4 @@ pub fn sender(ctx: &XdpContext, reply: &Reply) -> Result<Backend, u32> {
         return Err(counted(Event::ReplyWrongMac, xdp_action::XDP_PASS));
     }
     Ok(backend)
-}
-
-/// The state of a flow after its backend sent `packet`.
-#[inline(always)]
-fn next_state(state: u8, packet: &Ipv4) -> u8 {
-    if packet.protocol == proto::TCP && packet.tcp_flags & (tcp_flags::FIN | tcp_flags::RST) != 0 {
-        flow_state::CLOSING
-    } else if state == flow_state::NEW {
-        flow_state::REPLIED
-    } else {
-        state
-    }
 }

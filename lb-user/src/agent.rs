@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    config::{Config, XdpModeSetting},
+    config::{Config, Role, XdpModeSetting},
     control::{self, AgentState, InterfaceStatus},
     dataplane::Dataplane,
     failover::Engine,
@@ -68,6 +68,16 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             other => other?,
         };
         tracing::info!(iface = iface.name, role = ?iface.role, ?mode, "attached");
+        if iface.role != Role::Backend && net::forwarding(&iface.name) == Some(false) {
+            tracing::warn!(
+                iface = iface.name,
+                "IPv4 forwarding is off on this NIC, so the program cannot check that new \
+                 clients' addresses are routed back through it (spoofed sources are then only \
+                 refused when they are this host's own, a VIP or a martian); on a routed \
+                 switch host enable it: sysctl -w net.ipv4.conf.{}.forwarding=1",
+                iface.name
+            );
+        }
         interfaces.push(InterfaceStatus {
             name: iface.name.clone(),
             mode: format!("{mode:?}").to_lowercase(),

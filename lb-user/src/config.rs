@@ -65,8 +65,8 @@ pub struct FlowsConfig {
     /// Idle timeout of an ICMP echo flow. Default `"10s"`.
     #[serde(default = "default_icmp", with = "humantime_serde")]
     pub icmp: Duration,
-    /// How often the agent sweeps expired flows out of the table and counts the live ones
-    /// for `/metrics`. Default `"5s"`.
+    /// How often the agent reads the table to count the live flows for `/metrics`.
+    /// Default `"5s"`.
     #[serde(default = "default_sweep", with = "humantime_serde")]
     pub sweep_interval: Duration,
 }

@@ -1,6 +1,5 @@
-//! The agent's view of the connection table: the periodic sweep that removes expired flows
-//! and counts the live ones per service and backend (for `/metrics`), and the listing
-//! behind `lb flows`.
+//! The agent's view of the connection table: the periodic sweep that counts the live flows
+//! per service and backend (for `/metrics`), and the listing behind `lb flows`.
 
 use std::{
     collections::BTreeMap,
@@ -25,8 +24,8 @@ pub type FlowCounts = BTreeMap<(String, String, &'static str), u64>;
 pub struct Census {
     /// Live flows per service, backend and protocol.
     pub counts: FlowCounts,
-    /// Expired flows the sweeps removed, in all.
-    pub removed: u64,
+    /// Entries in the table, expired ones (not yet evicted or replaced) included.
+    pub entries: u64,
 }
 
 /// One flow as `lb flows` shows it.
@@ -82,7 +81,7 @@ fn read_limit(plan: &Plan) -> usize {
     plan.flows.max as usize * 2
 }
 
-/// Sweeps once: removes expired flows and recounts the live ones into `census`.
+/// Sweeps once: recounts the live flows and the table's entries into `census`.
 pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mutex<Census>) {
     let mut counts = FlowCounts::new();
     for service in &plan.services {
@@ -92,18 +91,17 @@ pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mu
             }
         }
     }
-    let removed = maps.sweep_flows(settings, monotonic_ns(), read_limit(plan), |record| {
+    let now = monotonic_ns();
+    let records = maps.read_flows(read_limit(plan));
+    for record in records.iter().filter(|r| !r.expired(settings, now)) {
         let (service, backend) = names(plan, record);
         *counts
             .entry((service, backend, protocol_name(record.key.proto)))
             .or_default() += 1;
-    });
+    }
     let mut census = census.lock().expect("census lock");
     census.counts = counts;
-    match removed {
-        Ok(removed) => census.removed += removed as u64,
-        Err(e) => tracing::warn!(error = %e, "cannot sweep the connection table"),
-    }
+    census.entries = records.len() as u64;
 }
 
 /// Sweeps every `plan.flows.sweep_interval`, forever.

@@ -12,7 +12,7 @@
 //! | `lb_xdp_actions_total` | counter | interface, action |
 //! | `lb_dataplane_events_total` | counter | event |
 //! | `lb_flows` | gauge | service, backend, protocol |
-//! | `lb_flows_expired_total` | counter | |
+//! | `lb_flow_table_entries` | gauge | |
 //!
 //! `lb_packets_total`, `lb_bytes_total`, `lb_xdp_actions_total` and
 //! `lb_dataplane_events_total` are read from the XDP program's per-CPU maps at scrape time;
@@ -309,9 +309,9 @@ impl Collector for DataplaneCollector {
             let labels = [("event", event.to_string())];
             ConstCounter::new(*count).encode(events.encode_family(&labels)?)?;
         }
-        let (flow_counts, removed) = {
+        let (flow_counts, entries) = {
             let census = self.census.lock().expect("census lock");
-            (census.counts.clone(), census.removed)
+            (census.counts.clone(), census.entries)
         };
         let mut flows = encoder.encode_descriptor(
             "lb_flows",
@@ -327,13 +327,14 @@ impl Collector for DataplaneCollector {
             ];
             ConstGauge::new(*count as i64).encode(flows.encode_family(&labels)?)?;
         }
-        let expired = encoder.encode_descriptor(
-            "lb_flows_expired",
-            "Flows removed from the connection table by the sweep after their idle timeout",
+        let table = encoder.encode_descriptor(
+            "lb_flow_table_entries",
+            "Entries in the connection table as of the last sweep, expired ones not yet evicted \
+             or replaced included (see flows.max)",
             None,
-            MetricType::Counter,
+            MetricType::Gauge,
         )?;
-        ConstCounter::new(removed).encode(expired)?;
+        ConstGauge::new(entries as i64).encode(table)?;
         Ok(())
     }
 }

@@ -2,8 +2,8 @@
 //! `BPF_PROG_TEST_RUN` tests feed it.
 //!
 //! Each rig lives in a namespace of its own holding one veth pair (`t-cli` for clients,
-//! `t-bck` for backends, with the switch host's addresses `198.18.1.1` and `198.18.2.1`),
-//! so ifindexes and local addresses in the maps are real.
+//! `t-bck` for backends, with the switch host's addresses `198.18.1.1` and `198.18.2.1`;
+//! see `testrun::namespace`), so ifindexes, routes and local addresses are real.
 
 use std::ops::Range;
 
@@ -182,10 +182,6 @@ pub fn with_rig_config(
     let ns: Netns = namespace(name).expect("create namespace");
     ns.ip(&["link", "add", "t-x", "type", "veth", "peer", "name", "t-y"])
         .expect("create veth pair");
-    ns.ip(&["addr", "add", "198.18.1.1/24", "dev", "t-cli"])
-        .expect("address t-cli");
-    ns.ip(&["addr", "add", "198.18.2.1/24", "dev", "t-bck"])
-        .expect("address t-bck");
     ns.enter(move || {
         let mut rig = Rig::new(&config)?;
         test(&mut rig)

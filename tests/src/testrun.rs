@@ -44,8 +44,10 @@ pub fn load(config: &str) -> Result<(Plan, Dataplane, MapWriter)> {
     Ok((plan, dataplane, maps))
 }
 
-/// Creates namespace `name` with a veth pair `t-cli` / `t-bck` (MACs above), both up;
-/// removed when the returned value is dropped.
+/// Creates namespace `name` with a veth pair `t-cli` / `t-bck` (MACs above), both up, with
+/// the switch host's addresses `198.18.1.1/24` and `198.18.2.1/24`, 198.19.0.0/16 (the
+/// benches' many clients) routed through `t-cli`, and forwarding on, as on a routed switch
+/// host; removed when the returned value is dropped.
 pub fn namespace(name: &str) -> Result<Netns> {
     let ns = Netns::new(name)?;
     veth(
@@ -56,6 +58,12 @@ pub fn namespace(name: &str) -> Result<Netns> {
         "t-bck",
         "02:00:00:00:02:01",
     )?;
+    ns.ip(&["addr", "add", "198.18.1.1/24", "dev", "t-cli"])?;
+    ns.ip(&["addr", "add", "198.18.2.1/24", "dev", "t-bck"])?;
+    ns.ip(&["route", "add", "198.19.0.0/16", "dev", "t-cli"])?;
+    // A routed switch host: the program's reverse-path check asks the kernel's FIB, which
+    // answers for NICs that forward.
+    ns.exec("sysctl", &["-qw", "net.ipv4.conf.all.forwarding=1"])?;
     Ok(ns)
 }
 

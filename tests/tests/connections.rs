@@ -196,11 +196,27 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
     assert!(listing.contains("20 flows"), "{listing}");
     assert!(listing.contains("established"), "{listing}");
 
-    // Draining the slave by hand follows the same rule: its connections finish on it.
+    // Draining the master by hand: new connections go to the slave, the master's own
+    // finish there; undrained, it takes new connections again.
     let (ok, out, err) = bed
-        .output(Host::Switch, &lb, &["drain", "hold", "slave"])
+        .output(Host::Switch, &lb, &["drain", "hold", "master"])
         .unwrap();
     assert!(ok, "{out}{err}");
+    assert!(out.contains("master -> slave"), "{out}");
+    assert_eq!(connect(&bed).unwrap().ask().unwrap(), "slave");
+    assert_eq!(
+        after.ask().unwrap(),
+        "master",
+        "a drained backend keeps its connections"
+    );
+    let status = bed.agent_status(LISTEN).unwrap();
+    assert!(status.services[0].backends[0].drained);
+    let (ok, out, err) = bed
+        .output(Host::Switch, &lb, &["undrain", "hold", "master"])
+        .unwrap();
+    assert!(ok, "{out}{err}");
+    wait_active(&bed, "hold", "master").unwrap();
+    assert_eq!(connect(&bed).unwrap().ask().unwrap(), "master");
     for connection in &mut during {
         assert_eq!(connection.ask().unwrap(), "slave");
     }

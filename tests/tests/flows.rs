@@ -88,6 +88,71 @@ fn sources_no_client_can_have_are_dropped() {
 }
 
 #[test]
+fn a_source_not_routed_back_through_its_nic_or_from_another_mac_is_dropped() {
+    with_rig("lbf-rpf", |b| {
+        // An address of the backends' segment, arriving on the client NIC.
+        let wrong_side = udp(CLIENT_MAC, CLIENT_IF_MAC, [198, 18, 2, 50], VIP, 5000, 53);
+        assert_eq!(b.run(b.client_if, &wrong_side)?.0, XDP_DROP);
+        // An address nothing routes to.
+        let unrouted = udp(CLIENT_MAC, CLIENT_IF_MAC, [198, 18, 77, 7], VIP, 5000, 53);
+        assert_eq!(b.run(b.client_if, &unrouted)?.0, XDP_DROP);
+        // A client the host knows at another MAC than the frame's.
+        lb_user::testbed::netns::ip(&[
+            "neigh",
+            "replace",
+            "198.18.1.3",
+            "lladdr",
+            "02:00:00:00:01:03",
+            "dev",
+            "t-cli",
+            "nud",
+            "permanent",
+        ])?;
+        let claimed = udp(ATTACKER_MAC, CLIENT_IF_MAC, CLIENT_B, VIP, 5000, 53);
+        assert_eq!(b.run(b.client_if, &claimed)?.0, XDP_DROP);
+        assert_eq!(b.event("spoofed_source")?, 3);
+        assert!(b.flows().is_empty());
+        // The same client from its own MAC is served.
+        let real = udp(CLIENT_B_MAC, CLIENT_IF_MAC, CLIENT_B, VIP, 5000, 53);
+        assert_eq!(b.run(b.client_if, &real)?.0, XDP_REDIRECT);
+        Ok(())
+    })
+}
+
+#[test]
+fn a_second_flow_cannot_take_a_live_flows_reply_key() {
+    with_rig_config(
+        "lbf-collide",
+        config(
+            &[
+                service("first", "198.18.1.100", "tcp", 80, ""),
+                service("second", "198.18.1.101", "udp", 53, ""),
+            ],
+            "",
+        ),
+        |b| {
+            // One echo identifier to two VIPs of the same backend (as `fping` does): the
+            // master's echo replies to both would carry the same addresses and identifier.
+            let first = echo_request(CLIENT, VIP);
+            assert_eq!(b.run(b.client_if, &first)?.0, XDP_REDIRECT);
+            let second = echo_request(CLIENT, VIP_ONE_ARM);
+            assert_eq!(b.run(b.client_if, &second)?.0, XDP_DROP);
+            assert_eq!(b.event("flow_collision")?, 1);
+            // The first flow's answers still carry its own VIP.
+            let mut reply = Vec::new();
+            etherparse::PacketBuilder::ethernet2(MASTER_MAC, BACKEND_IF_MAC)
+                .ipv4(MASTER, CLIENT, 64)
+                .icmpv4_echo_reply(7, 1)
+                .write(&mut reply, b"ping payload")?;
+            let (action, out) = b.run(b.backend_if, &reply)?;
+            assert_eq!(action, XDP_REDIRECT);
+            assert_eq!(verify_checksums(&out)?.src_ip, VIP);
+            Ok(())
+        },
+    )
+}
+
+#[test]
 fn a_flow_is_recorded_with_its_client_and_backend() {
     with_rig("lbf-record", |b| {
         assert_eq!(
@@ -122,7 +187,15 @@ fn tcp_states_follow_the_handshake_and_the_close() {
         assert_eq!(state(b), Some(flow_state::REPLIED));
         b.run(b.client_if, &client_segment(40_000, "A"))?;
         assert_eq!(state(b), Some(flow_state::ESTABLISHED));
+        // A half-closed connection goes on: the backend may answer for long after the
+        // client's FIN.
         b.run(b.client_if, &client_segment(40_000, "FA"))?;
+        assert_eq!(state(b), Some(flow_state::ESTABLISHED));
+        assert_eq!(
+            b.run(b.backend_if, &master_reply(40_000, "A"))?.0,
+            XDP_REDIRECT
+        );
+        b.run(b.backend_if, &master_reply(40_000, "FA"))?;
         assert_eq!(state(b), Some(flow_state::CLOSING));
         // The port reused for a new connection starts a new flow.
         b.run(b.client_if, &client_segment(40_000, "S"))?;
@@ -385,12 +458,11 @@ fn an_expired_flow_is_gone_for_replies_and_started_afresh_by_the_client() {
         std::thread::sleep(std::time::Duration::from_millis(1300));
         assert_eq!(b.run(b.backend_if, &reply)?, (XDP_PASS, reply.clone()));
         assert_eq!(b.event("reply_no_flow")?, 1);
-        // The agent's sweep removes it, with its reply index entry.
+        // The agent no longer lists it.
         let settings = b.maps.flow_settings()?;
         let now = lb_user::dataplane::writer::monotonic_ns();
-        assert_eq!(b.maps.sweep_flows(&settings, now, 1 << 20, |_| {})?, 1);
-        assert!(b.flows().is_empty());
-        // The client's next packet starts a new flow.
+        assert!(b.flows().iter().all(|f| f.expired(&settings, now)));
+        // The client's next packet starts a new flow in its place.
         assert_eq!(b.run(b.client_if, &query)?.0, XDP_REDIRECT);
         assert_eq!(b.event("flow_created")?, 2);
         Ok(())

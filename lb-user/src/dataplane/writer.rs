@@ -15,8 +15,7 @@ use aya::{
 };
 use lb_common::{
     iface_flags, map_names, proto, service_flags, vip_bit, Backend, EndpointKey, Flow, FlowKey,
-    FlowSettings, Iface, Reply, ServiceValue, Traffic, VipInfo, KEEP_FOREVER, MAX_IFINDEX,
-    NO_BACKEND,
+    FlowSettings, Iface, ServiceValue, Traffic, VipInfo, KEEP_FOREVER, MAX_IFINDEX, NO_BACKEND,
 };
 
 use crate::{
@@ -27,7 +26,7 @@ use crate::{
 /// Owned handles on every map of the program.
 ///
 /// Shared (`Arc`) between the failover engine, which flips `ACTIVE` and `KEEP` through
-/// `&self`, the flow sweeper, and the metrics and status readers.
+/// `&self`, the flow census, and the metrics and status readers.
 pub struct MapWriter {
     services: HashMap<MapData, EndpointKey, ServiceValue>,
     active: Mutex<Array<MapData, u32>>,
@@ -39,10 +38,8 @@ pub struct MapWriter {
     local_addrs: HashMap<MapData, [u8; 4], u8>,
     pub(super) settings: Array<MapData, FlowSettings>,
     tx_ports: DevMap<MapData>,
-    /// The connection table (read and swept by [`super::flows`]).
+    /// The connection table (read by [`super::flows`]).
     pub(super) flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
-    /// The reply index (entries removed with their flows).
-    pub(super) replies: Mutex<HashMap<MapData, FlowKey, Reply>>,
     /// Per-backend traffic counters.
     pub traffic: PerCpuArray<MapData, Traffic>,
     /// Per-NIC action counters.
@@ -113,7 +110,6 @@ impl MapWriter {
             settings: take(ebpf, map_names::SETTINGS)?,
             tx_ports: take(ebpf, map_names::TX_PORTS)?,
             flows: Mutex::new(take(ebpf, map_names::FLOWS)?),
-            replies: Mutex::new(take(ebpf, map_names::REPLIES)?),
             traffic: take(ebpf, map_names::TRAFFIC)?,
             actions: take(ebpf, map_names::ACTIONS)?,
             events: take(ebpf, map_names::EVENTS)?,

@@ -54,6 +54,9 @@ pub struct BackendState {
     pub last_cause: String,
     /// Taken out of service by `lb drain`: it gets no new flows, whatever its health.
     pub drained: bool,
+    /// Until when it may keep its sticky flows while healthy (written to `KEEP`; 0 is
+    /// written instead while it is down, and this is restored when it is up again).
+    pub keep_until: u64,
 }
 
 /// Mutable state of one service.
@@ -169,8 +172,8 @@ impl ServiceRuntime {
         // packet; one that is up again keeps those that did not move meanwhile.
         if !up {
             self.write_keep(position, 0);
-        } else if !state.backends[position].drained {
-            self.write_keep(position, KEEP_FOREVER);
+        } else {
+            self.write_keep(position, state.backends[position].keep_until);
         }
         state.backends[position].last_cause = cause();
         self.metrics
@@ -326,10 +329,10 @@ impl ServiceRuntime {
         // Then the previous backend's connections: graceful failback lets a healthy one keep
         // its TCP connections (up to the drain limit); otherwise they follow at once.
         if let Some(previous) = state.active {
-            let until = self.keep_after_deactivation(&state.backends[previous]);
-            self.write_keep(previous, until);
+            self.deactivate(state, previous);
         }
         if let Some(next) = target {
+            state.backends[next].keep_until = KEEP_FOREVER;
             self.write_keep(next, KEEP_FOREVER);
         }
         let from = self.name_of(state.active);
@@ -372,19 +375,20 @@ impl ServiceRuntime {
         Some(change)
     }
 
-    /// How long backend state `backend`, which stops being active now, keeps its sticky
-    /// flows (a [`MapWriter::set_keep`] deadline).
-    fn keep_after_deactivation(&self, backend: &BackendState) -> u64 {
-        if !backend.up {
-            return 0;
-        }
-        match (self.plan.policy.failback, self.plan.policy.drain_limit) {
+    /// Backend `position` stops being active (or is drained) now: under graceful failback
+    /// it keeps its sticky flows up to the drain limit, otherwise they follow at once. The
+    /// deadline is remembered, so a flap of its health cannot extend it.
+    fn deactivate(&self, state: &mut ServiceState, position: usize) {
+        let until = match (self.plan.policy.failback, self.plan.policy.drain_limit) {
             (Failback::Immediate, _) => 0,
             (Failback::Graceful, None) => KEEP_FOREVER,
             (Failback::Graceful, Some(limit)) => {
                 monotonic_ns().saturating_add(limit.as_nanos().try_into().unwrap_or(u64::MAX))
             }
-        }
+        };
+        let backend = &mut state.backends[position];
+        backend.keep_until = backend.keep_until.min(until);
+        self.write_keep(position, if backend.up { backend.keep_until } else { 0 });
     }
 
     /// Writes backend `position`'s keep deadline; a failed write is logged (the flows then
@@ -422,10 +426,13 @@ impl ServiceRuntime {
         let cause = || format!("{name} {what} by hand");
         let change = self.decide(&mut state, Instant::now(), &cause);
         if drained && !was && state.active != Some(position) {
-            let until = self.keep_after_deactivation(&state.backends[position]);
-            self.write_keep(position, until);
-        } else if !drained && state.backends[position].up {
-            self.write_keep(position, KEEP_FOREVER);
+            self.deactivate(&mut state, position);
+        } else if !drained && was && state.active != Some(position) {
+            // Back in service: its remaining connections may stay as before the drain.
+            state.backends[position].keep_until = KEEP_FOREVER;
+            if state.backends[position].up {
+                self.write_keep(position, KEEP_FOREVER);
+            }
         }
         if let Some(change) = &change {
             self.log_change(change);
@@ -518,6 +525,7 @@ impl Engine {
                             "no carrier at start".into()
                         },
                         drained: false,
+                        keep_until: KEEP_FOREVER,
                     }
                 })
                 .collect::<Vec<_>>();

@@ -34,6 +34,15 @@ pub struct Link {
     pub carrier: bool,
 }
 
+/// Whether IPv4 forwarding is on for NIC `name` (`None` when the kernel does not say). The
+/// program's reverse-path check of new clients asks the kernel's FIB, which answers only for
+/// NICs that forward.
+pub fn forwarding(name: &str) -> Option<bool> {
+    let path = format!("/proc/sys/net/ipv4/conf/{name}/forwarding");
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(text.trim() != "0")
+}
+
 /// A connection to the kernel's routing netlink, for queries.
 pub struct Netlink {
     handle: Handle,

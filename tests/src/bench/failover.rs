@@ -231,6 +231,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
     let pps = (args.loss_mbit * 1e6 / (LOSS_DATAGRAM as f64 * 8.0)).round() as u32;
     let duration = Duration::from_secs(args.loss_seconds);
     for trial in 1..=args.trials {
+        interrupt::check()?;
         progress(format!(
             "{label}: trial {trial}/{}: iperf3 -u, {} s, no failover",
             args.trials, args.loss_seconds
@@ -270,6 +271,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         rig.wait_master_serving(Duration::from_secs(30))?;
     }
     for trial in 1..=args.trials {
+        interrupt::check()?;
         progress(format!(
             "{label}: trial {trial}/{}: TCP connections across failover and failback",
             args.trials
