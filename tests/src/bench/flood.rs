@@ -358,8 +358,10 @@ fn render(
          every {} ms; after {} s a generator on the same client host sends one frame from \
          each of {} distinct spoofed sources (198.19.0.0/16 × source ports) to another UDP \
          service of the same VIP, as fast as it can, into a table of {} flows; the client \
-         goes on for {} s after it. Every spoofed frame starts a flow (and the master's \
-         kernel answers some with port unreachable, which the program carries back).\n",
+         goes on for {} s after it. The switch does not forward (IPv4 forwarding off), so \
+         the program's reverse-path check cannot refuse the spoofed sources: every spoofed \
+         frame starts a flow, the worst case for the table (and the master's kernel answers \
+         some with port unreachable, which the program carries back).\n",
         args.flows,
         args.period_ms,
         args.settle_secs,

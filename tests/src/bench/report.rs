@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use super::stats::Summary;
 
 const TITLE: &str = "# Benchmarks\n\n\
-Written by `cargo xtask bench failover` and `cargo xtask bench throughput`; each run \
-replaces its own section below. Every figure was measured on the machine its section \
+Written by `cargo xtask bench failover`, `cargo xtask bench throughput` and `cargo xtask \
+bench flood`; each run replaces its own section below. Every figure was measured on the machine its section \
 names, in network namespaces on that machine (veth links, no physical NIC).\n";
 
 /// Replaces (or appends) section `name` of the report at `path` with `body`.

@@ -537,8 +537,8 @@ impl Rig {
                 unlearned: Some(PROBE_CLIENT),
                 ..probe(
                     "IPv4 checks (IHL, fragment, length), header checksum verification, \
-                     transport header; `FLOWS` LRU lookup, `VIPS` and `REPLIES` lookups \
-                     (three misses)",
+                     transport header; `VIP_BITS` array lookup (clear), `REPLIES` LRU lookup \
+                     (a miss)",
                     "UDP to a non-VIP address on the client NIC",
                     Program::Fixed,
                     cif,
@@ -550,9 +550,9 @@ impl Rig {
                 counted: Some((cslot, XDP_DROP)),
                 no_backend: true,
                 ..probe(
-                    "`FLOWS` hit instead of a miss (no `VIPS`, `REPLIES`), `SETTINGS` array \
-                     lookup, coarse clock, idle check, client MAC and NIC check, `ACTIVE` \
-                     array lookup",
+                    "`VIP_BITS` set, `FLOWS` LRU hit instead of the `REPLIES` miss, coarse \
+                     clock, idle check (timeouts are read only after a second idle), client \
+                     MAC and NIC check, `ACTIVE` array lookup",
                     "the established flow's next packet, its service's `ACTIVE` entry set to \
                      `NO_BACKEND`",
                     Program::Fixed,
@@ -581,8 +581,9 @@ impl Rig {
             unlearned: Some(PROBE_CLIENT),
             base: Some(3),
             ..probe(
-                "`VIPS` hit instead of a miss (no `REPLIES`), the source checks (`VIPS`, \
-                 `LOCAL_ADDRS` misses), 3 `SERVICES` hash lookups, all misses",
+                "`VIP_BITS` set, `FLOWS` miss and `VIPS` hit instead of the `REPLIES` miss, \
+                 the source checks (`VIPS`, `LOCAL_ADDRS` misses), 3 `SERVICES` hash \
+                 lookups, all misses",
                 "UDP from a new client to a port of the VIP no service listens on",
                 Program::Fixed,
                 cif,
@@ -866,16 +867,17 @@ impl Breakdown {
              kernel's loop ({base:.0} ns), {reported_total:.0} ns as the kernel reports it. \
              Before the program looks at the IPv4 header it has spent {before_parse:.0} ns \
              ({:.0} %: `IFACES`, now an array, Ethernet, the action counter, #1–#2); checking \
-             the IPv4 packet completely, with the three lookups a frame that is not VIP \
-             traffic takes (`FLOWS`, `VIPS`, `REPLIES`), costs {decided:.0} ns (#3); an \
-             established flow replaces those three with one `FLOWS` hit and its checks \
-             (clock, idle timeout, client MAC and NIC, `ACTIVE`) for {flow:+.0} ns more (#4); \
+             the IPv4 packet completely, with the lookups a frame that is not VIP traffic \
+             takes (`VIP_BITS`, an array, and a `REPLIES` miss), costs {decided:.0} ns (#3); \
+             an established flow replaces the miss with a `FLOWS` hit and its checks (clock, \
+             idle timeout, client MAC and NIC, `ACTIVE`) for {flow:+.0} ns more (#4); \
              the backend, the rewrite with both checksums, the traffic counter and the \
              redirect take {rewrite:.0} ns ({:.0} %, #5). A new flow's extra work before its \
-             service is known (the `VIPS` hit, the source checks against `VIPS` and \
-             `LOCAL_ADDRS`, three `SERVICES` lookups) costs {new_flow_extra:+.0} ns beside \
-             #3 (side point); creating it adds the two inserts (`FLOWS`, `REPLIES`) that the \
-             \"new flow\" row above includes.\n",
+             service is known (a `FLOWS` miss, the `VIPS` hit, the source checks against \
+             `VIPS` and `LOCAL_ADDRS`, three `SERVICES` lookups) costs {new_flow_extra:+.0} ns \
+             beside #3 (side point); creating it adds the reverse-path FIB lookup, the reply \
+             key check and the two inserts (`FLOWS`, `REPLIES`) that the \"new flow\" row \
+             above includes.\n",
             share(before_parse),
             share(rewrite),
         );
