@@ -148,6 +148,9 @@ pub struct Backend {
     pub egress_mac: [u8; 6],
     /// Ifindex of that NIC: the only NIC its replies are accepted on.
     pub ifindex: u32,
+    /// Id of the service the backend belongs to. Not read by the program: it lets a
+    /// restarted agent that adopts the pinned maps recognise each backend's index.
+    pub service: u32,
 }
 
 /// Per-VIP facts.
@@ -478,7 +481,7 @@ mod tests {
     fn map_types_have_no_padding() {
         assert_eq!(size_of::<EndpointKey>(), 8);
         assert_eq!(size_of::<ServiceValue>(), 8);
-        assert_eq!(size_of::<Backend>(), 20);
+        assert_eq!(size_of::<Backend>(), 24);
         assert_eq!(size_of::<Iface>(), 12);
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 40);

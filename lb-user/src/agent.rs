@@ -1,23 +1,31 @@
-//! `lb run`: resolve the plan, load and attach the program, write the maps, start the
-//! failover engine and the endpoint, and on SIGINT/SIGTERM detach everything.
+//! `lb run`: resolve the plan, load the program on the pinned maps (adopting a running
+//! dataplane), write the plan, attach, start the failover engine and the endpoint; on
+//! SIGINT/SIGTERM stop, leaving the dataplane forwarding. `lb down` removes it.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
 };
 
+use std::path::Path;
+
 use anyhow::{Context, Result};
+use lb_common::map_names;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     config::{Config, Role, XdpModeSetting},
     control::{self, AgentState, InterfaceStatus},
-    dataplane::Dataplane,
+    dataplane::{
+        apply::Applied,
+        pins::{self, Pins, Removed},
+        Adoption, Attached, Dataplane, MapWriter,
+    },
     failover::Engine,
     flows::{self, Census},
     metrics::Metrics,
-    net::{self, carrier::CarrierEvents, Netlink},
-    plan::Plan,
+    net::{self, carrier::CarrierEvents, Netlink, XdpAttachment},
+    plan::{Numbering, Plan},
 };
 
 /// Options of `lb run` beyond the config file.
@@ -32,9 +40,13 @@ pub struct RunOptions {
 }
 
 /// Runs the agent until SIGINT or SIGTERM.
+///
+/// The dataplane is pinned in the config's `pin_path`: what a previous agent left there is
+/// adopted (see [`Dataplane::load_pinned`]), and on SIGINT/SIGTERM the agent stops alone —
+/// the program stays attached and forwards with the last decision until an agent adopts
+/// it again, or [`down`] removes it.
 pub async fn run(config: Config, options: RunOptions) -> Result<()> {
     let plan = Plan::resolve(&config, &options.ifaces).await?;
-    let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
     // Taken before anything is attached: a busy port must not cost any traffic.
     let listener = tokio::net::TcpListener::bind(config.metrics_listen)
         .await
@@ -44,14 +56,64 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             config.metrics_listen
         )
         })?;
-    let (mut dataplane, mut maps) = Dataplane::load(plan.flows.max)?;
+    let pins = Pins::open(&config.pin_path)?;
+    let fresh = pins.is_empty()?;
+    let (dataplane, state, sweeper) = match start(&config, &options, plan, pins).await {
+        Ok(running) => running,
+        Err(e) => {
+            // A dataplane this run made is removed again; an adopted one forwards on.
+            if fresh {
+                if let Err(cleanup) = pins::remove(&config.pin_path) {
+                    tracing::warn!(error = %format!("{cleanup:#}"), "cannot remove the pins made before the error");
+                }
+            }
+            return Err(e);
+        }
+    };
+    tracing::info!(listen = %config.metrics_listen, "endpoint ready: /metrics /status /flows /healthz");
+    axum::serve(listener, control::router(state.clone()))
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("the HTTP endpoint failed")?;
+    sweeper.abort();
+    drop(state);
+    drop(dataplane);
+    tracing::info!(
+        pin_path = %config.pin_path.display(),
+        "stopped; the dataplane forwards on with the last decision (`lb down` removes it)"
+    );
+    Ok(())
+}
+
+/// Loads the program on the pinned maps (adopting what is there), writes the plan,
+/// attaches, and starts the engine and the census.
+async fn start(
+    config: &Config,
+    options: &RunOptions,
+    mut plan: Plan,
+    pins: Pins,
+) -> Result<(Dataplane, Arc<AgentState>, tokio::task::JoinHandle<()>)> {
+    let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
+    let (mut dataplane, mut maps, adoption) = Dataplane::load_pinned(plan.flows.max, pins)?;
     dataplane.forward_logs()?;
-    maps.write_plan(&plan)
+    let adopting = adoption.state_kept();
+    let previous = if adopting {
+        maps.numbering()?
+    } else {
+        Numbering::default()
+    };
+    plan.renumber(&previous);
+    if adopting {
+        adopt_macs(&mut plan, &maps)?;
+    }
+    let applied = maps
+        .apply_plan(&plan, &previous, adopting)
         .context("cannot write the plan into the maps")?;
+    report_adoption(&plan, &adoption, &applied, &config.pin_path);
     let netlink = Netlink::connect()?;
     let mut interfaces = Vec::new();
     for iface in &plan.interfaces {
-        let mode = match dataplane.attach(&iface.name, mode) {
+        let how = match dataplane.attach(&iface.name, mode) {
             Err(e)
                 if options.force && format!("{e:#}").contains("already carries an XDP program") =>
             {
@@ -67,7 +129,19 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
             }
             other => other?,
         };
-        tracing::info!(iface = iface.name, role = ?iface.role, ?mode, "attached");
+        let kernel_mode = match netlink.link_by_name(&iface.name).await?.xdp {
+            XdpAttachment::Driver => "native",
+            XdpAttachment::Generic => "skb",
+            XdpAttachment::None | XdpAttachment::Other => "unknown",
+        };
+        let adopted = how == Attached::Adopted;
+        tracing::info!(
+            iface = iface.name,
+            role = ?iface.role,
+            mode = kernel_mode,
+            adopted,
+            "attached"
+        );
         if iface.role != Role::Backend && net::forwarding(&iface.name) == Some(false) {
             tracing::warn!(
                 iface = iface.name,
@@ -80,9 +154,11 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         }
         interfaces.push(InterfaceStatus {
             name: iface.name.clone(),
-            mode: format!("{mode:?}").to_lowercase(),
+            mode: kernel_mode.to_string(),
+            adopted,
         });
     }
+    detach_stale_links(&dataplane, &plan)?;
     // Subscribe to carrier events before reading the current carriers: nothing in between
     // is missed.
     let events = CarrierEvents::subscribe()?;
@@ -99,7 +175,15 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         census.clone(),
     ));
     let metrics = Arc::new(Metrics::new(&plan, maps.clone(), census.clone()));
-    let engine = Engine::start(&plan, maps.clone(), metrics.clone(), carriers, events).await?;
+    let engine = Engine::start(
+        &plan,
+        maps.clone(),
+        metrics.clone(),
+        carriers,
+        events,
+        &applied,
+    )
+    .await?;
     for service in &plan.services {
         for backend in &service.backends {
             tracing::info!(
@@ -123,16 +207,73 @@ pub async fn run(config: Config, options: RunOptions) -> Result<()> {
         interfaces,
         census,
     });
-    tracing::info!(listen = %config.metrics_listen, "endpoint ready: /metrics /status /flows /healthz");
-    axum::serve(listener, control::router(state.clone()))
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("the HTTP endpoint failed")?;
-    sweeper.abort();
-    drop(state);
-    dataplane.detach_all()?;
-    tracing::info!("stopped; every XDP attachment removed");
+    Ok((dataplane, state, sweeper))
+}
+
+/// Gives each backend whose MAC could not be resolved at start the MAC the adopted maps
+/// hold for it, if any.
+fn adopt_macs(plan: &mut Plan, maps: &MapWriter) -> Result<()> {
+    for service in &mut plan.services {
+        for backend in &mut service.backends {
+            if backend.mac_known {
+                continue;
+            }
+            let pinned = maps.backend(backend.index)?;
+            if pinned.ip == backend.ip.octets() && pinned.mac != [0; 6] {
+                backend.mac = pinned.mac;
+                backend.mac_known = true;
+                tracing::info!(
+                    service = service.name,
+                    backend = backend.name,
+                    mac = net::format_mac(&pinned.mac),
+                    "MAC taken from the pinned dataplane"
+                );
+            }
+        }
+    }
     Ok(())
+}
+
+/// Logs what was adopted from the pin directory.
+fn report_adoption(plan: &Plan, adoption: &Adoption, applied: &Applied, pin_path: &Path) {
+    if adoption.kept_maps.is_empty() {
+        tracing::info!(pin_path = %pin_path.display(), "new dataplane");
+        return;
+    }
+    let kept: Vec<&str> = plan
+        .services
+        .iter()
+        .filter(|s| applied.kept.contains(&s.id))
+        .map(|s| s.name.as_str())
+        .collect();
+    tracing::info!(
+        pin_path = %pin_path.display(),
+        maps_kept = adoption.kept_maps.len(),
+        connection_table_kept = adoption.kept(map_names::FLOWS),
+        services_kept_on_their_backend = kept.join(","),
+        flows_removed = applied.flows_removed,
+        "adopted the running dataplane"
+    );
+}
+
+/// Removes the pinned attachments of NICs the plan no longer names.
+fn detach_stale_links(dataplane: &Dataplane, plan: &Plan) -> Result<()> {
+    let Some(pins) = dataplane.pins() else {
+        return Ok(());
+    };
+    for name in pins.link_names()? {
+        if !plan.interfaces.iter().any(|i| i.name == name) {
+            pins.remove_link(&name)?;
+            tracing::info!(iface = name, "detached: no longer in the config");
+        }
+    }
+    Ok(())
+}
+
+/// `lb down`: removes the dataplane pinned in `pin_path` — every attachment (the program
+/// leaves each NIC) and every map. Refused while an agent runs on it.
+pub fn down(pin_path: &Path) -> Result<Removed> {
+    pins::remove(pin_path)
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

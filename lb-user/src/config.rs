@@ -36,6 +36,18 @@ pub struct Config {
     /// The dataplane's connection table: size and timeouts.
     #[serde(default)]
     pub flows: FlowsConfig,
+    /// The bpffs directory where the program's maps and NIC attachments are pinned, so the
+    /// dataplane forwards on while the agent is stopped, restarted or upgraded, and a new
+    /// agent adopts it. One directory per agent. Default `/sys/fs/bpf/lb`.
+    #[serde(default = "default_pin_path")]
+    pub pin_path: std::path::PathBuf,
+}
+
+/// Default of `pin_path`.
+pub const DEFAULT_PIN_PATH: &str = "/sys/fs/bpf/lb";
+
+fn default_pin_path() -> std::path::PathBuf {
+    DEFAULT_PIN_PATH.into()
 }
 
 /// The connection table (`[flows]`): how many flows it holds and how long an idle flow

@@ -178,8 +178,11 @@ pub struct BackendStatus {
 pub struct InterfaceStatus {
     /// Name.
     pub name: String,
-    /// `native` or `skb`.
+    /// `native` or `skb`, as the kernel reports it.
     pub mode: String,
+    /// Whether the attachment was taken over from an earlier agent.
+    #[serde(default)]
+    pub adopted: bool,
 }
 
 /// The endpoint's routes.

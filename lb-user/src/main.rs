@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_user::{
     agent::{self, RunOptions},
-    config::{Config, XdpModeSetting, DEFAULT_LISTEN},
+    config::{Config, XdpModeSetting, DEFAULT_LISTEN, DEFAULT_PIN_PATH},
     control::{Change, Status},
     flows::FlowView,
     plan::Plan,
@@ -33,7 +33,9 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Attach the program to the NICs and serve the configured VIPs until SIGINT/SIGTERM.
+    /// Attach the program to the NICs and serve the configured VIPs until SIGINT/SIGTERM
+    /// (which stop the agent alone: the dataplane forwards on, and the next `lb run`
+    /// adopts it; `lb down` removes it).
     Run {
         /// The config file (TOML).
         #[arg(long, short)]
@@ -48,6 +50,20 @@ enum Command {
         /// by another running `lb` is never taken over).
         #[arg(long)]
         force: bool,
+        /// The pin directory; overrides `pin_path` from the config.
+        #[arg(long, env = "LB_PIN_PATH")]
+        pin_path: Option<PathBuf>,
+    },
+    /// Remove the dataplane for good: detach the program from every NIC and remove its
+    /// pinned maps (the connection table and counters with them). `lb run` leaves the
+    /// dataplane forwarding when it stops; this is how it goes. Refused while an agent runs.
+    Down {
+        /// Take `pin_path` from this config file.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The pin directory [default: the config's `pin_path`, else /sys/fs/bpf/lb].
+        #[arg(long, env = "LB_PIN_PATH")]
+        pin_path: Option<PathBuf>,
     },
     /// Validate a config file and print the resolved plan.
     CheckConfig {
@@ -115,8 +131,10 @@ enum Command {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: a log file or journal gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -141,8 +159,12 @@ fn main() -> Result<()> {
                 ifaces,
                 xdp_mode,
                 force,
+                pin_path,
             } => {
-                let config = Config::load(&config)?;
+                let mut config = Config::load(&config)?;
+                if let Some(pin_path) = pin_path {
+                    config.pin_path = pin_path;
+                }
                 agent::run(
                     config,
                     RunOptions {
@@ -154,6 +176,14 @@ fn main() -> Result<()> {
                 .await
             }
             Command::CheckConfig { config } => check_config(&config).await,
+            Command::Down { config, pin_path } => {
+                let pin_path = match (pin_path, config) {
+                    (Some(pin_path), _) => pin_path,
+                    (None, Some(config)) => Config::load(&config)?.pin_path,
+                    (None, None) => DEFAULT_PIN_PATH.into(),
+                };
+                down(&pin_path)
+            }
             Command::Demo { duration } => demo::run(std::time::Duration::from_secs(duration)).await,
             Command::Status { endpoint } => {
                 tokio::task::spawn_blocking(move || status(&endpoint)).await?
@@ -236,6 +266,23 @@ async fn check_config(path: &std::path::Path) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn down(pin_path: &std::path::Path) -> Result<()> {
+    let removed = agent::down(pin_path)?;
+    if removed.links.is_empty() && removed.maps.is_empty() {
+        println!("nothing pinned in {}", pin_path.display());
+        return Ok(());
+    }
+    for iface in &removed.links {
+        println!("detached from {iface}");
+    }
+    println!(
+        "removed {} maps and {}",
+        removed.maps.len(),
+        pin_path.display()
+    );
     Ok(())
 }
 

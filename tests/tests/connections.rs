@@ -4,55 +4,18 @@
 
 use std::{
     net::{SocketAddrV4, UdpSocket},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use lb_user::testbed::{
     tcp_responder::LineClient,
     topology::{lb_binary, Testbed, MASTER_IP, SLAVE_IP, TCP_PORT, UDP_PORT, VIP},
     Host,
 };
+use tests::agent::{metrics, start_agent, wait_active};
 
 const LISTEN: &str = "127.0.0.1:9100";
-
-/// Starts `lb` with `config` on the testbed's switch and waits until it serves.
-fn start_agent(bed: &mut Testbed, config: &str) -> usize {
-    let path = bed.write_file("lb.toml", config).unwrap();
-    let agent = bed
-        .start_lb(&["run", "--config", path.to_str().unwrap()])
-        .unwrap();
-    bed.wait_for_agent(agent, LISTEN).unwrap();
-    agent
-}
-
-/// The agent's `/metrics` text.
-fn metrics(bed: &Testbed) -> String {
-    let url = format!("http://{LISTEN}/metrics");
-    let (ok, text, err) = bed
-        .output(Host::Switch, "curl", &["-sS", "--max-time", "3", &url])
-        .unwrap();
-    assert!(ok, "{err}");
-    text
-}
-
-/// Waits until `service`'s active backend is `backend`.
-fn wait_active(bed: &Testbed, service: &str, backend: &str) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let status = bed.agent_status(LISTEN)?;
-        let active = status
-            .services
-            .iter()
-            .find(|s| s.name == service)
-            .and_then(|s| s.active.clone());
-        if active.as_deref() == Some(backend) {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    bail!("{service} did not switch to {backend} within 10 s")
-}
 
 #[test]
 fn a_spoofed_packet_from_the_switchs_own_address_takes_nothing_down() {
@@ -66,7 +29,7 @@ fn a_spoofed_packet_from_the_switchs_own_address_takes_nothing_down() {
         Testbed::config_head(LISTEN),
         Testbed::service_toml("echo", "udp", UDP_PORT, health)
     );
-    start_agent(&mut bed, &config);
+    start_agent(&mut bed, &config, LISTEN);
     // Packets with the switch host's own address on the master's segment as their source,
     // from every port the health checks might use.
     tests::spoof::send_udp(
@@ -86,7 +49,7 @@ fn a_spoofed_packet_from_the_switchs_own_address_takes_nothing_down() {
     assert!(echo.last_change.is_none(), "{:?}", echo.last_change);
     assert!(echo.backends.iter().all(|b| b.up), "{:?}", echo.backends);
     assert_eq!(bed.udp_request_vip("still").unwrap().0, "master still");
-    let text = metrics(&bed);
+    let text = metrics(&bed, LISTEN);
     assert!(
         text.contains("lb_dataplane_events_total{event=\"local_source\"} 2000"),
         "{text}"
@@ -105,7 +68,7 @@ fn direct_traffic_to_a_backend_is_untouched_while_the_client_uses_the_vip() {
         .exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
         .unwrap();
     let config = bed.config(LISTEN);
-    start_agent(&mut bed, &config);
+    start_agent(&mut bed, &config, LISTEN);
     assert_eq!(bed.http_get_vip().unwrap(), "master");
     assert_eq!(bed.udp_request_vip("via vip").unwrap().0, "master via vip");
     // Connected UDP sockets to the backends' own addresses: the answers must come from
@@ -157,13 +120,13 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
         Testbed::config_head(LISTEN),
         Testbed::service_toml("hold", "tcp", TCP_PORT, health)
     );
-    start_agent(&mut bed, &config);
+    start_agent(&mut bed, &config, LISTEN);
     let mut before = connect(&bed).unwrap();
     assert_eq!(before.ask().unwrap(), "master");
 
     // The master's switch port goes down: new connections reach the slave.
     bed.set_link(Host::Master, false).unwrap();
-    wait_active(&bed, "hold", "slave").unwrap();
+    wait_active(&bed, LISTEN, "hold", "slave").unwrap();
     let mut during: Vec<LineClient> = (0..20).map(|_| connect(&bed).unwrap()).collect();
     for connection in &mut during {
         assert_eq!(connection.ask().unwrap(), "slave");
@@ -172,7 +135,7 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
     // The master comes back: the service fails back, and every connection made during the
     // outage stays on the slave while a new one reaches the master.
     bed.set_link(Host::Master, true).unwrap();
-    wait_active(&bed, "hold", "master").unwrap();
+    wait_active(&bed, LISTEN, "hold", "master").unwrap();
     for (i, connection) in during.iter_mut().enumerate() {
         assert_eq!(
             connection.ask().unwrap(),
@@ -215,7 +178,7 @@ fn tcp_connections_opened_during_a_failover_survive_the_failback() {
         .output(Host::Switch, &lb, &["undrain", "hold", "master"])
         .unwrap();
     assert!(ok, "{out}{err}");
-    wait_active(&bed, "hold", "master").unwrap();
+    wait_active(&bed, LISTEN, "hold", "master").unwrap();
     assert_eq!(connect(&bed).unwrap().ask().unwrap(), "master");
     for connection in &mut during {
         assert_eq!(connection.ask().unwrap(), "slave");
@@ -258,7 +221,7 @@ fn a_large_download_through_the_vip_crosses_a_smaller_mtu_with_path_mtu_discover
     let size = 4 << 20;
     std::fs::write(bed.web_root("master").join("big.bin"), vec![0x5a; size]).unwrap();
     let config = bed.config(LISTEN);
-    start_agent(&mut bed, &config);
+    start_agent(&mut bed, &config, LISTEN);
 
     let url = format!("http://{VIP}/big.bin");
     let output = far
@@ -279,7 +242,7 @@ fn a_large_download_through_the_vip_crosses_a_smaller_mtu_with_path_mtu_discover
         output.status.success(),
         "download through the VIP failed: {}\n{}",
         String::from_utf8_lossy(&output.stderr),
-        metrics(&bed)
+        metrics(&bed, LISTEN)
     );
     assert_eq!(String::from_utf8_lossy(&output.stdout), size.to_string());
     // The master learnt the smaller MTU from the error the program carried to it.

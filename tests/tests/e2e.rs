@@ -93,16 +93,29 @@ fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
     assert!(!ok);
     assert!(err.contains("has no backend \"nobody\""), "{err}");
 
-    // SIGTERM: the agent exits cleanly and leaves no XDP program behind.
+    // SIGTERM: the agent exits cleanly; the dataplane forwards on without it.
     assert!(bed.switch_has_xdp().unwrap());
     assert!(
         bed.processes[agent].terminate().unwrap(),
         "lb did not exit successfully"
     );
     assert!(
+        bed.switch_has_xdp().unwrap(),
+        "the program left with the agent"
+    );
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+    assert_eq!(bed.udp_request_vip("alone").unwrap().0, "master alone");
+
+    // `lb down` removes it for good: no attachment, no pin.
+    let (ok, out, err) = bed.output(Host::Switch, &lb, &["down"]).unwrap();
+    assert!(ok, "lb down failed: {out}{err}");
+    assert!(out.contains("detached from c0"), "{out}");
+    assert!(
         !bed.switch_has_xdp().unwrap(),
         "an XDP program was left attached"
     );
+    assert!(!bed.pin_path().exists(), "pins left behind");
+    assert!(bed.http_get_vip().is_err(), "the VIP still answers");
 }
 
 #[test]
@@ -126,12 +139,44 @@ fn a_second_agent_on_the_same_nics_is_refused() {
             &["20", &lb, "run", "--config", second.to_str().unwrap()],
         )
         .unwrap();
+    assert!(!ok, "a second agent took over the pinned dataplane");
+    assert!(err.contains("another lb agent uses pin directory"), "{err}");
+
+    // With a pin directory of its own, it finds the NICs taken.
+    let (ok, _, err) = bed
+        .output(
+            Host::Switch,
+            "env",
+            &[
+                "LB_PIN_PATH=/sys/fs/bpf/lbe2e-twice-other",
+                "timeout",
+                "20",
+                &lb,
+                "run",
+                "--config",
+                second.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
     assert!(!ok, "a second agent took over the NICs");
     assert!(err.contains("already carries an XDP program"), "{err}");
+    let (ok, _, err) = bed
+        .output(
+            Host::Switch,
+            "env",
+            &["LB_PIN_PATH=/sys/fs/bpf/lbe2e-twice-other", &lb, "down"],
+        )
+        .unwrap();
+    assert!(ok, "{err}");
+    assert!(!std::path::Path::new("/sys/fs/bpf/lbe2e-twice-other").exists());
 
-    // The first agent is unharmed.
+    // `lb down` is refused while the agent runs; the first agent is unharmed.
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["down"]).unwrap();
+    assert!(!ok, "lb down removed a running agent's dataplane");
+    assert!(err.contains("an lb agent is running"), "{err}");
     assert_eq!(bed.http_get_vip().unwrap(), "master");
     assert!(bed.processes[first].terminate().unwrap());
+    assert!(bed.output(Host::Switch, &lb, &["down"]).unwrap().0);
     assert!(!bed.switch_has_xdp().unwrap());
 }
 
@@ -156,6 +201,7 @@ fn a_missing_interface_is_a_clear_error_and_leaves_nothing_attached() {
         "{err}"
     );
     assert!(!bed.switch_has_xdp().unwrap());
+    assert!(!bed.pin_path().exists(), "pins made before the error");
 
     let (ok, _, err) = bed
         .output(

@@ -1,24 +1,36 @@
 //! The dataplane: the embedded XDP program, loaded, attached and fed from a [`Plan`].
 //!
-//! - [`Dataplane::load`] loads the program and takes ownership of its maps;
-//! - [`Dataplane::attach`] puts it on a NIC (detached again on drop, also if the agent dies:
-//!   attachments are kernel links owned by this process);
-//! - [`writer::MapWriter`] writes the plan and flips a service's active backend;
+//! - [`Dataplane::load`] loads the program with maps of its own (tests, benchmarks);
+//!   [`Dataplane::load_pinned`] loads it on the maps pinned in a [`pins::Pins`] directory,
+//!   adopting what a previous agent left there;
+//! - [`Dataplane::attach`] puts it on a NIC; with pins, the attachment is a pinned BPF link
+//!   that outlives the agent, and an attachment found pinned is taken over atomically;
+//! - [`apply`] writes a plan into the maps (as a diff into adopted ones);
+//! - [`writer::MapWriter`] owns the maps and flips a service's active backend;
 //! - [`flows`] reads and sweeps the connection table;
 //! - [`counters`] reads the per-CPU counters.
+//!
+//! [`Plan`]: crate::plan::Plan
 
+pub mod apply;
 pub mod counters;
 pub mod flows;
+pub mod pins;
 pub mod writer;
 
 use anyhow::{anyhow, Context, Result};
 use aya::{
-    programs::{xdp::XdpLinkId, Xdp, XdpMode},
+    programs::{
+        links::FdLink,
+        xdp::{XdpLink, XdpLinkId},
+        Xdp, XdpMode,
+    },
     Ebpf, EbpfLoader,
 };
 use lb_common::{map_names, PASS_PROGRAM_NAME, PROGRAM_NAME};
 
 use crate::config::XdpModeSetting;
+use pins::{MapShape, Pins, PINNED_MAPS};
 pub use writer::MapWriter;
 
 /// The compiled XDP program, embedded at build time.
@@ -28,6 +40,7 @@ pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), 
 pub struct Dataplane {
     ebpf: Ebpf,
     attached: Vec<Attachment>,
+    pins: Option<Pins>,
 }
 
 /// One NIC the program is attached to.
@@ -35,28 +48,84 @@ pub struct Dataplane {
 pub struct Attachment {
     /// NIC name.
     pub iface: String,
-    /// The mode the kernel accepted.
-    pub mode: XdpModeSetting,
+    /// How it was attached.
+    pub how: Attached,
     link: XdpLinkId,
+}
+
+/// How [`Dataplane::attach`] attached the program to a NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attached {
+    /// A new attachment, in this mode.
+    New(XdpModeSetting),
+    /// The attachment an earlier agent pinned, taken over with its mode.
+    Adopted,
+}
+
+/// What a pinned load found in the pin directory.
+#[derive(Debug, Clone, Default)]
+pub struct Adoption {
+    /// The maps that were pinned with the shape the program needs, and are used as they are.
+    pub kept_maps: Vec<String>,
+}
+
+impl Adoption {
+    /// Whether the maps a running dataplane decides with were kept: the plan written into
+    /// them is then a diff, and each service stays on the backend it was on.
+    pub fn state_kept(&self) -> bool {
+        [
+            map_names::SERVICES,
+            map_names::ACTIVE,
+            map_names::BACKENDS,
+            map_names::KEEP,
+        ]
+        .iter()
+        .all(|name| self.kept(name))
+    }
+
+    /// Whether map `name` was kept.
+    pub fn kept(&self, name: &str) -> bool {
+        self.kept_maps.iter().any(|kept| kept == name)
+    }
 }
 
 impl Dataplane {
     /// Loads the embedded program into the kernel (it is not attached anywhere yet) with a
-    /// connection table of `max_flows` flows, and takes its maps.
+    /// connection table of `max_flows` flows and maps of its own, and takes its maps.
     pub fn load(max_flows: u32) -> Result<(Self, MapWriter)> {
+        Self::load_with(max_flows, None)
+    }
+
+    /// Loads the program on the maps pinned in `pins`: each pinned map with the shape this
+    /// program needs is used as it is (the connection table, the counters, the services and
+    /// their active backends carry on); any other map is made new and pinned.
+    pub fn load_pinned(max_flows: u32, pins: Pins) -> Result<(Self, MapWriter, Adoption)> {
+        let expected = map_shapes(max_flows)?;
+        let kept_maps = pins.keep_compatible(&expected)?;
+        let (dataplane, maps) = Self::load_with(max_flows, Some(pins))?;
+        Ok((dataplane, maps, Adoption { kept_maps }))
+    }
+
+    fn load_with(max_flows: u32, pins: Option<Pins>) -> Result<(Self, MapWriter)> {
         raise_memlock_limit();
-        let mut ebpf = EbpfLoader::new()
+        let mut loader = EbpfLoader::new();
+        loader
             .map_max_entries(map_names::FLOWS, max_flows)
-            .map_max_entries(map_names::REPLIES, max_flows)
-            .load(OBJECT)
-            .context(
-                "cannot load the XDP program into the kernel (needs root or CAP_BPF + \
-                 CAP_NET_ADMIN, and memory for the connection table: see flows.max)",
-            )?;
+            .map_max_entries(map_names::REPLIES, max_flows);
+        if let Some(pins) = &pins {
+            for name in PINNED_MAPS {
+                loader.map_pin_path(name, pins.map_path(name));
+            }
+        }
+        let mut ebpf = loader.load(OBJECT).context(
+            "cannot load the XDP program into the kernel (needs root or CAP_BPF + \
+             CAP_NET_ADMIN, and memory for the connection table: see flows.max)",
+        )?;
         let maps = MapWriter::take(&mut ebpf)?;
         let mut dataplane = Dataplane {
             ebpf,
             attached: Vec::new(),
+            pins,
         };
         dataplane
             .program()?
@@ -65,6 +134,10 @@ impl Dataplane {
         Ok((dataplane, maps))
     }
 
+    /// The pin directory, when the dataplane is pinned.
+    pub fn pins(&self) -> Option<&Pins> {
+        self.pins.as_ref()
+    }
     /// Forwards the program's log records (aya-log) to the agent's log, from a task of the
     /// current tokio runtime, for as long as the program is loaded.
     pub fn forward_logs(&mut self) -> Result<()> {
@@ -107,16 +180,18 @@ impl Dataplane {
 
     /// Attaches the program to `iface` in `mode`. Native mode falls back to generic mode,
     /// with a warning, when the driver refuses it.
-    pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<XdpModeSetting> {
+    ///
+    /// With pins, an attachment pinned for `iface` by an earlier agent is taken over: the
+    /// kernel swaps the program in it atomically (`BPF_LINK_UPDATE`), so not one frame goes
+    /// unserved, and it keeps the mode it had. A new attachment is pinned.
+    pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<Attached> {
+        if let Some(adopted) = self.adopt_link(iface)? {
+            return Ok(adopted);
+        }
         let program = self.program()?;
-        let attempt = |program: &mut Xdp, mode: XdpModeSetting| {
-            let flags = match mode {
-                XdpModeSetting::Native => XdpMode::Driver,
-                XdpModeSetting::Skb => XdpMode::Skb,
-            };
-            program.attach(iface, flags)
-        };
-        let (link, mode) = match attempt(program, mode) {
+        let attempt =
+            |program: &mut Xdp, mode: XdpModeSetting| program.attach(iface, xdp_mode(mode));
+        let (mut link, mode) = match attempt(program, mode) {
             Ok(link) => (link, mode),
             Err(native_error) if mode == XdpModeSetting::Native && !is_busy(&native_error) => {
                 tracing::warn!(
@@ -130,12 +205,82 @@ impl Dataplane {
             }
             Err(error) => return Err(attach_error(iface, error)),
         };
+        if let Some(path) = self.pins.as_ref().map(|p| p.link_path(iface)) {
+            link = self.pin_link(iface, link, mode, &path)?;
+        }
         self.attached.push(Attachment {
             iface: iface.to_string(),
-            mode,
+            how: Attached::New(mode),
             link,
         });
-        Ok(mode)
+        Ok(Attached::New(mode))
+    }
+
+    /// Takes over the attachment pinned for `iface`, if there is a live one.
+    fn adopt_link(&mut self, iface: &str) -> Result<Option<Attached>> {
+        let Some(pins) = &self.pins else {
+            return Ok(None);
+        };
+        let Some(link) = pins.pinned_link(iface)? else {
+            return Ok(None);
+        };
+        let path = pins.link_path(iface);
+        let link = XdpLink::try_from(link)
+            .with_context(|| format!("{} is not an XDP link", path.display()))?;
+        match self.program()?.attach_to_link(link) {
+            Ok(id) => {
+                self.attached.push(Attachment {
+                    iface: iface.to_string(),
+                    how: Attached::Adopted,
+                    link: id,
+                });
+                Ok(Some(Attached::Adopted))
+            }
+            Err(error) => {
+                // The NIC the link was made for is gone (deleted, or re-created with a new
+                // index): the link is dead; a new one is made.
+                tracing::info!(iface, error = %error, "pinned attachment is no longer live; attaching anew");
+                self.pins
+                    .as_ref()
+                    .expect("pins checked above")
+                    .remove_link(iface)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Pins the attachment `link` of `iface` at `path`; the program keeps holding it.
+    fn pin_link(
+        &mut self,
+        iface: &str,
+        link: XdpLinkId,
+        mode: XdpModeSetting,
+        path: &std::path::Path,
+    ) -> Result<XdpLinkId> {
+        let program = self.program()?;
+        let owned = program.take_link(link)?;
+        let fd_link = match FdLink::try_from(owned) {
+            Ok(fd_link) => fd_link,
+            Err(_) => {
+                // Attached through netlink (kernel before 5.9): there is no link to pin, and
+                // handing it over dropped (detached) it. Attached again, it goes with the agent.
+                tracing::warn!(
+                    iface,
+                    "this kernel has no BPF links for XDP: the attachment cannot be pinned and \
+                     goes with the agent"
+                );
+                let link = program.attach(iface, xdp_mode(mode));
+                return link.map_err(|e| attach_error(iface, e));
+            }
+        };
+        let pinned = fd_link.pin(path).with_context(|| {
+            format!("cannot pin the attachment of {iface} at {}", path.display())
+        })?;
+        let link = XdpLink::try_from(FdLink::from(pinned))
+            .map_err(|e| anyhow!("pinned link of {iface}: {e}"))?;
+        // The link already runs this program: the update is a no-op that hands the link back
+        // to the program, which then holds it like any attachment.
+        Ok(program.attach_to_link(link)?)
     }
 
     /// The NICs the program is attached to.
@@ -143,18 +288,57 @@ impl Dataplane {
         &self.attached
     }
 
-    /// Detaches the program from every NIC (dropping the dataplane does the same).
+    /// Detaches the program from every NIC (dropping an unpinned dataplane does the same);
+    /// pinned attachments are unpinned first.
     pub fn detach_all(&mut self) -> Result<()> {
         let attached = std::mem::take(&mut self.attached);
-        let program = self.program()?;
         for attachment in attached {
-            program.detach(attachment.link).with_context(|| {
+            if let Some(pins) = &self.pins {
+                pins.remove_link(&attachment.iface)?;
+            }
+            self.program()?.detach(attachment.link).with_context(|| {
                 format!("cannot detach the XDP program from {}", attachment.iface)
             })?;
             tracing::info!(iface = attachment.iface, "detached");
         }
         Ok(())
     }
+}
+
+fn xdp_mode(mode: XdpModeSetting) -> XdpMode {
+    match mode {
+        XdpModeSetting::Native => XdpMode::Driver,
+        XdpModeSetting::Skb => XdpMode::Skb,
+    }
+}
+
+/// The shape each pinned map must have for this program with a table of `max_flows`.
+fn map_shapes(max_flows: u32) -> Result<Vec<(&'static str, MapShape)>> {
+    let object = aya_obj::Object::parse(OBJECT).context("cannot parse the embedded XDP object")?;
+    PINNED_MAPS
+        .iter()
+        .map(|name| {
+            let map = object
+                .maps
+                .get(*name)
+                .ok_or_else(|| anyhow!("map {name} missing from the XDP object file"))?;
+            let max_entries = if *name == map_names::FLOWS || *name == map_names::REPLIES {
+                max_flows
+            } else {
+                map.max_entries()
+            };
+            Ok((
+                *name,
+                MapShape {
+                    map_type: map.map_type(),
+                    key_size: map.key_size(),
+                    value_size: map.value_size(),
+                    max_entries,
+                    flags: map.map_flags(),
+                },
+            ))
+        })
+        .collect()
 }
 
 /// The pass-through program attached to one NIC, detached on drop.

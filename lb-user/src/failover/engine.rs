@@ -17,7 +17,7 @@ use tokio::{task::JoinHandle, time::MissedTickBehavior};
 use super::policy::{choose, Candidate, CheckCounter};
 use crate::{
     config::{CheckConfig, Failback},
-    dataplane::{writer::monotonic_ns, MapWriter},
+    dataplane::{apply::Applied, writer::monotonic_ns, MapWriter},
     health::{Carriers, Probe},
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
@@ -57,6 +57,8 @@ pub struct BackendState {
     /// Until when it may keep its sticky flows while healthy (written to `KEEP`; 0 is
     /// written instead while it is down, and this is restored when it is up again).
     pub keep_until: u64,
+    /// Whether its MAC is known; a backend whose MAC is not is down whatever its checks say.
+    pub mac_known: bool,
 }
 
 /// Mutable state of one service.
@@ -159,7 +161,7 @@ impl ServiceRuntime {
         cause: &dyn Fn() -> String,
     ) -> Option<Report> {
         let backend = &mut state.backends[position];
-        let up = backend.checks.iter().all(|c| c.up);
+        let up = backend.checks.iter().all(|c| c.up) && backend.mac_known;
         if up == backend.up {
             return None;
         }
@@ -220,6 +222,30 @@ impl ServiceRuntime {
             if let Some(report) = report {
                 report.log();
             }
+        }
+    }
+
+    /// Backend `position`'s MAC, unknown until now, is `mac`: written to its map entry
+    /// (one write), after which its checks alone decide its health.
+    pub fn mac_resolved(self: &Arc<Self>, position: usize, mac: [u8; 6]) {
+        let backend = &self.plan.backends[position];
+        if let Err(e) = self.maps.set_backend_mac(backend.index, mac) {
+            tracing::error!(service = self.plan.name, backend = backend.name, error = %e, "cannot write the backend's MAC");
+            return;
+        }
+        tracing::info!(
+            service = self.plan.name,
+            backend = backend.name,
+            mac = crate::net::format_mac(&mac),
+            "backend MAC resolved"
+        );
+        let mut state = self.state.lock().expect("service state lock");
+        state.backends[position].mac_known = true;
+        let cause = || "MAC resolved".to_string();
+        let report = self.apply(&mut state, position, Instant::now(), &cause);
+        drop(state);
+        if let Some(report) = report {
+            report.log();
         }
     }
 
@@ -474,15 +500,22 @@ impl ServiceRuntime {
 }
 
 impl Engine {
-    /// Builds the state of every service (each starts on the backend the maps hold, its
-    /// first), applies the current carrier of every NIC, and starts the probes and the
-    /// carrier watcher.
+    /// Builds the state of every service, applies the current carrier of every NIC, and
+    /// starts the probes, the carrier watcher and a MAC resolver per backend whose MAC is
+    /// not known.
+    ///
+    /// Each service starts on the backend the maps hold (`start`). A service adopted from a
+    /// running dataplane (`start.kept`) presumes only that backend up, and every other one
+    /// down until `rise` checks pass, so a restart never moves traffic to a backend nobody
+    /// has checked; a new service presumes its backends up (traffic flows from the first
+    /// packet), but for those whose MAC is unknown.
     pub async fn start(
         plan: &Plan,
         maps: Arc<MapWriter>,
         metrics: Arc<Metrics>,
         carriers: HashMap<u32, bool>,
         events: CarrierEvents,
+        start: &Applied,
     ) -> Result<Self> {
         let table: Carriers = Arc::new(
             carriers
@@ -496,36 +529,48 @@ impl Engine {
             tasks: Vec::new(),
         };
         for service in &plan.services {
+            let first = start.active.get(&service.id).copied().unwrap_or(NO_BACKEND);
+            let active = service.backends.iter().position(|b| b.index == first);
+            let adopted = start.kept.contains(&service.id);
             let backends = service
                 .backends
                 .iter()
-                .map(|b| {
+                .enumerate()
+                .map(|(position, b)| {
+                    let presumed = !adopted || active == Some(position);
                     let checks: Vec<CheckCounter> = b
                         .health
                         .checks
                         .iter()
                         .map(|c| {
-                            let mut counter = CheckCounter::starting_up();
-                            if *c == CheckConfig::Link
-                                && !carriers.get(&b.ifindex).copied().unwrap_or(true)
-                            {
-                                counter.set(false);
+                            let mut counter = CheckCounter::starting(presumed);
+                            if *c == CheckConfig::Link {
+                                let carrier = carriers.get(&b.ifindex).copied().unwrap_or(true);
+                                counter.set(carrier && presumed);
                             }
                             counter
                         })
                         .collect();
-                    let up = checks.iter().all(|c| c.up);
+                    let up = checks.iter().all(|c| c.up) && b.mac_known;
+                    let last_cause = if !b.mac_known {
+                        "no ARP answer at start".to_string()
+                    } else if !carriers.get(&b.ifindex).copied().unwrap_or(true) {
+                        "no carrier at start".to_string()
+                    } else if !presumed {
+                        format!("adopted: down until {} checks pass", b.health.rise)
+                    } else if adopted {
+                        "adopted: active".to_string()
+                    } else {
+                        "starting".to_string()
+                    };
                     BackendState {
                         checks,
                         up,
                         up_since: up.then(Instant::now),
-                        last_cause: if up {
-                            "starting".into()
-                        } else {
-                            "no carrier at start".into()
-                        },
+                        last_cause,
                         drained: false,
                         keep_until: KEEP_FOREVER,
+                        mac_known: b.mac_known,
                     }
                 })
                 .collect::<Vec<_>>();
@@ -533,7 +578,7 @@ impl Engine {
                 plan: service.clone(),
                 state: Mutex::new(ServiceState {
                     backends,
-                    active: (!service.backends.is_empty()).then_some(0),
+                    active,
                     last_change: None,
                     recheck_at: None,
                 }),
@@ -581,6 +626,10 @@ impl Engine {
         })));
         for service in engine.services.clone() {
             for (position, backend) in service.plan.backends.iter().enumerate() {
+                if !backend.mac_known {
+                    let task = tokio::spawn(super::resolve::resolve_mac(service.clone(), position));
+                    engine.tasks.push(task);
+                }
                 for (check, config) in backend.health.checks.iter().enumerate() {
                     let timeout = backend.health.timeout;
                     let probe =

@@ -3,9 +3,11 @@
 //! - [`policy`]: the pure rules (rise/fall, priority, preempt, failback delay, all down);
 //! - [`engine`]: runs the probes and the carrier watcher and applies the rules. The task in
 //!   which a probe result or a carrier event arrives takes the decision and writes the map
-//!   itself — no queue between the event and the flip.
+//!   itself — no queue between the event and the flip;
+//! - `resolve`: finds the MAC of a backend that did not answer ARP at start.
 
 pub mod engine;
 pub mod policy;
+mod resolve;
 
 pub use engine::{Change, Engine};

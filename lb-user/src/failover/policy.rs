@@ -26,8 +26,13 @@ impl CheckCounter {
     /// A check that starts up: a backend is presumed alive until its checks say otherwise,
     /// so traffic flows from the first packet.
     pub const fn starting_up() -> Self {
+        Self::starting(true)
+    }
+
+    /// A check that starts with verdict `up` (down: it needs `rise` passing probes).
+    pub const fn starting(up: bool) -> Self {
         CheckCounter {
-            up: true,
+            up,
             successes: 0,
             failures: 0,
         }

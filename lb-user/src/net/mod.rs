@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags, LinkXdp},
+        link::{LinkAttribute, LinkFlags, LinkXdp, XdpAttached},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::{RouteAddress, RouteAttribute},
         AddressFamily,
@@ -32,6 +32,21 @@ pub struct Link {
     pub mac: [u8; 6],
     /// Whether it has carrier (and is up).
     pub carrier: bool,
+    /// How an XDP program is attached to it, if one is.
+    pub xdp: XdpAttachment,
+}
+
+/// How an XDP program is attached to a NIC, as the kernel reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum XdpAttachment {
+    /// No XDP program.
+    None,
+    /// In the driver (native mode).
+    Driver,
+    /// In the generic (skb) path.
+    Generic,
+    /// Offloaded, or several programs.
+    Other,
 }
 
 /// Whether IPv4 forwarding is on for NIC `name` (`None` when the kernel does not say). The
@@ -90,11 +105,26 @@ impl Netlink {
             })
             .ok_or_else(|| anyhow!("network interface {name:?} has no Ethernet address"))?;
         let flags = message.header.flags;
+        let xdp = message
+            .attributes
+            .iter()
+            .find_map(|attribute| match attribute {
+                LinkAttribute::Xdp(xdp) => xdp.iter().find_map(|x| match x {
+                    LinkXdp::Attached(XdpAttached::None) => Some(XdpAttachment::None),
+                    LinkXdp::Attached(XdpAttached::Driver) => Some(XdpAttachment::Driver),
+                    LinkXdp::Attached(XdpAttached::SocketBuffer) => Some(XdpAttachment::Generic),
+                    LinkXdp::Attached(_) => Some(XdpAttachment::Other),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .unwrap_or(XdpAttachment::None);
         Ok(Link {
             name: name.to_string(),
             ifindex: message.header.index,
             mac,
             carrier: flags.contains(LinkFlags::Up) && flags.contains(LinkFlags::LowerUp),
+            xdp,
         })
     }
 
@@ -237,22 +267,32 @@ impl Netlink {
                 link.name
             )
         };
-        tokio::time::timeout(RESOLVE_TIMEOUT, self.resolve_mac_unbounded(link, next_hop))
-            .await
-            .map_err(|_| no_answer())?
+        tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            self.wait_for_mac(&link.name, link.ifindex, next_hop),
+        )
+        .await
+        .map_err(|_| no_answer())?
     }
 
-    async fn resolve_mac_unbounded(&self, link: &Link, next_hop: Ipv4Addr) -> Result<[u8; 6]> {
-        if let Some(mac) = self.neighbour(link.ifindex, next_hop).await? {
+    /// Resolves the MAC of `next_hop` on NIC `iface` (index `ifindex`) with the kernel's
+    /// ARP, asking again every 50 ms until it answers.
+    pub async fn wait_for_mac(
+        &self,
+        iface: &str,
+        ifindex: u32,
+        next_hop: Ipv4Addr,
+    ) -> Result<[u8; 6]> {
+        if let Some(mac) = self.neighbour(ifindex, next_hop).await? {
             return Ok(mac);
         }
         // Any datagram toward the next hop makes the kernel resolve it; port 9 is "discard".
         let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
-        socket.bind_device(Some(link.name.as_bytes()))?;
+        socket.bind_device(Some(iface.as_bytes()))?;
         loop {
             let _ = socket.try_send_to(&[], (next_hop, 9).into());
             tokio::time::sleep(Duration::from_millis(50)).await;
-            if let Some(mac) = self.neighbour(link.ifindex, next_hop).await? {
+            if let Some(mac) = self.neighbour(ifindex, next_hop).await? {
                 return Ok(mac);
             }
         }

@@ -62,10 +62,15 @@ impl Netns {
         ip(&full)
     }
 
-    /// A `Command` for `PROGRAM` inside the namespace.
+    /// A `Command` for `PROGRAM` inside the namespace. Only the network namespace changes
+    /// (`nsenter --net`): the program sees this host's mounts, the bpf filesystem included,
+    /// so what an agent pins there outlives it as on a real host.
     pub fn command(&self, program: &str) -> Command {
-        let mut command = Command::new("ip");
-        command.args(["netns", "exec", self.name.as_str(), program]);
+        let mut command = Command::new("nsenter");
+        command
+            .arg(format!("--net=/run/netns/{}", self.name))
+            .arg("--")
+            .arg(program);
         command
     }
 

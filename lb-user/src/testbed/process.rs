@@ -52,8 +52,8 @@ impl Process {
         }
     }
 
-    /// The child's pid while it runs (`ip netns exec` runs its program in place, so this is
-    /// the program's own pid).
+    /// The child's pid while it runs (`nsenter` runs its program in place, so this is the
+    /// program's own pid).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }

@@ -46,6 +46,8 @@ pub const SLAVE_MAC: &str = "02:00:00:00:03:02";
 pub const BACKUP_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 4, 2);
 /// The backup's MAC.
 pub const BACKUP_MAC: &str = "02:00:00:00:04:02";
+/// The environment variable `lb run` and `lb down` read their pin directory from.
+pub const PIN_PATH_ENV: &str = "LB_PIN_PATH";
 /// The UDP port of the testbed's request/response service.
 pub const UDP_PORT: u16 = 5353;
 
@@ -448,7 +450,11 @@ backends = [
         program: &str,
         args: &[&str],
     ) -> Result<(bool, String, String)> {
-        let output: std::process::Output = self.host(host).command(program).args(args).output()?;
+        let mut command = self.host(host).command(program);
+        if host == Host::Switch {
+            command.env(PIN_PATH_ENV, self.pin_path());
+        }
+        let output: std::process::Output = command.args(args).output()?;
         Ok((
             output.status.success(),
             String::from_utf8_lossy(&output.stdout).into_owned(),
@@ -456,9 +462,22 @@ backends = [
         ))
     }
 
+    /// The bpffs directory the testbed's agents pin their dataplane in (given to every `lb`
+    /// started on the switch through `LB_PIN_PATH`), removed with the testbed.
+    pub fn pin_path(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.switch.name()))
+    }
+
+    /// A command running `lb` on the switch, with the testbed's pin directory.
+    pub fn lb_command(&self) -> Result<std::process::Command> {
+        let mut command = self.switch.command(&lb_binary()?);
+        command.env(PIN_PATH_ENV, self.pin_path());
+        Ok(command)
+    }
+
     /// Starts `lb ARGS…` on the switch.
     pub fn start_lb(&mut self, args: &[&str]) -> Result<usize> {
-        let mut command = self.switch.command(&lb_binary()?);
+        let mut command = self.lb_command()?;
         command.args(args);
         self.processes.push(Process::spawn(command, "lb")?);
         Ok(self.processes.len() - 1)
@@ -587,6 +606,11 @@ impl Drop for UdpResponder {
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.processes.clear();
+        // The agents are gone; what they pinned goes too (the namespaces, and the NICs the
+        // program was attached to, go with the fields below).
+        if let Err(e) = crate::dataplane::pins::remove(&self.pin_path()) {
+            eprintln!("cleanup: {e:#}");
+        }
         self.responders.clear();
         self.tcp_responders.clear();
         self.veth_peers.clear();

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use lb_user::testbed::{
     process::Process,
-    topology::{lb_binary, TCP_PORT, UDP_PORT, VIP},
+    topology::{TCP_PORT, UDP_PORT, VIP},
     Host, Testbed,
 };
 
@@ -133,7 +133,7 @@ impl Rig {
         let path = self.testbed.write_file("lb.toml", &config)?;
         let log = self.testbed.dir().join("lb.log");
         let file = std::fs::File::create(&log)?;
-        let mut command = self.testbed.switch.command(&lb_binary()?);
+        let mut command = self.testbed.lb_command()?;
         command
             .args(["--log-format", "json", "run", "--config"])
             .arg(&path)

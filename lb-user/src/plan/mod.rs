@@ -3,6 +3,8 @@
 //! [`validate`] needs nothing but the config (so `lb check-config` and the tests can run it
 //! anywhere); [`Plan::resolve`] then asks the kernel for each NIC's index and MAC.
 
+mod numbering;
+
 use std::{
     collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
@@ -10,8 +12,10 @@ use std::{
 };
 
 use anyhow::{bail, Context, Result};
-use lb_common::{MAX_BACKENDS, MAX_IFACES, MAX_SERVICES};
+use lb_common::{proto, EndpointKey, MAX_BACKENDS, MAX_IFACES, MAX_SERVICES};
 use serde::Serialize;
+
+pub use numbering::Numbering;
 
 use crate::{
     config::{
@@ -57,6 +61,26 @@ pub struct PlannedService {
     pub policy: Policy,
 }
 
+impl PlannedService {
+    /// The service's key in the dataplane's `SERVICES` map.
+    pub fn endpoint_key(&self) -> EndpointKey {
+        EndpointKey::new(
+            self.vip.octets(),
+            protocol_number(self.protocol),
+            self.port.unwrap_or(0).to_be_bytes(),
+        )
+    }
+}
+
+/// The IP protocol number of a service's protocol ([`proto::ANY`] for every protocol).
+pub fn protocol_number(protocol: Option<Protocol>) -> u8 {
+    match protocol {
+        None => proto::ANY,
+        Some(Protocol::Tcp) => proto::TCP,
+        Some(Protocol::Udp) => proto::UDP,
+    }
+}
+
 /// A backend and how it is reached.
 #[derive(Debug, Clone, Serialize)]
 pub struct PlannedBackend {
@@ -68,9 +92,15 @@ pub struct PlannedBackend {
     pub ip: Ipv4Addr,
     /// Priority from the config.
     pub priority: i32,
-    /// Destination MAC.
+    /// Destination MAC (all zero while unknown).
     #[serde(serialize_with = "serialize_mac")]
     pub mac: [u8; 6],
+    /// Whether `mac` is known: from the config, the neighbour table or ARP at start, or a
+    /// running dataplane's pinned maps. A backend whose MAC is unknown is down until its
+    /// MAC is resolved.
+    pub mac_known: bool,
+    /// The address whose MAC `mac` is: the backend's, or its gateway's.
+    pub next_hop: Ipv4Addr,
     /// NIC it is reached through.
     pub iface: String,
     /// That NIC's index.
@@ -424,11 +454,17 @@ impl Plan {
                     }
                 };
                 let mac = match &backend.mac {
-                    Some(mac) => net::parse_mac(mac)?,
-                    None => netlink
-                        .resolve_mac(&link, next_hop)
-                        .await
-                        .with_context(|| at.clone())?,
+                    Some(mac) => Some(net::parse_mac(mac)?),
+                    None => match netlink.resolve_mac(&link, next_hop).await {
+                        Ok(mac) => Some(mac),
+                        Err(e) => {
+                            tracing::warn!(
+                                "{at}: {e:#}; it starts down, and its MAC is looked up again \
+                                 while it is checked"
+                            );
+                            None
+                        }
+                    },
                 };
                 let health = backend.health.clone().or_else(|| service.health.clone());
                 let health = health.unwrap_or_else(|| default_health(service));
@@ -441,7 +477,9 @@ impl Plan {
                     name: backend.name.clone(),
                     ip: backend.ip,
                     priority: backend.priority,
-                    mac,
+                    mac: mac.unwrap_or_default(),
+                    mac_known: mac.is_some(),
+                    next_hop,
                     iface: link.name.clone(),
                     ifindex: link.ifindex,
                     egress_mac: link.mac,
@@ -614,7 +652,7 @@ mod tests {
 
     #[test]
     fn the_shipped_example_validates() {
-        let text = include_str!("../../examples/lb.toml");
+        let text = include_str!("../../../examples/lb.toml");
         validate(&Config::parse(text).unwrap()).unwrap();
     }
 

@@ -1,0 +1,187 @@
+//! End to end, the dataplane outlives its agent: a client asks the VIP 10 000 times a
+//! second while the agent is killed, stopped, restarted and replaced, and not one request
+//! goes unanswered; a restarted agent adopts the pinned dataplane (connection table, active
+//! backends) and starts in bad weather.
+
+use std::time::{Duration, Instant};
+
+use lb_user::testbed::{
+    topology::{lb_binary, unanswered, Answer, Testbed, UDP_PORT},
+    Host,
+};
+use tests::agent::{start_agent, wait_active};
+
+const LISTEN: &str = "127.0.0.1:9100";
+/// 10 000 requests per second.
+const PERIOD: Duration = Duration::from_micros(100);
+const HEALTH: &str = r#"{ checks = [{ type = "link" }, { type = "udp", send = "health" }], interval = "10ms", rise = 3, fall = 3 }"#;
+
+fn config() -> String {
+    format!(
+        "{}{}",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("echo", "udp", UDP_PORT, HEALTH)
+    )
+}
+
+fn testbed(name: &str) -> Testbed {
+    let mut bed = Testbed::new(name).expect("testbed");
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    bed.start_udp_responder(Host::Slave, "slave").unwrap();
+    bed
+}
+
+/// The id of the XDP program on the switch's client NIC, as `ip link` shows it.
+fn program_id(bed: &Testbed) -> u32 {
+    let (_, text, _) = bed
+        .output(Host::Switch, "ip", &["link", "show", "c0"])
+        .unwrap();
+    let id = text
+        .split("prog/xdp id ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|id| id.parse().ok());
+    id.unwrap_or_else(|| panic!("no XDP program on c0: {text}"))
+}
+
+/// Who answered, as `backend × count` runs, for failure messages.
+fn summary(answers: &[Answer]) -> String {
+    lb_user::testbed::topology::answer_runs(answers).join(", ")
+}
+
+#[test]
+fn a_killed_agent_costs_no_request_while_dead_nor_when_restarted() {
+    let mut bed = testbed("lblc-kill");
+    let agent = start_agent(&mut bed, &config(), LISTEN);
+    // 4 s of requests: the agent is killed after 0.5 s, stays dead for 1 s, then a new one
+    // starts and adopts the dataplane.
+    let stream = bed.udp_stream(40_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    bed.processes[agent].kill();
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        bed.switch_has_xdp().unwrap(),
+        "the program left with the agent"
+    );
+    let before = program_id(&bed);
+    let second = start_agent(&mut bed, &config(), LISTEN);
+    assert_ne!(
+        program_id(&bed),
+        before,
+        "the new agent did not swap its program in"
+    );
+    let answers = stream.join().unwrap().unwrap();
+    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
+    assert!(
+        answers.iter().all(|a| a.by.as_deref() == Some("master")),
+        "{}",
+        summary(&answers)
+    );
+
+    let status = bed.agent_status(LISTEN).unwrap();
+    assert!(status.interfaces.iter().all(|i| i.adopted), "{status:?}");
+    assert!(bed.processes[second].terminate().unwrap());
+}
+
+#[test]
+fn a_stopped_and_restarted_agent_costs_no_request_and_keeps_the_connection_table() {
+    let mut bed = testbed("lblc-term");
+    let agent = start_agent(&mut bed, &config(), LISTEN);
+    let lb = lb_binary().unwrap();
+    let stream = bed.udp_stream(30_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let (ok, before, err) = bed.output(Host::Switch, &lb, &["flows"]).unwrap();
+    assert!(ok && before.contains("1 flows"), "{before}{err}");
+
+    // Stop and start at once, as a service manager's restart does.
+    assert!(bed.processes[agent].terminate().unwrap());
+    let second = start_agent(&mut bed, &config(), LISTEN);
+    let answers = stream.join().unwrap().unwrap();
+    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
+
+    // The client's flow is the one made before the restart (its age says so).
+    let (ok, after, err) = bed.output(Host::Switch, &lb, &["flows"]).unwrap();
+    assert!(ok, "{err}");
+    let line = after
+        .lines()
+        .find(|l| l.starts_with("echo"))
+        .unwrap_or_else(|| panic!("no flow after the restart: {after}"));
+    let age: f64 = line
+        .split_whitespace()
+        .nth(6)
+        .and_then(|age| age.trim_end_matches('s').parse().ok())
+        .unwrap_or_else(|| panic!("no age in {line:?}"));
+    assert!(age >= 3.0, "the flow was made anew: {line}");
+    assert!(bed.processes[second].terminate().unwrap());
+}
+
+#[test]
+fn a_restarted_agent_keeps_the_backend_in_use_and_checks_the_others_first() {
+    let mut bed = testbed("lblc-keep");
+    let agent = start_agent(&mut bed, &config(), LISTEN);
+    bed.set_link(Host::Master, false).unwrap();
+    wait_active(&bed, LISTEN, "echo", "slave").unwrap();
+    bed.processes[agent].kill();
+
+    // The master comes back while no agent runs: a new agent must not send traffic to it
+    // before its checks pass, nor move traffic off the slave at start.
+    bed.set_link(Host::Master, true).unwrap();
+    bed.stop_udp_responder(Host::Master);
+    let stream = bed.udp_stream(20_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let second = start_agent(&mut bed, &config(), LISTEN);
+    let answers = stream.join().unwrap().unwrap();
+    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
+    assert!(
+        answers.iter().all(|a| a.by.as_deref() == Some("slave")),
+        "{}",
+        summary(&answers)
+    );
+    let status = bed.agent_status(LISTEN).unwrap();
+    let echo = &status.services[0];
+    assert_eq!(echo.active.as_deref(), Some("slave"));
+    assert!(!echo.backends[0].up, "{:?}", echo.backends[0]);
+
+    // Once the master answers its checks again, traffic fails back to it.
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    wait_active(&bed, LISTEN, "echo", "master").unwrap();
+    assert_eq!(bed.udp_request_vip("back").unwrap().0, "master back");
+    assert!(bed.processes[second].terminate().unwrap());
+}
+
+#[test]
+fn an_agent_starts_while_a_backend_does_not_answer_arp_and_finds_it_later() {
+    let mut bed = testbed("lblc-arp");
+    // The slave's MAC is left to ARP, and the slave is unplugged.
+    let config = config().replace(",  mac = \"02:00:00:00:03:02\"", "");
+    bed.slave.ip(&["link", "set", "eth0", "down"]).unwrap();
+    let agent = start_agent(&mut bed, &config, LISTEN);
+    assert_eq!(bed.udp_request_vip("hi").unwrap().0, "master hi");
+    let status = bed.agent_status(LISTEN).unwrap();
+    let slave = &status.services[0].backends[1];
+    assert!(!slave.up, "{slave:?}");
+    assert!(slave.health_cause.contains("ARP"), "{slave:?}");
+
+    // Plugged in, it answers ARP; with its MAC known it comes up and can take over.
+    bed.slave.ip(&["link", "set", "eth0", "up"]).unwrap();
+    // (A link down took the slave's default route with it.)
+    bed.slave
+        .ip(&["route", "replace", "default", "via", "198.18.3.1"])
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let status = bed.agent_status(LISTEN).unwrap();
+        if status.services[0].backends[1].up {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slave never came up: {status:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bed.set_link(Host::Master, false).unwrap();
+    wait_active(&bed, LISTEN, "echo", "slave").unwrap();
+    assert_eq!(bed.udp_request_vip("there").unwrap().0, "slave there");
+    assert!(bed.processes[agent].terminate().unwrap());
+}
