@@ -14,8 +14,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::failover::policy::{AllDown, Failback};
 
-/// Default address of the control and metrics endpoint.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9100";
+/// Default address of the read-only HTTP endpoint (`/metrics` …): not node_exporter's 9100.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9477";
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -41,6 +41,17 @@ pub struct Config {
     /// agent adopts it. One directory per agent. Default `/sys/fs/bpf/lb`.
     #[serde(default = "default_pin_path")]
     pub pin_path: std::path::PathBuf,
+    /// The Unix socket (only root may open it) through which `lb status`, `lb activate`,
+    /// `lb drain`, `lb reload` … reach the agent. Default `/run/lb/lb.sock`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: std::path::PathBuf,
+}
+
+/// Default of `control_socket`.
+pub const DEFAULT_CONTROL_SOCKET: &str = "/run/lb/lb.sock";
+
+fn default_control_socket() -> std::path::PathBuf {
+    DEFAULT_CONTROL_SOCKET.into()
 }
 
 /// Default of `pin_path`.

@@ -1,9 +1,18 @@
-//! The agent's HTTP endpoint: `/healthz`, `/status` (JSON, what `lb status` prints),
-//! `/flows` (the connection table, what `lb flows` prints), and the manual actions
-//! `POST /services/{service}/activate/{backend}`, `…/drain/{backend}` and
-//! `…/undrain/{backend}` (what `lb activate`, `lb drain` and `lb undrain` send).
+//! The agent's endpoints.
+//!
+//! - HTTP on `metrics_listen`, read only: `/metrics`, `/healthz`, `/status` (JSON),
+//!   `/flows` (the connection table) — [`read_router`];
+//! - the control socket (`control_socket`, a Unix socket only root may open): the same,
+//!   plus what changes state: `POST /services/{service}/activate/{backend}`,
+//!   `…/drain/{backend}`, `…/undrain/{backend}` and `POST /reload` — [`control_router`].
+//!   Every `lb` command but `run`, `down` and `demo` talks to it.
 
-use std::sync::Arc;
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::Path as FsPath,
+    sync::{Arc, RwLock},
+    time::Instant,
+};
 
 use axum::{
     extract::{Path, Query, State},
@@ -18,36 +27,108 @@ use serde::{Deserialize, Serialize};
 pub use crate::failover::Change;
 use crate::{
     dataplane::MapWriter,
-    failover::Engine,
+    failover::{engine::LastCheck, Engine},
     flows::{self, Census, FlowView},
     metrics::Metrics,
-    plan::Plan,
+    net::{Netlink, XdpAttachment},
+    plan::CurrentPlan,
 };
 
-/// Everything the endpoint reads and changes. Interior locks only: reading never blocks a
+/// Everything the endpoints read and change. Interior locks only: reading never blocks a
 /// failover for longer than one service's decision.
 pub struct AgentState {
-    /// The resolved plan.
-    pub plan: Plan,
+    /// The plan in force.
+    pub plan: CurrentPlan,
     /// The program's maps.
     pub maps: Arc<MapWriter>,
-    /// The failover engine.
-    pub engine: Engine,
     /// The metrics.
     pub metrics: Arc<Metrics>,
-    /// NICs and the mode the program runs in on each.
-    pub interfaces: Vec<InterfaceStatus>,
     /// The last sweep of the connection table.
     pub census: Arc<std::sync::Mutex<Census>>,
+    /// The engine and attachments in force; a reload replaces them.
+    running: RwLock<Arc<Running>>,
+    /// Where `POST /reload` hands a reload to the agent's main loop.
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
 }
+
+/// What a reload replaces: the failover engine and the list of attachments.
+pub struct Running {
+    /// The failover engine.
+    pub engine: Engine,
+    /// NICs and the mode the program runs in on each.
+    pub interfaces: Vec<InterfaceStatus>,
+}
+
+/// A reload asked for through the control socket, and where its outcome goes (a summary,
+/// or the error that refused it).
+pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
 
 /// Shared handle on the agent state.
 pub type Shared = Arc<AgentState>;
 
 impl AgentState {
+    /// The state of a started agent; reload requests go to `reloads`.
+    pub fn new(
+        plan: CurrentPlan,
+        maps: Arc<MapWriter>,
+        metrics: Arc<Metrics>,
+        census: Arc<std::sync::Mutex<Census>>,
+        running: Running,
+        reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+    ) -> Self {
+        AgentState {
+            plan,
+            maps,
+            metrics,
+            census,
+            running: RwLock::new(Arc::new(running)),
+            reloads,
+        }
+    }
+
+    /// The engine and attachments in force.
+    pub fn running(&self) -> Arc<Running> {
+        self.running.read().expect("running lock").clone()
+    }
+
+    /// Puts `running` in force (a reload); returns what it replaces.
+    pub fn replace_running(&self, running: Running) -> Arc<Running> {
+        std::mem::replace(
+            &mut *self.running.write().expect("running lock"),
+            Arc::new(running),
+        )
+    }
+
+    /// What is wrong with the agent, if anything: an attachment gone from its NIC, a probe
+    /// or the carrier watcher dead. Empty when healthy.
+    pub async fn problems(&self) -> Vec<String> {
+        let running = self.running();
+        let mut problems = Vec::new();
+        let dead = running.engine.dead_tasks();
+        if dead > 0 {
+            problems.push(format!(
+                "{dead} health probe or carrier watcher task(s) died"
+            ));
+        }
+        match Netlink::connect() {
+            Ok(netlink) => {
+                for iface in &running.interfaces {
+                    match netlink.link_by_name(&iface.name).await {
+                        Ok(link) if link.xdp != XdpAttachment::None => {}
+                        Ok(_) => problems.push(format!("no XDP program on {}", iface.name)),
+                        Err(e) => problems.push(format!("{}: {e:#}", iface.name)),
+                    }
+                }
+            }
+            Err(e) => problems.push(format!("cannot read the NICs: {e:#}")),
+        }
+        problems
+    }
+
     /// A snapshot for `/status`.
     pub fn status(&self) -> Status {
-        let services = self
+        let running = self.running();
+        let services = running
             .engine
             .services
             .iter()
@@ -55,15 +136,20 @@ impl AgentState {
                 let service = &runtime.plan;
                 // A snapshot under the lock; the counters are read after it is released, so a
                 // status request never holds up a flip.
-                let (active, last_change, health): (Option<usize>, _, Vec<(bool, String, bool)>) = {
+                type Health = (bool, String, bool, Vec<Option<LastCheck>>);
+                let (active, last_change, health): (Option<usize>, _, Vec<Health>) = {
                     let state = runtime.state.lock().expect("service state lock");
                     let health = state
                         .backends
                         .iter()
-                        .map(|b| (b.up, b.last_cause.clone(), b.drained))
+                        .map(|b| {
+                            let checks = b.last_checks.clone();
+                            (b.up, b.last_cause.clone(), b.drained, checks)
+                        })
                         .collect();
                     (state.active, state.last_change.clone(), health)
                 };
+                let now = Instant::now();
                 let census = self.census.lock().expect("census lock").counts.clone();
                 ServiceStatus {
                     name: service.name.clone(),
@@ -103,6 +189,20 @@ impl AgentState {
                                     .sum(),
                                 packets_forward: forward.packets,
                                 packets_reverse: reverse.packets,
+                                checks: b
+                                    .health
+                                    .checks
+                                    .iter()
+                                    .zip(health.3)
+                                    .map(|(config, last)| CheckStatus {
+                                        check: config.name().to_string(),
+                                        ok: last.as_ref().map(|l| l.ok),
+                                        ago_ms: last.as_ref().map(|l| {
+                                            now.saturating_duration_since(l.at).as_secs_f64() * 1e3
+                                        }),
+                                        error: last.and_then(|l| l.error),
+                                    })
+                                    .collect(),
                             }
                         })
                         .collect(),
@@ -111,7 +211,7 @@ impl AgentState {
             .collect();
         Status {
             services,
-            interfaces: self.interfaces.clone(),
+            interfaces: running.interfaces.clone(),
         }
     }
 }
@@ -171,6 +271,22 @@ pub struct BackendStatus {
     pub packets_forward: u64,
     /// Reply packets rewritten from it.
     pub packets_reverse: u64,
+    /// Each health check's last result.
+    #[serde(default)]
+    pub checks: Vec<CheckStatus>,
+}
+
+/// The last result of one health check in `/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckStatus {
+    /// The check's type (`link`, `udp`, …).
+    pub check: String,
+    /// Whether its last probe passed; absent before the first one.
+    pub ok: Option<bool>,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// How long ago the last probe completed, in milliseconds.
+    pub ago_ms: Option<f64>,
 }
 
 /// One NIC in `/status`.
@@ -185,17 +301,84 @@ pub struct InterfaceStatus {
     pub adopted: bool,
 }
 
-/// The endpoint's routes.
-pub fn router(state: Shared) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/status", get(status))
-        .route("/metrics", get(metrics))
-        .route("/flows", get(list_flows))
+/// The read-only routes, served on `metrics_listen`.
+pub fn read_router(state: Shared) -> Router {
+    read_routes().with_state(state)
+}
+
+/// Every route, served on the control socket.
+pub fn control_router(state: Shared) -> Router {
+    read_routes()
         .route("/services/{service}/activate/{backend}", post(activate))
         .route("/services/{service}/drain/{backend}", post(drain))
         .route("/services/{service}/undrain/{backend}", post(undrain))
+        .route("/reload", post(reload))
         .with_state(state)
+}
+
+fn read_routes() -> Router<Shared> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/status", get(status))
+        .route("/metrics", get(metrics))
+        .route("/flows", get(list_flows))
+}
+
+/// Binds the control socket at `path`: its directory is made if missing, a socket file no
+/// one listens on any more is replaced, and only root may connect (mode 0600).
+pub fn bind_control_socket(path: &FsPath) -> anyhow::Result<tokio::net::UnixListener> {
+    use anyhow::Context;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            anyhow::bail!(
+                "another lb agent listens on control socket {} (give each agent its own \
+                 control_socket)",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale control socket {}", path.display()))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path)
+        .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {} to root", path.display()))?;
+    Ok(listener)
+}
+
+/// `/healthz`: `ok`, or 503 with what is wrong.
+async fn healthz(State(state): State<Shared>) -> (StatusCode, String) {
+    let problems = state.problems().await;
+    if problems.is_empty() {
+        (StatusCode::OK, "ok\n".into())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", problems.join("\n")),
+        )
+    }
+}
+
+/// `POST /reload`: handed to the agent's main loop; answers with its outcome.
+async fn reload(State(state): State<Shared>) -> (StatusCode, String) {
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    if state.reloads.send(reply).await.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping\n".into(),
+        );
+    }
+    match outcome.await {
+        Ok(Ok(summary)) => (StatusCode::OK, format!("{summary}\n")),
+        Ok(Err(error)) => (StatusCode::BAD_REQUEST, format!("{error}\n")),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping\n".into(),
+        ),
+    }
 }
 
 /// Filters of `/flows`.
@@ -209,9 +392,9 @@ async fn list_flows(
     State(state): State<Shared>,
     Query(filter): Query<FlowFilter>,
 ) -> Result<Json<Vec<FlowView>>, (StatusCode, String)> {
+    let plan = state.plan.get();
     if let Some(service) = &filter.service {
-        let planned = state
-            .plan
+        let planned = plan
             .service(service)
             .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
         if let Some(backend) = &filter.backend {
@@ -223,7 +406,7 @@ async fn list_flows(
     // One syscall per table entry: off the runtime's thread.
     let listed = tokio::task::spawn_blocking(move || {
         flows::list(
-            &state.plan,
+            &plan,
             &state.maps,
             filter.service.as_deref(),
             filter.backend.as_deref(),
@@ -256,7 +439,8 @@ fn set_drained(
     backend: &str,
     drained: bool,
 ) -> Result<Json<Change>, (StatusCode, String)> {
-    let runtime = state
+    let running = state.running();
+    let runtime = running
         .engine
         .service(service)
         .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;
@@ -303,7 +487,8 @@ async fn activate(
     State(state): State<Shared>,
     Path((service, backend)): Path<(String, String)>,
 ) -> Result<Json<Change>, (StatusCode, String)> {
-    let runtime = state
+    let running = state.running();
+    let runtime = running
         .engine
         .service(&service)
         .map_err(|e| (StatusCode::NOT_FOUND, format!("{e:#}\n")))?;

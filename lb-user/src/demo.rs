@@ -11,7 +11,7 @@ use lb_user::{
     },
 };
 
-const LISTEN: &str = "127.0.0.1:9100";
+const LISTEN: &str = lb_user::config::DEFAULT_LISTEN;
 const PREFIX: &str = "lbdemo";
 const WEB_HEALTH: &str = r#"health = { checks = [{ type = "link" }, { type = "tcp" }], interval = "10ms", rise = 3, fall = 3 }"#;
 const ECHO_HEALTH: &str = r#"health = { checks = [{ type = "link" }, { type = "udp", send = "health" }], interval = "10ms", rise = 3, fall = 3 }"#;
@@ -31,6 +31,7 @@ pub async fn run(duration: Duration) -> Result<()> {
     let agent = bed.start_lb(&["run", "--config", &config.to_string_lossy()])?;
     bed.wait_for_agent(agent, LISTEN)?;
     let lb = lb_binary()?;
+    let socket = format!("--socket {}", bed.control_socket().display());
     let sw = format!("ip netns exec {PREFIX}-switch");
     let www = bed.web_root("master").display().to_string();
     println!(
@@ -41,8 +42,8 @@ pub async fn run(duration: Duration) -> Result<()> {
          {sw} ip link set m0 down          # pull the master's cable: traffic moves to the slave at once\n  \
          {sw} ip link set m0 up            # plug it back: traffic returns after 3 good checks\n  \
          ip netns exec {PREFIX}-master pkill -f {www}   # kill the master's web server\n  \
-         {sw} {lb} status\n  \
-         {sw} {lb} activate web slave      # fail over by hand\n  \
+         {lb} status {socket}\n  \
+         {lb} activate web slave {socket}     # fail over by hand\n  \
          {sw} curl -s {LISTEN}/metrics | grep lb_failovers\n\n\
          Config in use: {}\nCtrl-C tears it all down.\n",
         config.display()

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     dataplane::{flows::FlowRecord, writer::monotonic_ns, MapWriter},
-    plan::Plan,
+    plan::{CurrentPlan, Plan},
 };
 
 /// Live flows per (service, backend, protocol), as of the last sweep.
@@ -104,19 +104,19 @@ pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mu
     census.entries = records.len() as u64;
 }
 
-/// Sweeps every `plan.flows.sweep_interval`, forever.
-pub async fn sweep_loop(plan: Plan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) {
-    let settings = match maps.flow_settings() {
-        Ok(settings) => settings,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the connection table's timeouts; no sweeps");
-            return;
-        }
-    };
-    let mut ticker = tokio::time::interval(plan.flows.sweep_interval.max(Duration::from_secs(1)));
+/// Sweeps every `flows.sweep_interval` of the plan in force, forever.
+pub async fn sweep_loop(plan: CurrentPlan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) {
     loop {
-        ticker.tick().await;
-        let (plan, maps, census) = (plan.clone(), maps.clone(), census.clone());
+        let interval = plan.get().flows.sweep_interval.max(Duration::from_secs(1));
+        tokio::time::sleep(interval).await;
+        let settings = match maps.flow_settings() {
+            Ok(settings) => settings,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the connection table's timeouts");
+                continue;
+            }
+        };
+        let (plan, maps, census) = (plan.get(), maps.clone(), census.clone());
         // Reading the table is one syscall per entry: off the runtime's thread.
         let swept = tokio::task::spawn_blocking(move || sweep(&plan, &maps, &settings, &census));
         if swept.await.is_err() {

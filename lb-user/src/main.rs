@@ -1,18 +1,25 @@
 //! `lb`: the command line of the XDP failover load balancer.
 
+mod client;
 mod demo;
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_user::{
     agent::{self, RunOptions},
-    config::{Config, XdpModeSetting, DEFAULT_LISTEN, DEFAULT_PIN_PATH},
-    control::{Change, Status},
-    flows::FlowView,
+    config::{Config, XdpModeSetting, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH},
     plan::Plan,
 };
+
+/// Where the agent's control socket is, for the commands that talk to it.
+#[derive(clap::Args)]
+struct Socket {
+    /// The agent's control socket.
+    #[arg(long = "socket", env = "LB_SOCKET", default_value = DEFAULT_CONTROL_SOCKET)]
+    path: PathBuf,
+}
 
 /// XDP failover load balancer: keeps each VIP on its best backend.
 #[derive(Parser)]
@@ -53,6 +60,16 @@ enum Command {
         /// The pin directory; overrides `pin_path` from the config.
         #[arg(long, env = "LB_PIN_PATH")]
         pin_path: Option<PathBuf>,
+        /// The control socket; overrides `control_socket` from the config.
+        #[arg(long, env = "LB_SOCKET")]
+        control_socket: Option<PathBuf>,
+    },
+    /// Make the running agent read its config file again and apply the changes (services,
+    /// VIPs, backends, checks) without disturbing what did not change; an invalid config is
+    /// refused and nothing changes. SIGHUP does the same.
+    Reload {
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Remove the dataplane for good: detach the program from every NIC and remove its
     /// pinned maps (the connection table and counters with them). `lb run` leaves the
@@ -72,9 +89,8 @@ enum Command {
     },
     /// Print the state of the running agent.
     Status {
-        /// The agent's endpoint.
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        endpoint: String,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Build a small namespace network (client, switch, master, slave with web servers), run
     /// the agent on it and show who answers the VIP; Ctrl-C tears it all down.
@@ -91,9 +107,8 @@ enum Command {
         /// Only the flows on this backend (with --service).
         #[arg(long, requires = "service")]
         backend: Option<String>,
-        /// The agent's endpoint.
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        endpoint: String,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Take BACKEND of SERVICE out of service: no new flows; if it was active, the next
     /// backend takes over, and its TCP connections finish under the service's failback rules.
@@ -102,9 +117,8 @@ enum Command {
         service: String,
         /// Backend name.
         backend: String,
-        /// The agent's endpoint.
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        endpoint: String,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Put a drained BACKEND of SERVICE back into service.
     Undrain {
@@ -112,9 +126,8 @@ enum Command {
         service: String,
         /// Backend name.
         backend: String,
-        /// The agent's endpoint.
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        endpoint: String,
+        #[command(flatten)]
+        socket: Socket,
     },
     /// Make BACKEND the active backend of SERVICE now (manual failover).
     Activate {
@@ -122,9 +135,8 @@ enum Command {
         service: String,
         /// Backend name.
         backend: String,
-        /// The agent's endpoint.
-        #[arg(long, default_value = DEFAULT_LISTEN)]
-        endpoint: String,
+        #[command(flatten)]
+        socket: Socket,
     },
 }
 
@@ -160,19 +172,16 @@ fn main() -> Result<()> {
                 xdp_mode,
                 force,
                 pin_path,
+                control_socket,
             } => {
-                let mut config = Config::load(&config)?;
-                if let Some(pin_path) = pin_path {
-                    config.pin_path = pin_path;
-                }
-                agent::run(
+                agent::run(RunOptions {
                     config,
-                    RunOptions {
-                        ifaces,
-                        xdp_mode,
-                        force,
-                    },
-                )
+                    ifaces,
+                    xdp_mode,
+                    force,
+                    pin_path,
+                    control_socket,
+                })
                 .await
             }
             Command::CheckConfig { config } => check_config(&config).await,
@@ -185,38 +194,40 @@ fn main() -> Result<()> {
                 down(&pin_path)
             }
             Command::Demo { duration } => demo::run(std::time::Duration::from_secs(duration)).await,
-            Command::Status { endpoint } => {
-                tokio::task::spawn_blocking(move || status(&endpoint)).await?
-            }
+            Command::Status { socket } => client::Agent::new(&socket.path)?.status().await,
+            Command::Reload { socket } => client::Agent::new(&socket.path)?.reload().await,
             Command::Activate {
                 service,
                 backend,
-                endpoint,
+                socket,
             } => {
-                tokio::task::spawn_blocking(move || act(&endpoint, "activate", &service, &backend))
-                    .await?
+                let agent = client::Agent::new(&socket.path)?;
+                agent.act("activate", &service, &backend).await
             }
             Command::Drain {
                 service,
                 backend,
-                endpoint,
+                socket,
             } => {
-                tokio::task::spawn_blocking(move || act(&endpoint, "drain", &service, &backend))
-                    .await?
+                let agent = client::Agent::new(&socket.path)?;
+                agent.act("drain", &service, &backend).await
             }
             Command::Undrain {
                 service,
                 backend,
-                endpoint,
+                socket,
             } => {
-                tokio::task::spawn_blocking(move || act(&endpoint, "undrain", &service, &backend))
-                    .await?
+                let agent = client::Agent::new(&socket.path)?;
+                agent.act("undrain", &service, &backend).await
             }
             Command::Flows {
                 service,
                 backend,
-                endpoint,
-            } => tokio::task::spawn_blocking(move || flows(&endpoint, service, backend)).await?,
+                socket,
+            } => {
+                let agent = client::Agent::new(&socket.path)?;
+                agent.flows(service, backend).await
+            }
         }
     })
 }
@@ -283,133 +294,5 @@ fn down(pin_path: &std::path::Path) -> Result<()> {
         removed.maps.len(),
         pin_path.display()
     );
-    Ok(())
-}
-
-fn endpoint_url(endpoint: &str, path: &str) -> String {
-    let base = endpoint.trim_end_matches('/');
-    if base.starts_with("http://") {
-        format!("{base}{path}")
-    } else {
-        format!("http://{base}{path}")
-    }
-}
-
-fn status(endpoint: &str) -> Result<()> {
-    let url = endpoint_url(endpoint, "/status");
-    let status: Status = ureq::get(&url)
-        .call()
-        .with_context(|| {
-            format!("cannot reach the agent at {url}; is `lb run` running (metrics_listen)?")
-        })?
-        .body_mut()
-        .read_json()
-        .context("the agent's /status answer is not valid")?;
-    for iface in &status.interfaces {
-        println!("interface {} ({})", iface.name, iface.mode);
-    }
-    for service in &status.services {
-        println!(
-            "service {} vip {} {}{}: active {}",
-            service.name,
-            service.vip,
-            service.protocol.as_deref().unwrap_or("any"),
-            service.port.map(|p| format!("/{p}")).unwrap_or_default(),
-            service.active.as_deref().unwrap_or("none (dropping)")
-        );
-        for b in &service.backends {
-            println!(
-                "  {} {} {} via {} priority {}: {}{} ({}); {} flows; {} packets forward, {} reverse",
-                if b.active { "*" } else { " " },
-                b.name,
-                b.ip,
-                b.iface,
-                b.priority,
-                if b.up { "up" } else { "DOWN" },
-                if b.drained { ", drained" } else { "" },
-                b.health_cause,
-                b.flows,
-                b.packets_forward,
-                b.packets_reverse
-            );
-        }
-        if let Some(change) = &service.last_change {
-            println!(
-                "  last change: {} -> {} ({}), flip {:.1} us",
-                change.from.as_deref().unwrap_or("-"),
-                change.to.as_deref().unwrap_or("-"),
-                change.cause,
-                change.flip_us
-            );
-        }
-    }
-    Ok(())
-}
-
-/// Sends manual action `action` (`activate`, `drain`, `undrain`) for a backend.
-fn act(endpoint: &str, action: &str, service: &str, backend: &str) -> Result<()> {
-    let url = endpoint_url(endpoint, &format!("/services/{service}/{action}/{backend}"));
-    let mut response = ureq::post(&url)
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .send_empty()
-        .with_context(|| format!("cannot reach the agent at {url}; is `lb run` running?"))?;
-    if !response.status().is_success() {
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        bail!("the agent refused: {}", text.trim());
-    }
-    let change: Change = response.body_mut().read_json()?;
-    println!(
-        "service {service}: {} -> {} ({}; map write {:.1} us)",
-        change.from.as_deref().unwrap_or("-"),
-        change.to.as_deref().unwrap_or("-"),
-        change.cause,
-        change.flip_us
-    );
-    Ok(())
-}
-
-fn flows(endpoint: &str, service: Option<String>, backend: Option<String>) -> Result<()> {
-    let mut url = endpoint_url(endpoint, "/flows");
-    let filters: Vec<String> = [("service", service), ("backend", backend)]
-        .into_iter()
-        .filter_map(|(key, value)| value.map(|v| format!("{key}={v}")))
-        .collect();
-    if !filters.is_empty() {
-        url = format!("{url}?{}", filters.join("&"));
-    }
-    let mut response = ureq::get(&url)
-        .config()
-        .http_status_as_error(false)
-        .build()
-        .call()
-        .with_context(|| format!("cannot reach the agent at {url}; is `lb run` running?"))?;
-    if !response.status().is_success() {
-        let text = response.body_mut().read_to_string().unwrap_or_default();
-        bail!("the agent refused: {}", text.trim());
-    }
-    let flows: Vec<FlowView> = response
-        .body_mut()
-        .read_json()
-        .context("the agent's /flows answer is not valid")?;
-    println!(
-        "{:<12} {:<5} {:<21} {:<21} {:<12} {:<12} {:>9} {:>7}",
-        "SERVICE", "PROTO", "CLIENT", "VIP", "BACKEND", "STATE", "AGE", "IDLE"
-    );
-    for f in &flows {
-        println!(
-            "{:<12} {:<5} {:<21} {:<21} {:<12} {:<12} {:>8.1}s {:>6.1}s",
-            f.service,
-            f.protocol,
-            f.client.to_string(),
-            f.vip.to_string(),
-            f.backend,
-            f.state,
-            f.age_s,
-            f.idle_s
-        );
-    }
-    println!("{} flows", flows.len());
     Ok(())
 }

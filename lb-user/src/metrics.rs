@@ -36,7 +36,7 @@ use prometheus_client::{
 use crate::{
     dataplane::{counters::ACTION_NAMES, MapWriter},
     flows::Census,
-    plan::Plan,
+    plan::CurrentPlan,
 };
 
 /// Labels of per-backend metrics.
@@ -132,7 +132,7 @@ impl std::fmt::Debug for Metrics {
 impl Metrics {
     /// Registers every metric; the dataplane counters come from `maps` at scrape time, the
     /// flow counts from `census`.
-    pub fn new(plan: &Plan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) -> Self {
+    pub fn new(plan: CurrentPlan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) -> Self {
         let mut registry = Registry::default();
         let backend_up = Family::<BackendLabels, Gauge>::default();
         let backend_active = Family::<BackendLabels, Gauge>::default();
@@ -172,11 +172,7 @@ impl Metrics {
             "Health-check probes by result",
             checks.clone(),
         );
-        registry.register_collector(Box::new(DataplaneCollector {
-            plan: plan.clone(),
-            maps,
-            census,
-        }));
+        registry.register_collector(Box::new(DataplaneCollector { plan, maps, census }));
         Metrics {
             registry,
             backend_up,
@@ -235,7 +231,7 @@ fn openmetrics_to_prometheus(text: &str) -> String {
 /// Reads the XDP program's counters and the last flow census when scraped.
 #[derive(Debug)]
 struct DataplaneCollector {
-    plan: Plan,
+    plan: CurrentPlan,
     maps: Arc<MapWriter>,
     census: Arc<Mutex<Census>>,
 }
@@ -243,8 +239,9 @@ struct DataplaneCollector {
 impl Collector for DataplaneCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         use lb_common::Direction;
+        let plan = self.plan.get();
         let mut rows = Vec::new();
-        for service in &self.plan.services {
+        for service in &plan.services {
             for backend in &service.backends {
                 for (direction, name) in [
                     (Direction::Forward, "forward"),
@@ -287,7 +284,7 @@ impl Collector for DataplaneCollector {
             None,
             MetricType::Counter,
         )?;
-        for iface in &self.plan.interfaces {
+        for iface in &plan.interfaces {
             let counts = self.maps.actions_of(iface.slot).unwrap_or_default();
             for (count, action) in counts.iter().zip(ACTION_NAMES) {
                 let labels = vec![

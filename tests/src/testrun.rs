@@ -39,7 +39,7 @@ pub fn load(config: &str) -> Result<(Plan, Dataplane, MapWriter)> {
         .enable_all()
         .build()?;
     let plan = runtime.block_on(Plan::resolve(&config, &[]))?;
-    let (dataplane, mut maps) = Dataplane::load(plan.flows.max)?;
+    let (dataplane, maps) = Dataplane::load(plan.flows.max)?;
     maps.write_plan(&plan)?;
     Ok((plan, dataplane, maps))
 }

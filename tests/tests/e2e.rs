@@ -93,6 +93,38 @@ fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
     assert!(!ok);
     assert!(err.contains("has no backend \"nobody\""), "{err}");
 
+    // Actions go through the control socket only: root's alone; the HTTP endpoint reads.
+    let url = format!("http://{LISTEN}/services/web/activate/slave");
+    let (_, code, _) = bed
+        .output(
+            Host::Switch,
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-X",
+                "POST",
+                &url,
+            ],
+        )
+        .unwrap();
+    assert_eq!(code, "404", "an action was taken over HTTP");
+    let mode = std::fs::metadata(bed.control_socket())
+        .unwrap()
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    let healthz = format!("http://{LISTEN}/healthz");
+    let (ok, body, _) = bed
+        .output(Host::Switch, "curl", &["-sf", &healthz])
+        .unwrap();
+    assert!(ok && body == "ok\n", "{body}");
+
     // SIGTERM: the agent exits cleanly; the dataplane forwards on without it.
     assert!(bed.switch_has_xdp().unwrap());
     assert!(
@@ -132,34 +164,28 @@ fn a_second_agent_on_the_same_nics_is_refused() {
         .write_file("lb2.toml", &bed.config("127.0.0.1:9101"))
         .unwrap();
     let lb = lb_binary().unwrap();
-    let (ok, _, err) = bed
-        .output(
-            Host::Switch,
-            "timeout",
-            &["20", &lb, "run", "--config", second.to_str().unwrap()],
-        )
-        .unwrap();
-    assert!(!ok, "a second agent took over the pinned dataplane");
+    // `lb run` of the second config, with these environment settings.
+    let run_second = |env: &[&str]| {
+        let mut args: Vec<&str> = env.to_vec();
+        args.extend(["timeout", "20", &lb, "run", "--config"]);
+        args.push(second.to_str().unwrap());
+        let (ok, _, err) = bed.output(Host::Switch, "env", &args).unwrap();
+        assert!(!ok, "a second agent started: {args:?}");
+        err
+    };
+    let other_socket = "LB_SOCKET=/run/lb/lbe2e-twice-other.sock";
+    let other_pins = "LB_PIN_PATH=/sys/fs/bpf/lbe2e-twice-other";
+    // Same control socket, same pin directory, and then other ones: each is refused.
+    let err = run_second(&[]);
+    assert!(
+        err.contains("another lb agent listens on control socket"),
+        "{err}"
+    );
+    let err = run_second(&[other_socket]);
     assert!(err.contains("another lb agent uses pin directory"), "{err}");
-
-    // With a pin directory of its own, it finds the NICs taken.
-    let (ok, _, err) = bed
-        .output(
-            Host::Switch,
-            "env",
-            &[
-                "LB_PIN_PATH=/sys/fs/bpf/lbe2e-twice-other",
-                "timeout",
-                "20",
-                &lb,
-                "run",
-                "--config",
-                second.to_str().unwrap(),
-            ],
-        )
-        .unwrap();
-    assert!(!ok, "a second agent took over the NICs");
+    let err = run_second(&[other_socket, other_pins]);
     assert!(err.contains("already carries an XDP program"), "{err}");
+    assert!(!std::path::Path::new("/run/lb/lbe2e-twice-other.sock").exists());
     let (ok, _, err) = bed
         .output(
             Host::Switch,
@@ -212,4 +238,32 @@ fn a_missing_interface_is_a_clear_error_and_leaves_nothing_attached() {
         .unwrap();
     assert!(!ok);
     assert!(err.contains("nosuch0"), "{err}");
+}
+
+#[test]
+fn healthz_is_not_ok_when_an_attachment_is_gone() {
+    let mut bed = Testbed::new("lbe2e-health").expect("testbed");
+    let config = bed.write_file("lb.toml", &bed.config(LISTEN)).unwrap();
+    let agent = bed
+        .start_lb(&["run", "--config", config.to_str().unwrap()])
+        .unwrap();
+    bed.wait_for_agent(agent, LISTEN).unwrap();
+    let healthz = format!("http://{LISTEN}/healthz");
+    let check = || {
+        let (_, out, _) = bed
+            .output(
+                Host::Switch,
+                "curl",
+                &["-s", "-w", " %{http_code}", &healthz],
+            )
+            .unwrap();
+        out
+    };
+    assert_eq!(check(), "ok\n 200");
+    // The slave's port goes away, and the program with it.
+    bed.switch.ip(&["link", "del", "s0"]).unwrap();
+    let out = check();
+    assert!(out.ends_with(" 503"), "{out}");
+    assert!(out.contains("s0"), "{out}");
+    assert!(bed.processes[agent].terminate().unwrap());
 }

@@ -185,3 +185,63 @@ fn an_agent_starts_while_a_backend_does_not_answer_arp_and_finds_it_later() {
     assert_eq!(bed.udp_request_vip("there").unwrap().0, "slave there");
     assert!(bed.processes[agent].terminate().unwrap());
 }
+
+#[test]
+fn a_reload_adds_and_removes_services_without_disturbing_the_others() {
+    let mut bed = testbed("lblc-reload");
+    let with = |name: &str, port: u16| {
+        format!(
+            "{}{}",
+            config(),
+            Testbed::service_toml(name, "udp", port, HEALTH)
+        )
+    };
+    let agent = start_agent(&mut bed, &with("old", 5354), LISTEN);
+    let lb = lb_binary().unwrap();
+
+    // `old` goes, `new` comes, while the client asks `echo` 10 000 times a second.
+    let stream = bed.udp_stream(20_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    bed.write_file("lb.toml", &with("new", 5355)).unwrap();
+    let (ok, out, err) = bed.output(Host::Switch, &lb, &["reload"]).unwrap();
+    assert!(ok, "lb reload failed: {out}{err}");
+    assert!(
+        out.contains("added [new], removed [old], changed [], 1 unchanged"),
+        "{out}"
+    );
+    let answers = stream.join().unwrap().unwrap();
+    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
+    let status = bed.agent_status(LISTEN).unwrap();
+    let names: Vec<&str> = status.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["echo", "new"]);
+    assert!(status.services[0].backends[0].up);
+
+    // An invalid config is refused with its error, and nothing changes.
+    let typo = with("new", 5355).replace("port = 5355", "port = 5355\nweigth = 2");
+    bed.write_file("lb.toml", &typo).unwrap();
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["reload"]).unwrap();
+    assert!(!ok, "a config with a typo was applied");
+    assert!(err.contains("unknown field `weigth`"), "{err}");
+    let missing = with("new", 5355).replace("iface = \"s0\"", "iface = \"nosuch0\"");
+    bed.write_file("lb.toml", &missing).unwrap();
+    let (ok, _, err) = bed.output(Host::Switch, &lb, &["reload"]).unwrap();
+    assert!(!ok, "a config naming a missing NIC was applied");
+    assert!(err.contains("nosuch0"), "{err}");
+    let unchanged = bed.agent_status(LISTEN).unwrap();
+    let names: Vec<&str> = unchanged.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["echo", "new"]);
+    assert_eq!(bed.udp_request_vip("still").unwrap().0, "master still");
+
+    // SIGHUP reloads too.
+    bed.write_file("lb.toml", &config()).unwrap();
+    let pid = bed.processes[agent].pid().unwrap();
+    // SAFETY: kill(2) on the pid of a child of this test that has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bed.agent_status(LISTEN).unwrap().services.len() != 1 {
+        assert!(Instant::now() < deadline, "SIGHUP did not reload");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(bed.processes[agent].is_running());
+    assert!(bed.processes[agent].terminate().unwrap());
+}

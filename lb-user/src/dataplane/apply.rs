@@ -13,7 +13,7 @@ use lb_common::{
     VipInfo, KEEP_FOREVER, MAX_BACKENDS, MAX_IFINDEX, NO_BACKEND,
 };
 
-use super::MapWriter;
+use super::{writer::PlanMaps, MapWriter};
 use crate::{
     config::{Failback, Role},
     plan::{Numbering, Plan, PlannedService},
@@ -53,7 +53,8 @@ impl MapWriter {
     /// [`Plan::renumber`] keeps.
     pub fn numbering(&self) -> Result<Numbering> {
         let mut numbering = Numbering::default();
-        for entry in self.services.iter() {
+        let maps = self.plan_maps.lock().expect("plan maps lock");
+        for entry in maps.services.iter() {
             let (key, value) = entry.context("cannot read the services map")?;
             if key.proto != proto::ICMP {
                 numbering.services.insert(key, value.id);
@@ -68,7 +69,7 @@ impl MapWriter {
             }
         }
         for ifindex in 0..MAX_IFINDEX {
-            let iface = self.ifaces.get(&ifindex, 0)?;
+            let iface = maps.ifaces.get(&ifindex, 0)?;
             if iface.flags != 0 {
                 numbering.slots.insert(ifindex, iface.slot);
             }
@@ -77,7 +78,7 @@ impl MapWriter {
     }
 
     /// Writes the whole plan into new maps; each service starts on its first backend.
-    pub fn write_plan(&mut self, plan: &Plan) -> Result<()> {
+    pub fn write_plan(&self, plan: &Plan) -> Result<()> {
         self.apply_plan(plan, &Numbering::default(), false)?;
         Ok(())
     }
@@ -91,16 +92,17 @@ impl MapWriter {
     /// the services that point at them, services and VIPs that go are taken out before
     /// their backends are cleared, and the NICs come last.
     pub fn apply_plan(
-        &mut self,
+        &self,
         plan: &Plan,
         previous: &Numbering,
         keep_active: bool,
     ) -> Result<Applied> {
         let mut applied = Applied::default();
-        self.settings
+        let mut maps = self.plan_maps.lock().expect("plan maps lock");
+        maps.settings
             .set(0, super::writer::flow_settings(&plan.flows), 0)
             .context("cannot write the connection table's timeouts")?;
-        self.write_local_addresses(plan)?;
+        maps.write_local_addresses(plan)?;
 
         let known_backends: HashSet<u32> = previous.backends.values().copied().collect();
         for service in &plan.services {
@@ -134,7 +136,7 @@ impl MapWriter {
             };
             applied.active.insert(service.id, active);
         }
-        self.write_services(plan)?;
+        maps.write_services(plan)?;
 
         // What the plan no longer has: no new flow reaches it (its services are gone from
         // `SERVICES`), the flows it had are removed, then its numbers are cleared.
@@ -170,11 +172,55 @@ impl MapWriter {
             backends.set(*index, Backend::default(), 0)?;
         }
 
-        self.write_vips(plan)?;
-        self.write_interfaces(plan, previous)?;
+        maps.write_vips(plan)?;
+        maps.write_interfaces(plan, previous)?;
         Ok(applied)
     }
 
+    /// Removes the flows of services `services` or on backends `backends`, and their reply
+    /// index entries; returns how many flows went.
+    ///
+    /// The only deletion the agent makes in the table: these flows would otherwise be
+    /// dropped (their service has no backend any more) or sent to a backend that is gone
+    /// until they expire. A flow the program re-creates on the same tuple meanwhile (a
+    /// packet of it arrived between the read and the delete) may go with them; its next
+    /// packet starts it again.
+    fn remove_flows(&self, services: &[u32], backends: &[u32]) -> Result<usize> {
+        let services: HashSet<u32> = services.iter().copied().collect();
+        let backends: HashSet<u32> = backends.iter().copied().collect();
+        let gone: HashSet<FlowKey> = {
+            let flows = self.flows.lock().expect("FLOWS map lock");
+            flows
+                .iter()
+                .filter_map(|entry| entry.ok())
+                .filter(|(_, flow)| {
+                    services.contains(&flow.service) || backends.contains(&flow.backend)
+                })
+                .map(|(key, _)| key)
+                .collect()
+        };
+        {
+            let mut flows = self.flows.lock().expect("FLOWS map lock");
+            for key in &gone {
+                // Already gone (expired and evicted) is fine.
+                let _ = flows.remove(key);
+            }
+        }
+        let mut replies = self.replies.lock().expect("REPLIES map lock");
+        let stale: Vec<FlowKey> = replies
+            .iter()
+            .filter_map(|entry| entry.ok())
+            .filter(|(_, reply)| backends.contains(&reply.backend) || gone.contains(&reply.flow))
+            .map(|(key, _)| key)
+            .collect();
+        for key in stale {
+            let _ = replies.remove(&key);
+        }
+        Ok(gone.len())
+    }
+}
+
+impl PlanMaps {
     fn write_local_addresses(&mut self, plan: &Plan) -> Result<()> {
         let wanted: HashSet<[u8; 4]> = plan.local_addresses.iter().map(|a| a.octets()).collect();
         for ip in &wanted {
@@ -305,48 +351,6 @@ impl MapWriter {
             }
         }
         Ok(())
-    }
-
-    /// Removes the flows of services `services` or on backends `backends`, and their reply
-    /// index entries; returns how many flows went.
-    ///
-    /// The only deletion the agent makes in the table: these flows would otherwise be
-    /// dropped (their service has no backend any more) or sent to a backend that is gone
-    /// until they expire. A flow the program re-creates on the same tuple meanwhile (a
-    /// packet of it arrived between the read and the delete) may go with them; its next
-    /// packet starts it again.
-    fn remove_flows(&self, services: &[u32], backends: &[u32]) -> Result<usize> {
-        let services: HashSet<u32> = services.iter().copied().collect();
-        let backends: HashSet<u32> = backends.iter().copied().collect();
-        let gone: HashSet<FlowKey> = {
-            let flows = self.flows.lock().expect("FLOWS map lock");
-            flows
-                .iter()
-                .filter_map(|entry| entry.ok())
-                .filter(|(_, flow)| {
-                    services.contains(&flow.service) || backends.contains(&flow.backend)
-                })
-                .map(|(key, _)| key)
-                .collect()
-        };
-        {
-            let mut flows = self.flows.lock().expect("FLOWS map lock");
-            for key in &gone {
-                // Already gone (expired and evicted) is fine.
-                let _ = flows.remove(key);
-            }
-        }
-        let mut replies = self.replies.lock().expect("REPLIES map lock");
-        let stale: Vec<FlowKey> = replies
-            .iter()
-            .filter_map(|entry| entry.ok())
-            .filter(|(_, reply)| backends.contains(&reply.backend) || gone.contains(&reply.flow))
-            .map(|(key, _)| key)
-            .collect();
-        for key in stale {
-            let _ = replies.remove(&key);
-        }
-        Ok(gone.len())
     }
 }
 

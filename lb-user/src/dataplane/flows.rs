@@ -42,6 +42,11 @@ impl MapWriter {
 
     /// The connection table's timeouts, as the program reads them.
     pub fn flow_settings(&self) -> Result<FlowSettings> {
-        Ok(self.settings.get(&0, 0)?)
+        Ok(self
+            .plan_maps
+            .lock()
+            .expect("plan maps lock")
+            .settings
+            .get(&0, 0)?)
     }
 }

@@ -185,6 +185,9 @@ impl Dataplane {
     /// kernel swaps the program in it atomically (`BPF_LINK_UPDATE`), so not one frame goes
     /// unserved, and it keeps the mode it had. A new attachment is pinned.
     pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<Attached> {
+        if let Some(attachment) = self.attached.iter().find(|a| a.iface == iface) {
+            return Ok(attachment.how); // already attached by this dataplane (a reload)
+        }
         if let Some(adopted) = self.adopt_link(iface)? {
             return Ok(adopted);
         }
@@ -286,6 +289,21 @@ impl Dataplane {
     /// The NICs the program is attached to.
     pub fn attachments(&self) -> &[Attachment] {
         &self.attached
+    }
+
+    /// Detaches the program from NIC `iface` (unpinning its attachment first), if it is
+    /// attached there or a pinned attachment is left for it.
+    pub fn detach(&mut self, iface: &str) -> Result<()> {
+        if let Some(pins) = &self.pins {
+            pins.remove_link(iface)?;
+        }
+        if let Some(at) = self.attached.iter().position(|a| a.iface == iface) {
+            let attachment = self.attached.remove(at);
+            self.program()?
+                .detach(attachment.link)
+                .with_context(|| format!("cannot detach the XDP program from {iface}"))?;
+        }
+        Ok(())
     }
 
     /// Detaches the program from every NIC (dropping an unpinned dataplane does the same);

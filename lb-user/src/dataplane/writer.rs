@@ -25,16 +25,11 @@ use crate::config::FlowsConfig;
 /// Shared (`Arc`) between the failover engine, which flips `ACTIVE` and `KEEP` through
 /// `&self`, the flow census, and the metrics and status readers.
 pub struct MapWriter {
-    pub(super) services: HashMap<MapData, EndpointKey, ServiceValue>,
+    /// The maps only a plan writes (see [`super::apply`]).
+    pub(super) plan_maps: Mutex<PlanMaps>,
     pub(super) active: Mutex<Array<MapData, u32>>,
     pub(super) backends: Mutex<Array<MapData, Backend>>,
     pub(super) keep: Mutex<Array<MapData, u64>>,
-    pub(super) vips: HashMap<MapData, [u8; 4], VipInfo>,
-    pub(super) vip_bits: Array<MapData, u64>,
-    pub(super) ifaces: Array<MapData, Iface>,
-    pub(super) local_addrs: HashMap<MapData, [u8; 4], u8>,
-    pub(super) settings: Array<MapData, FlowSettings>,
-    pub(super) tx_ports: DevMap<MapData>,
     /// The connection table (read by [`super::flows`]).
     pub(super) flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
     /// The reply index of the connection table.
@@ -45,6 +40,18 @@ pub struct MapWriter {
     pub actions: PerCpuArray<MapData, u64>,
     /// Counted dataplane decisions, indexed by `lb_common::Event`.
     pub events: PerCpuArray<MapData, u64>,
+}
+
+/// The maps that change only when a plan is written: under one lock, so that a reload's
+/// write and a reader never interleave.
+pub(super) struct PlanMaps {
+    pub(super) services: HashMap<MapData, EndpointKey, ServiceValue>,
+    pub(super) vips: HashMap<MapData, [u8; 4], VipInfo>,
+    pub(super) vip_bits: Array<MapData, u64>,
+    pub(super) ifaces: Array<MapData, Iface>,
+    pub(super) local_addrs: HashMap<MapData, [u8; 4], u8>,
+    pub(super) settings: Array<MapData, FlowSettings>,
+    pub(super) tx_ports: DevMap<MapData>,
 }
 
 impl std::fmt::Debug for MapWriter {
@@ -90,16 +97,18 @@ impl MapWriter {
     /// Takes the maps out of a freshly loaded object.
     pub fn take(ebpf: &mut Ebpf) -> Result<Self> {
         Ok(MapWriter {
-            services: take(ebpf, map_names::SERVICES)?,
+            plan_maps: Mutex::new(PlanMaps {
+                services: take(ebpf, map_names::SERVICES)?,
+                vips: take(ebpf, map_names::VIPS)?,
+                vip_bits: take(ebpf, map_names::VIP_BITS)?,
+                ifaces: take(ebpf, map_names::IFACES)?,
+                local_addrs: take(ebpf, map_names::LOCAL_ADDRS)?,
+                settings: take(ebpf, map_names::SETTINGS)?,
+                tx_ports: take(ebpf, map_names::TX_PORTS)?,
+            }),
             active: Mutex::new(take(ebpf, map_names::ACTIVE)?),
             backends: Mutex::new(take(ebpf, map_names::BACKENDS)?),
             keep: Mutex::new(take(ebpf, map_names::KEEP)?),
-            vips: take(ebpf, map_names::VIPS)?,
-            vip_bits: take(ebpf, map_names::VIP_BITS)?,
-            ifaces: take(ebpf, map_names::IFACES)?,
-            local_addrs: take(ebpf, map_names::LOCAL_ADDRS)?,
-            settings: take(ebpf, map_names::SETTINGS)?,
-            tx_ports: take(ebpf, map_names::TX_PORTS)?,
             flows: Mutex::new(take(ebpf, map_names::FLOWS)?),
             replies: Mutex::new(take(ebpf, map_names::REPLIES)?),
             traffic: take(ebpf, map_names::TRAFFIC)?,

@@ -59,6 +59,19 @@ pub struct BackendState {
     pub keep_until: u64,
     /// Whether its MAC is known; a backend whose MAC is not is down whatever its checks say.
     pub mac_known: bool,
+    /// The last result of each check, in the order of `checks`.
+    pub last_checks: Vec<Option<LastCheck>>,
+}
+
+/// The last result of one health check.
+#[derive(Debug, Clone)]
+pub struct LastCheck {
+    /// Whether it passed.
+    pub ok: bool,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// When it completed.
+    pub at: Instant,
 }
 
 /// Mutable state of one service.
@@ -120,14 +133,15 @@ pub struct ServiceRuntime {
 pub struct Engine {
     /// Per service, in plan order.
     pub services: Vec<Arc<ServiceRuntime>>,
-    tasks: Vec<JoinHandle<()>>,
+    /// Probes and the carrier watcher: they run for as long as the engine.
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// MAC resolvers: each ends when it has found its backend's MAC.
+    resolvers: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Drop for Engine {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.stop();
     }
 }
 
@@ -209,6 +223,12 @@ impl ServiceRuntime {
         } else {
             result
         };
+        // Only a failure allocates (its text); a pass at 1 ms intervals costs nothing here.
+        state.backends[position].last_checks[check] = Some(LastCheck {
+            ok: result.is_ok(),
+            error: result.as_ref().err().map(|e| format!("{e:#}")),
+            at,
+        });
         let changed =
             state.backends[position].checks[check].record(result.is_ok(), health.rise, health.fall);
         if changed.is_some() {
@@ -508,7 +528,9 @@ impl Engine {
     /// running dataplane (`start.kept`) presumes only that backend up, and every other one
     /// down until `rise` checks pass, so a restart never moves traffic to a backend nobody
     /// has checked; a new service presumes its backends up (traffic flows from the first
-    /// packet), but for those whose MAC is unknown.
+    /// packet), but for those whose MAC is unknown. On a reload, `previous` is the engine
+    /// being replaced (stopped already): a backend whose address, NIC and checks did not
+    /// change keeps its state (health, check counters, drain, keep deadline).
     pub async fn start(
         plan: &Plan,
         maps: Arc<MapWriter>,
@@ -516,6 +538,7 @@ impl Engine {
         carriers: HashMap<u32, bool>,
         events: CarrierEvents,
         start: &Applied,
+        previous: Option<&Engine>,
     ) -> Result<Self> {
         let table: Carriers = Arc::new(
             carriers
@@ -526,17 +549,44 @@ impl Engine {
         // Owned from the start, so that tasks spawned before an error are aborted with it.
         let mut engine = Engine {
             services: Vec::new(),
-            tasks: Vec::new(),
+            tasks: Mutex::new(Vec::new()),
+            resolvers: Mutex::new(Vec::new()),
         };
         for service in &plan.services {
             let first = start.active.get(&service.id).copied().unwrap_or(NO_BACKEND);
             let active = service.backends.iter().position(|b| b.index == first);
             let adopted = start.kept.contains(&service.id);
+            // A reload hands over the state of what did not change.
+            let carried = previous
+                .and_then(|e| {
+                    e.services
+                        .iter()
+                        .find(|s| s.plan.name == service.name && s.plan.id == service.id)
+                })
+                .map(|s| {
+                    let state = s.state.lock().expect("service state lock");
+                    (
+                        s.plan.clone(),
+                        state.backends.clone(),
+                        state.last_change.clone(),
+                    )
+                });
             let backends = service
                 .backends
                 .iter()
                 .enumerate()
                 .map(|(position, b)| {
+                    if let Some((plan, states, _)) = &carried {
+                        let same = plan.backends.iter().position(|old| {
+                            (old.index, old.ip, old.ifindex, &old.health)
+                                == (b.index, b.ip, b.ifindex, &b.health)
+                        });
+                        if let Some(old) = same {
+                            let mut state = states[old].clone();
+                            state.mac_known |= b.mac_known;
+                            return state;
+                        }
+                    }
                     let presumed = !adopted || active == Some(position);
                     let checks: Vec<CheckCounter> = b
                         .health
@@ -571,6 +621,7 @@ impl Engine {
                         drained: false,
                         keep_until: KEEP_FOREVER,
                         mac_known: b.mac_known,
+                        last_checks: vec![None; b.health.checks.len()],
                     }
                 })
                 .collect::<Vec<_>>();
@@ -579,7 +630,7 @@ impl Engine {
                 state: Mutex::new(ServiceState {
                     backends,
                     active,
-                    last_change: None,
+                    last_change: carried.and_then(|(_, _, change)| change),
                     recheck_at: None,
                 }),
                 maps: maps.clone(),
@@ -609,7 +660,7 @@ impl Engine {
 
         let watchers = engine.services.clone();
         let watched = table.clone();
-        engine.tasks.push(tokio::spawn(events.run(move |event| {
+        engine.spawn(tokio::spawn(events.run(move |event| {
             if let Some(carrier) = watched.get(&event.ifindex) {
                 carrier.store(event.carrier, Ordering::Relaxed);
             }
@@ -628,18 +679,47 @@ impl Engine {
             for (position, backend) in service.plan.backends.iter().enumerate() {
                 if !backend.mac_known {
                     let task = tokio::spawn(super::resolve::resolve_mac(service.clone(), position));
-                    engine.tasks.push(task);
+                    engine
+                        .resolvers
+                        .lock()
+                        .expect("engine tasks lock")
+                        .push(task);
                 }
                 for (check, config) in backend.health.checks.iter().enumerate() {
                     let timeout = backend.health.timeout;
                     let probe =
                         Probe::new(config, backend.ip, backend.ifindex, &table, timeout).await?;
                     let task = tokio::spawn(probe_loop(service.clone(), position, check, probe));
-                    engine.tasks.push(task);
+                    engine.spawn(task);
                 }
             }
         }
         Ok(engine)
+    }
+
+    fn spawn(&self, task: JoinHandle<()>) {
+        self.tasks.lock().expect("engine tasks lock").push(task);
+    }
+
+    /// Stops every probe and the carrier watcher: nothing changes the maps any more (a
+    /// reload stops the engine it replaces this way before the new one starts).
+    pub fn stop(&self) {
+        for tasks in [&self.tasks, &self.resolvers] {
+            for task in tasks.lock().expect("engine tasks lock").iter() {
+                task.abort();
+            }
+        }
+    }
+
+    /// How many of the engine's probes and carrier watcher have ended although the engine
+    /// runs (each runs forever: one that ended died).
+    pub fn dead_tasks(&self) -> usize {
+        self.tasks
+            .lock()
+            .expect("engine tasks lock")
+            .iter()
+            .filter(|t| t.is_finished())
+            .count()
     }
 
     /// The service called `name`.

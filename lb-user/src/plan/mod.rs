@@ -8,6 +8,7 @@ mod numbering;
 use std::{
     collections::{BTreeMap, HashSet},
     net::Ipv4Addr,
+    sync::{Arc, RwLock},
     time::Duration,
 };
 
@@ -113,7 +114,7 @@ pub struct PlannedBackend {
 }
 
 /// Resolved health checking of one backend.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PlannedHealth {
     /// The checks, ports filled in.
     pub checks: Vec<CheckConfig>,
@@ -217,6 +218,28 @@ pub struct Plan {
     pub flows: FlowsConfig,
     /// The switch host's own addresses, which are never accepted as clients.
     pub local_addresses: Vec<Ipv4Addr>,
+}
+
+/// The plan in force, shared by the readers that outlive a reload (the metrics collector,
+/// the connection-table sweep, the endpoint): a reload swaps it here, in one place.
+#[derive(Debug, Clone)]
+pub struct CurrentPlan(Arc<RwLock<Arc<Plan>>>);
+
+impl CurrentPlan {
+    /// Shares `plan`.
+    pub fn new(plan: Plan) -> Self {
+        CurrentPlan(Arc::new(RwLock::new(Arc::new(plan))))
+    }
+
+    /// The plan in force now.
+    pub fn get(&self) -> Arc<Plan> {
+        self.0.read().expect("plan lock").clone()
+    }
+
+    /// Puts `plan` in force.
+    pub fn set(&self, plan: Plan) {
+        *self.0.write().expect("plan lock") = Arc::new(plan);
+    }
 }
 
 /// Checks the `[flows]` table.

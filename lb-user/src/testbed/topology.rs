@@ -48,6 +48,8 @@ pub const BACKUP_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 4, 2);
 pub const BACKUP_MAC: &str = "02:00:00:00:04:02";
 /// The environment variable `lb run` and `lb down` read their pin directory from.
 pub const PIN_PATH_ENV: &str = "LB_PIN_PATH";
+/// The environment variable `lb` reads the agent's control socket from.
+pub const SOCKET_ENV: &str = "LB_SOCKET";
 /// The UDP port of the testbed's request/response service.
 pub const UDP_PORT: u16 = 5353;
 
@@ -452,7 +454,9 @@ backends = [
     ) -> Result<(bool, String, String)> {
         let mut command = self.host(host).command(program);
         if host == Host::Switch {
-            command.env(PIN_PATH_ENV, self.pin_path());
+            command
+                .env(PIN_PATH_ENV, self.pin_path())
+                .env(SOCKET_ENV, self.control_socket());
         }
         let output: std::process::Output = command.args(args).output()?;
         Ok((
@@ -468,10 +472,19 @@ backends = [
         PathBuf::from(format!("/sys/fs/bpf/{}", self.switch.name()))
     }
 
-    /// A command running `lb` on the switch, with the testbed's pin directory.
+    /// The control socket of the testbed's agent (given to every `lb` started on the
+    /// switch through `LB_SOCKET`).
+    pub fn control_socket(&self) -> PathBuf {
+        PathBuf::from(format!("/run/lb/{}.sock", self.switch.name()))
+    }
+
+    /// A command running `lb` on the switch, with the testbed's pin directory and control
+    /// socket.
     pub fn lb_command(&self) -> Result<std::process::Command> {
         let mut command = self.switch.command(&lb_binary()?);
-        command.env(PIN_PATH_ENV, self.pin_path());
+        command
+            .env(PIN_PATH_ENV, self.pin_path())
+            .env(SOCKET_ENV, self.control_socket());
         Ok(command)
     }
 
@@ -611,6 +624,7 @@ impl Drop for Testbed {
         if let Err(e) = crate::dataplane::pins::remove(&self.pin_path()) {
             eprintln!("cleanup: {e:#}");
         }
+        let _ = std::fs::remove_file(self.control_socket());
         self.responders.clear();
         self.tcp_responders.clear();
         self.veth_peers.clear();

@@ -294,7 +294,7 @@ impl Rig {
                 backend.egress_mac = CLIENT_MAC;
             }
         }
-        let (fixed, mut fixed_maps) = Dataplane::load(plan.flows.max)?;
+        let (fixed, fixed_maps) = Dataplane::load(plan.flows.max)?;
         fixed_maps.write_plan(&fixed_plan)?;
         let master_index = plan.service("echo")?.backend("master")?.index;
         let service_id = plan.service("echo")?.id;

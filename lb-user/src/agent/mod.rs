@@ -1,0 +1,176 @@
+//! `lb run`: resolve the plan, load the program on the pinned maps (adopting a running
+//! dataplane), write the plan, attach, start the failover engine and the endpoints; apply
+//! a changed config on SIGHUP or `lb reload`; on SIGINT/SIGTERM stop, leaving the dataplane
+//! forwarding. `lb down` removes it.
+//!
+//! - [`setup`]: starting (load, adopt, write, attach, engine);
+//! - [`reload`]: a changed config applied as a diff.
+
+mod reload;
+mod setup;
+
+use std::{future::IntoFuture, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    config::{Config, XdpModeSetting},
+    control,
+    dataplane::pins::{self, Pins, Removed},
+    plan::Plan,
+};
+
+/// Options of `lb run` beyond the config file.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The config file (read again on reload).
+    pub config: PathBuf,
+    /// Extra NICs to attach to (`--iface`).
+    pub ifaces: Vec<String>,
+    /// Overrides the config's `xdp_mode`.
+    pub xdp_mode: Option<XdpModeSetting>,
+    /// Replace an XDP program another tool attached to one of the NICs.
+    pub force: bool,
+    /// Overrides the config's `pin_path`.
+    pub pin_path: Option<PathBuf>,
+    /// Overrides the config's `control_socket`.
+    pub control_socket: Option<PathBuf>,
+}
+
+impl RunOptions {
+    /// Reads the config file, with the command line's overrides.
+    pub fn load_config(&self) -> Result<Config> {
+        let mut config = Config::load(&self.config)?;
+        if let Some(pin_path) = &self.pin_path {
+            config.pin_path = pin_path.clone();
+        }
+        if let Some(socket) = &self.control_socket {
+            config.control_socket = socket.clone();
+        }
+        Ok(config)
+    }
+}
+
+/// Runs the agent until SIGINT or SIGTERM.
+///
+/// The dataplane is pinned in the config's `pin_path`: what a previous agent left there is
+/// adopted (see [`crate::dataplane::Dataplane::load_pinned`]), and on SIGINT/SIGTERM the
+/// agent stops alone — the program stays attached and forwards with the last decision
+/// until an agent adopts it again, or [`down`] removes it.
+pub async fn run(options: RunOptions) -> Result<()> {
+    let mut config = options.load_config()?;
+    let plan = Plan::resolve(&config, &options.ifaces).await?;
+    // Taken before anything is attached: a busy port must not cost any traffic.
+    let listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (metrics_listen); is another lb running with the same \
+                 address?",
+                config.metrics_listen
+            )
+        })?;
+    let control_listener = control::bind_control_socket(&config.control_socket)?;
+    let pins = Pins::open(&config.pin_path)?;
+    let fresh = pins.is_empty()?;
+    let (reload_tx, mut reloads) = tokio::sync::mpsc::channel(1);
+    let started = match setup::start(&config, &options, plan, pins, reload_tx).await {
+        Ok(started) => started,
+        Err(e) => {
+            // A dataplane this run made is removed again; an adopted one forwards on.
+            if fresh {
+                if let Err(cleanup) = pins::remove(&config.pin_path) {
+                    tracing::warn!(error = %format!("{cleanup:#}"), "cannot remove the pins made before the error");
+                }
+            }
+            let _ = std::fs::remove_file(&config.control_socket);
+            return Err(e);
+        }
+    };
+    let setup::Started {
+        mut dataplane,
+        state,
+        sweeper,
+    } = started;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let until_stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    let http = tokio::spawn(
+        axum::serve(listener, control::read_router(state.clone()))
+            .with_graceful_shutdown(until_stopped(stopping.clone()))
+            .into_future(),
+    );
+    let control_server = tokio::spawn(
+        axum::serve(control_listener, control::control_router(state.clone()))
+            .with_graceful_shutdown(until_stopped(stopping))
+            .into_future(),
+    );
+    tracing::info!(
+        listen = %config.metrics_listen,
+        control_socket = %config.control_socket.display(),
+        "ready: /metrics /status /flows /healthz; actions on the control socket"
+    );
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    loop {
+        let reply = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received, stopping"); break; }
+            _ = int.recv() => { tracing::info!("SIGINT received, stopping"); break; }
+            _ = hup.recv() => { tracing::info!("SIGHUP received, reloading"); None }
+            Some(reply) = reloads.recv() => Some(reply),
+        };
+        let outcome = reload::reload(&mut dataplane, &state, &options, &config).await;
+        let answer = match outcome {
+            Ok((new_config, summary)) => {
+                config = new_config;
+                tracing::info!("{summary}");
+                Ok(summary)
+            }
+            Err(e) => {
+                let error = format!("reload refused: {e:#}");
+                tracing::error!("{error}");
+                Err(error)
+            }
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(answer);
+        }
+    }
+    let _ = stop.send(true);
+    for server in [http, control_server] {
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    }
+    let _ = std::fs::remove_file(&config.control_socket);
+    sweeper.abort();
+    drop(state);
+    drop(dataplane);
+    tracing::info!(
+        pin_path = %config.pin_path.display(),
+        "stopped; the dataplane forwards on with the last decision (`lb down` removes it)"
+    );
+    Ok(())
+}
+
+/// `lb down`: removes the dataplane pinned in `pin_path` — every attachment (the program
+/// leaves each NIC) and every map. Refused while an agent runs on it.
+pub fn down(pin_path: &std::path::Path) -> Result<Removed> {
+    pins::remove(pin_path)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+///
+/// The handlers are installed when this is called (not when it is first awaited), so a signal
+/// that arrives while the caller is still setting up is not lost.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Starting the agent: the program loaded on the pinned maps (adopting what is there), the
+//! plan written, the NICs attached, the engine and the census started. A reload reuses the
+//! pieces.
+
+use std::{
+    collections::HashMap,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{Context, Result};
+use lb_common::map_names;
+
+use super::RunOptions;
+use crate::{
+    config::{Config, Role, XdpModeSetting},
+    control::{AgentState, InterfaceStatus, ReloadRequest, Running},
+    dataplane::{apply::Applied, pins::Pins, Adoption, Attached, Dataplane, MapWriter},
+    failover::Engine,
+    flows::{self, Census},
+    metrics::Metrics,
+    net::{self, carrier::CarrierEvents, Netlink, XdpAttachment},
+    plan::{CurrentPlan, Numbering, Plan},
+};
+
+/// A started agent.
+pub struct Started {
+    /// The loaded, attached program.
+    pub dataplane: Dataplane,
+    /// What the endpoints read and change.
+    pub state: Arc<AgentState>,
+    /// The connection-table census.
+    pub sweeper: tokio::task::JoinHandle<()>,
+}
+
+/// Loads the program on the pinned maps (adopting what is there), writes the plan,
+/// attaches, and starts the engine and the census.
+pub async fn start(
+    config: &Config,
+    options: &RunOptions,
+    mut plan: Plan,
+    pins: Pins,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+) -> Result<Started> {
+    let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
+    let (mut dataplane, maps, adoption) = Dataplane::load_pinned(plan.flows.max, pins)?;
+    dataplane.forward_logs()?;
+    let adopting = adoption.state_kept();
+    let previous = if adopting {
+        maps.numbering()?
+    } else {
+        Numbering::default()
+    };
+    plan.renumber(&previous);
+    if adopting {
+        adopt_macs(&mut plan, &maps)?;
+    }
+    let applied = maps
+        .apply_plan(&plan, &previous, adopting)
+        .context("cannot write the plan into the maps")?;
+    report_adoption(&plan, &adoption, &applied, &config.pin_path);
+    let interfaces = attach_all(&mut dataplane, &plan, mode, options.force).await?;
+    let maps = Arc::new(maps);
+    let census = Arc::new(Mutex::new(Census::default()));
+    let current = CurrentPlan::new(plan.clone());
+    let sweeper = tokio::spawn(flows::sweep_loop(
+        current.clone(),
+        maps.clone(),
+        census.clone(),
+    ));
+    let metrics = Arc::new(Metrics::new(current.clone(), maps.clone(), census.clone()));
+    let engine = start_engine(&plan, &maps, &metrics, &applied, None).await?;
+    log_backends(&plan);
+    let running = Running { engine, interfaces };
+    let state = AgentState::new(current, maps, metrics, census, running, reloads);
+    Ok(Started {
+        dataplane,
+        state: Arc::new(state),
+        sweeper,
+    })
+}
+
+/// Starts the failover engine on `plan` with the carriers of its NICs as they are now;
+/// `previous` is the engine a reload replaces.
+pub async fn start_engine(
+    plan: &Plan,
+    maps: &Arc<MapWriter>,
+    metrics: &Arc<Metrics>,
+    applied: &Applied,
+    previous: Option<&Engine>,
+) -> Result<Engine> {
+    // Subscribe to carrier events before reading the current carriers: nothing in between
+    // is missed.
+    let events = CarrierEvents::subscribe()?;
+    let netlink = Netlink::connect()?;
+    let mut carriers = HashMap::new();
+    for iface in &plan.interfaces {
+        let link = netlink.link_by_name(&iface.name).await?;
+        carriers.insert(iface.ifindex, link.carrier);
+    }
+    Engine::start(
+        plan,
+        maps.clone(),
+        metrics.clone(),
+        carriers,
+        events,
+        applied,
+        previous,
+    )
+    .await
+}
+
+/// Attaches the program to every NIC of `plan` (taking over pinned attachments), and
+/// removes the attachments of NICs the plan no longer names.
+pub async fn attach_all(
+    dataplane: &mut Dataplane,
+    plan: &Plan,
+    mode: XdpModeSetting,
+    force: bool,
+) -> Result<Vec<InterfaceStatus>> {
+    let netlink = Netlink::connect()?;
+    let mut interfaces = Vec::new();
+    for iface in &plan.interfaces {
+        let how = match dataplane.attach(&iface.name, mode) {
+            Err(e) if force && format!("{e:#}").contains("already carries an XDP program") => {
+                tracing::warn!(
+                    iface = iface.name,
+                    "--force: removing the XDP program already attached"
+                );
+                netlink
+                    .detach_xdp(iface.ifindex)
+                    .await
+                    .with_context(|| format!("--force on {}", iface.name))?;
+                dataplane.attach(&iface.name, mode)?
+            }
+            other => other?,
+        };
+        let kernel_mode = match netlink.link_by_name(&iface.name).await?.xdp {
+            XdpAttachment::Driver => "native",
+            XdpAttachment::Generic => "skb",
+            XdpAttachment::None | XdpAttachment::Other => "unknown",
+        };
+        let adopted = how == Attached::Adopted;
+        tracing::info!(
+            iface = iface.name,
+            role = ?iface.role,
+            mode = kernel_mode,
+            adopted,
+            "attached"
+        );
+        if iface.role != Role::Backend && net::forwarding(&iface.name) == Some(false) {
+            tracing::warn!(
+                iface = iface.name,
+                "IPv4 forwarding is off on this NIC, so the program cannot check that new \
+                 clients' addresses are routed back through it (spoofed sources are then only \
+                 refused when they are this host's own, a VIP or a martian); on a routed \
+                 switch host enable it: sysctl -w net.ipv4.conf.{}.forwarding=1",
+                iface.name
+            );
+        }
+        interfaces.push(InterfaceStatus {
+            name: iface.name.clone(),
+            mode: kernel_mode.to_string(),
+            adopted,
+        });
+    }
+    detach_stale(dataplane, plan)?;
+    Ok(interfaces)
+}
+
+fn log_backends(plan: &Plan) {
+    for service in &plan.services {
+        for backend in &service.backends {
+            tracing::info!(
+                service = service.name,
+                vip = %service.vip,
+                backend = backend.name,
+                ip = %backend.ip,
+                via = backend.iface,
+                mac = net::format_mac(&backend.mac),
+                checks = backend.health.checks.iter().map(|c| c.name()).collect::<Vec<_>>().join("+"),
+                interval = ?backend.health.interval,
+                "backend"
+            );
+        }
+    }
+}
+
+/// Gives each backend whose MAC could not be resolved at start the MAC the adopted maps
+/// hold for it, if any.
+pub fn adopt_macs(plan: &mut Plan, maps: &MapWriter) -> Result<()> {
+    for service in &mut plan.services {
+        for backend in &mut service.backends {
+            if backend.mac_known {
+                continue;
+            }
+            let pinned = maps.backend(backend.index)?;
+            if pinned.ip == backend.ip.octets() && pinned.mac != [0; 6] {
+                backend.mac = pinned.mac;
+                backend.mac_known = true;
+                tracing::info!(
+                    service = service.name,
+                    backend = backend.name,
+                    mac = net::format_mac(&pinned.mac),
+                    "MAC taken from the pinned dataplane"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Logs what was adopted from the pin directory.
+fn report_adoption(plan: &Plan, adoption: &Adoption, applied: &Applied, pin_path: &Path) {
+    if adoption.kept_maps.is_empty() {
+        tracing::info!(pin_path = %pin_path.display(), "new dataplane");
+        return;
+    }
+    let kept: Vec<&str> = plan
+        .services
+        .iter()
+        .filter(|s| applied.kept.contains(&s.id))
+        .map(|s| s.name.as_str())
+        .collect();
+    tracing::info!(
+        pin_path = %pin_path.display(),
+        maps_kept = adoption.kept_maps.len(),
+        connection_table_kept = adoption.kept(map_names::FLOWS),
+        services_kept_on_their_backend = kept.join(","),
+        flows_removed = applied.flows_removed,
+        "adopted the running dataplane"
+    );
+}
+
+/// Removes the pinned attachments of NICs the plan no longer names.
+fn detach_stale(dataplane: &mut Dataplane, plan: &Plan) -> Result<()> {
+    let pinned = match dataplane.pins() {
+        Some(pins) => pins.link_names()?,
+        None => Vec::new(),
+    };
+    let attached = dataplane.attachments().iter().map(|a| a.iface.clone());
+    let mut names: Vec<String> = pinned.into_iter().chain(attached).collect();
+    names.sort();
+    names.dedup();
+    for name in names {
+        if !plan.interfaces.iter().any(|i| i.name == name) {
+            dataplane.detach(&name)?;
+            tracing::info!(iface = name, "detached: no longer in the config");
+        }
+    }
+    Ok(())
+}
