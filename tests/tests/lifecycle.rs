@@ -245,3 +245,59 @@ fn a_reload_adds_and_removes_services_without_disturbing_the_others() {
     assert!(bed.processes[agent].is_running());
     assert!(bed.processes[agent].terminate().unwrap());
 }
+
+#[test]
+fn under_systemd_the_agent_notifies_ready_reloading_watchdog_and_stopping() {
+    let mut bed = testbed("lblc-notify");
+    let socket_path = bed.dir().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    // The next message that contains `what`, skipping others (watchdog pings).
+    let expect = |what: &str| {
+        let mut buf = [0u8; 512];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            assert!(Instant::now() < deadline, "no {what} within 10 s");
+            let len = socket.recv(&mut buf).expect("a notification");
+            let text = String::from_utf8_lossy(&buf[..len]).into_owned();
+            if text.lines().any(|l| l == what) {
+                return text;
+            }
+        }
+    };
+    let path = bed.write_file("lb.toml", &config()).unwrap();
+    let mut lb = bed.lb_command().unwrap();
+    lb.args(["run", "--config", path.to_str().unwrap()]);
+    // As systemd does: WATCHDOG_PID is the service's own pid (the shell's, which `exec`
+    // hands on through nsenter to lb).
+    let mut command = std::process::Command::new("sh");
+    command
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" \"$@\"")
+        .arg(lb.get_program())
+        .args(lb.get_args())
+        .envs(lb.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000");
+    bed.processes
+        .push(lb_user::testbed::process::Process::spawn(command, "lb").unwrap());
+    let agent = bed.processes.len() - 1;
+
+    expect("READY=1");
+    // Serving when it says so.
+    assert_eq!(bed.udp_request_vip("up").unwrap().0, "master up");
+    expect("WATCHDOG=1");
+    expect("WATCHDOG=1");
+    let pid = bed.processes[agent].pid().unwrap();
+    // SAFETY: kill(2) on the pid of a child of this test that has not been reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGHUP) }, 0);
+    let reloading = expect("RELOADING=1");
+    assert!(reloading.contains("MONOTONIC_USEC="), "{reloading}");
+    expect("READY=1");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    expect("STOPPING=1");
+    assert!(bed.processes[agent].terminate().is_ok());
+}

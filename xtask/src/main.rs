@@ -7,7 +7,9 @@
 //!   every test of the workspace;
 //! - `run [-- ARGS]`: builds and runs `lb ARGS`; without arguments, `lb demo`;
 //! - `bench failover|throughput|flood [-- ARGS]`: release builds of `lb` and `lb-bench`, then the
-//!   bench, which writes `docs/BENCHMARKS.md`.
+//!   bench, which writes `docs/BENCHMARKS.md`;
+//! - `install`: a release `lb` in `/usr/local/bin`, the systemd unit, and an example config in
+//!   `/etc/lb/lb.toml` unless one is there.
 
 mod setup;
 
@@ -48,6 +50,9 @@ enum Task {
         #[arg(last = true)]
         args: Vec<String>,
     },
+    /// Install `lb` (release build) in /usr/local/bin, its systemd unit in
+    /// /etc/systemd/system, and the example config in /etc/lb/lb.toml unless one is there.
+    Install,
     /// Run a benchmark (release builds) and write docs/BENCHMARKS.md.
     Bench {
         /// Which bench: `failover`, `throughput` or `flood`.
@@ -66,7 +71,54 @@ fn main() -> Result<()> {
         Task::Test => test(),
         Task::Run { release, args } => run(release, args),
         Task::Bench { which, args } => bench(&which, args),
+        Task::Install => install(),
     }
+}
+
+/// `cargo xtask install`.
+fn install() -> Result<()> {
+    if !is_root() {
+        bail!("installing into /usr/local/bin and /etc needs root");
+    }
+    let lb = build(true)?;
+    let copy = |from: &Path, to: &Path| -> Result<()> {
+        if let Some(dir) = to.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        std::fs::copy(from, to)
+            .with_context(|| format!("cannot copy {} to {}", from.display(), to.display()))?;
+        println!("installed {}", to.display());
+        Ok(())
+    };
+    // Through a temporary name: a running agent keeps its binary, the next start gets this one.
+    let staged = Path::new("/usr/local/bin/.lb.new");
+    copy(&lb, staged)?;
+    std::fs::rename(staged, "/usr/local/bin/lb").context("cannot install /usr/local/bin/lb")?;
+    copy(
+        &root().join("deploy/lb.service"),
+        Path::new("/etc/systemd/system/lb.service"),
+    )?;
+    let config = Path::new("/etc/lb/lb.toml");
+    if config.exists() {
+        println!(
+            "kept {} (the example is examples/lb.toml)",
+            config.display()
+        );
+    } else {
+        copy(&root().join("examples/lb.toml"), config)?;
+        println!(
+            "edit {} for this host's NICs and services",
+            config.display()
+        );
+    }
+    if Path::new("/run/systemd/system").exists() {
+        step("systemctl", &["daemon-reload"], &[])?;
+        println!("then: systemctl enable --now lb   (restart: hitless; stop for good: systemctl stop lb && lb down)");
+    } else {
+        println!("systemd is not running here: start `lb run --config /etc/lb/lb.toml` as you run services");
+    }
+    Ok(())
 }
 
 /// The workspace root.

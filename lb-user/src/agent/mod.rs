@@ -3,9 +3,11 @@
 //! a changed config on SIGHUP or `lb reload`; on SIGINT/SIGTERM stop, leaving the dataplane
 //! forwarding. `lb down` removes it.
 //!
-//! - [`setup`]: starting (load, adopt, write, attach, engine);
-//! - [`reload`]: a changed config applied as a diff.
+//! - `setup`: starting (load, adopt, write, attach, engine);
+//! - `reload`: a changed config applied as a diff;
+//! - `notify`: systemd's readiness and watchdog notifications.
 
+mod notify;
 mod reload;
 mod setup;
 
@@ -112,6 +114,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         control_socket = %config.control_socket.display(),
         "ready: /metrics /status /flows /healthz; actions on the control socket"
     );
+    notify::ready();
+    let watchdog_interval = notify::watchdog_interval();
+    // Without a watchdog the tick is never fed to anyone: a day apart costs nothing.
+    let mut watchdog =
+        tokio::time::interval(watchdog_interval.unwrap_or(Duration::from_secs(86_400)));
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
@@ -121,8 +128,23 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = int.recv() => { tracing::info!("SIGINT received, stopping"); break; }
             _ = hup.recv() => { tracing::info!("SIGHUP received, reloading"); None }
             Some(reply) = reloads.recv() => Some(reply),
+            _ = watchdog.tick() => {
+                // Fed while the engine's probes and carrier watcher run: a dead one stops
+                // the feeding, and the service manager restarts the agent (hitless).
+                let dead = state.running().engine.dead_tasks();
+                if watchdog_interval.is_some() {
+                    if dead == 0 {
+                        notify::watchdog();
+                    } else {
+                        tracing::error!(dead, "engine tasks died; not feeding the watchdog");
+                    }
+                }
+                continue;
+            }
         };
+        notify::reloading();
         let outcome = reload::reload(&mut dataplane, &state, &options, &config).await;
+        notify::ready();
         let answer = match outcome {
             Ok((new_config, summary)) => {
                 config = new_config;
@@ -139,6 +161,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             let _ = reply.send(answer);
         }
     }
+    notify::stopping();
     let _ = stop.send(true);
     for server in [http, control_server] {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
