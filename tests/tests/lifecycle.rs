@@ -301,3 +301,33 @@ fn under_systemd_the_agent_notifies_ready_reloading_watchdog_and_stopping() {
     expect("STOPPING=1");
     assert!(bed.processes[agent].terminate().is_ok());
 }
+
+#[test]
+fn tcp_checks_every_millisecond_leave_no_time_wait_behind() {
+    let mut bed = testbed("lblc-twait");
+    bed.start_tcp_responder(Host::Master, "master").unwrap();
+    bed.start_tcp_responder(Host::Slave, "slave").unwrap();
+    let health = r#"{ checks = [{ type = "tcp" }], interval = "1ms", timeout = "50ms", rise = 3, fall = 3 }"#;
+    let config = format!(
+        "{}{}",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("web", "tcp", lb_user::testbed::topology::TCP_PORT, health)
+    );
+    let agent = start_agent(&mut bed, &config, LISTEN);
+    std::thread::sleep(Duration::from_secs(5));
+    let status = bed.agent_status(LISTEN).unwrap();
+    assert!(
+        status.services[0].backends.iter().all(|b| b.up),
+        "{status:?}"
+    );
+    // About 10 000 probes so far; a normal close would leave each in TIME_WAIT for 60 s.
+    let waiting = |host| {
+        let (_, out, _) = bed
+            .output(host, "ss", &["-Htan", "state", "time-wait"])
+            .unwrap();
+        out.lines().count()
+    };
+    let (switch, master) = (waiting(Host::Switch), waiting(Host::Master));
+    assert!(switch < 50 && master < 50, "TIME_WAIT: switch {switch}, master {master}");
+    assert!(bed.processes[agent].terminate().unwrap());
+}
