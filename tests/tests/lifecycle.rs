@@ -328,6 +328,9 @@ fn tcp_checks_every_millisecond_leave_no_time_wait_behind() {
         out.lines().count()
     };
     let (switch, master) = (waiting(Host::Switch), waiting(Host::Master));
-    assert!(switch < 50 && master < 50, "TIME_WAIT: switch {switch}, master {master}");
+    assert!(
+        switch < 50 && master < 50,
+        "TIME_WAIT: switch {switch}, master {master}"
+    );
     assert!(bed.processes[agent].terminate().unwrap());
 }
