@@ -86,6 +86,12 @@ impl AgentState {
         }
     }
 
+    /// A sender of reload requests to the agent's main loop (for reloads the agent decides
+    /// itself, such as a NIC made again; their outcome is only logged).
+    pub fn reload_requests(&self) -> tokio::sync::mpsc::Sender<ReloadRequest> {
+        self.reloads.clone()
+    }
+
     /// The engine and attachments in force.
     pub fn running(&self) -> Arc<Running> {
         self.running.read().expect("running lock").clone()

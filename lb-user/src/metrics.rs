@@ -121,6 +121,8 @@ pub struct Metrics {
     pub check_duration: HistogramFamily<CheckLabels>,
     /// `lb_health_checks_total`.
     pub checks: Family<CheckResultLabels, Counter>,
+    /// `lb_netlink_resyncs_total`.
+    pub netlink_resyncs: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -142,6 +144,12 @@ impl Metrics {
         let check_duration: HistogramFamily<CheckLabels> =
             Family::new_with_constructor(check_histogram);
         let checks = Family::<CheckResultLabels, Counter>::default();
+        let netlink_resyncs = Counter::default();
+        registry.register(
+            "lb_netlink_resyncs",
+            "Full re-reads of links and neighbours after rtnetlink events were lost (overrun)",
+            netlink_resyncs.clone(),
+        );
         registry.register(
             "lb_backend_up",
             "Whether the backend passes its health checks (1) or not (0)",
@@ -181,6 +189,7 @@ impl Metrics {
             flip_duration,
             check_duration,
             checks,
+            netlink_resyncs,
         }
     }
 

@@ -88,6 +88,7 @@ async fn apply(
         &state.metrics,
         &applied,
         Some(&old.engine),
+        state.reload_requests(),
     )
     .await?;
     state.plan.set(plan.clone());

@@ -16,10 +16,10 @@ use crate::{
     config::{Config, Role, XdpModeSetting},
     control::{AgentState, InterfaceStatus, ReloadRequest, Running},
     dataplane::{apply::Applied, pins::Pins, Adoption, Attached, Dataplane, MapWriter},
-    failover::Engine,
+    failover::{engine::NetWatch, Engine},
     flows::{self, Census},
     metrics::Metrics,
-    net::{self, carrier::CarrierEvents, Netlink, XdpAttachment},
+    net::{self, events::NetEvents, Netlink, XdpAttachment},
     plan::{CurrentPlan, Numbering, Plan},
 };
 
@@ -69,7 +69,7 @@ pub async fn start(
         census.clone(),
     ));
     let metrics = Arc::new(Metrics::new(current.clone(), maps.clone(), census.clone()));
-    let engine = start_engine(&plan, &maps, &metrics, &applied, None).await?;
+    let engine = start_engine(&plan, &maps, &metrics, &applied, None, reloads.clone()).await?;
     log_backends(&plan);
     let running = Running { engine, interfaces };
     let state = AgentState::new(current, maps, metrics, census, running, reloads);
@@ -81,17 +81,19 @@ pub async fn start(
 }
 
 /// Starts the failover engine on `plan` with the carriers of its NICs as they are now;
-/// `previous` is the engine a reload replaces.
+/// `previous` is the engine a reload replaces. A NIC of the plan made again makes the
+/// engine ask `reloads` for a reload.
 pub async fn start_engine(
     plan: &Plan,
     maps: &Arc<MapWriter>,
     metrics: &Arc<Metrics>,
     applied: &Applied,
     previous: Option<&Engine>,
+    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
 ) -> Result<Engine> {
-    // Subscribe to carrier events before reading the current carriers: nothing in between
-    // is missed.
-    let events = CarrierEvents::subscribe()?;
+    // Subscribe to events before reading the current carriers: nothing in between is
+    // missed.
+    let events = NetEvents::subscribe()?;
     let netlink = Netlink::connect()?;
     let mut carriers = HashMap::new();
     for iface in &plan.interfaces {
@@ -102,8 +104,15 @@ pub async fn start_engine(
         plan,
         maps.clone(),
         metrics.clone(),
-        carriers,
-        events,
+        NetWatch {
+            carriers,
+            events,
+            on_nic_recreated: Box::new(move |_| {
+                // The outcome is logged by the main loop; nobody waits for it here.
+                let (reply, _) = tokio::sync::oneshot::channel();
+                let _ = reloads.try_send(reply);
+            }),
+        },
         applied,
         previous,
     )

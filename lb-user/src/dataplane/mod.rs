@@ -50,6 +50,8 @@ pub struct Attachment {
     pub iface: String,
     /// How it was attached.
     pub how: Attached,
+    /// The NIC's index when it was attached (a NIC made again gets a new one).
+    pub ifindex: u32,
     link: XdpLinkId,
 }
 
@@ -185,8 +187,14 @@ impl Dataplane {
     /// kernel swaps the program in it atomically (`BPF_LINK_UPDATE`), so not one frame goes
     /// unserved, and it keeps the mode it had. A new attachment is pinned.
     pub fn attach(&mut self, iface: &str, mode: XdpModeSetting) -> Result<Attached> {
+        let ifindex = if_index(iface)?;
         if let Some(attachment) = self.attached.iter().find(|a| a.iface == iface) {
-            return Ok(attachment.how); // already attached by this dataplane (a reload)
+            if attachment.ifindex == ifindex {
+                return Ok(attachment.how); // already attached by this dataplane (a reload)
+            }
+            // The NIC was deleted and made again: its old attachment went with it.
+            tracing::info!(iface, "NIC made again; attaching anew");
+            self.detach(iface)?;
         }
         if let Some(adopted) = self.adopt_link(iface)? {
             return Ok(adopted);
@@ -214,6 +222,7 @@ impl Dataplane {
         self.attached.push(Attachment {
             iface: iface.to_string(),
             how: Attached::New(mode),
+            ifindex,
             link,
         });
         Ok(Attached::New(mode))
@@ -235,6 +244,7 @@ impl Dataplane {
                 self.attached.push(Attachment {
                     iface: iface.to_string(),
                     how: Attached::Adopted,
+                    ifindex: if_index(iface)?,
                     link: id,
                 });
                 Ok(Some(Attached::Adopted))
@@ -321,6 +331,17 @@ impl Dataplane {
         }
         Ok(())
     }
+}
+
+/// The index of NIC `iface`.
+fn if_index(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface).with_context(|| format!("bad NIC name {iface:?}"))?;
+    // SAFETY: if_nametoindex reads one NUL-terminated string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        anyhow::bail!("network interface {iface:?} does not exist");
+    }
+    Ok(index)
 }
 
 fn xdp_mode(mode: XdpModeSetting) -> XdpMode {

@@ -22,7 +22,7 @@ use crate::{
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
     },
-    net::carrier::{CarrierEvent, CarrierEvents},
+    net::events::{CarrierEvent, NetEvent, NetEvents},
     plan::{Plan, PlannedService},
 };
 
@@ -127,6 +127,22 @@ pub struct ServiceRuntime {
     maps: Arc<MapWriter>,
     metrics: Arc<Metrics>,
     carriers: Carriers,
+}
+
+/// Called when a NIC of the plan is made again under the same name (its index changed):
+/// the agent reloads, which attaches to it and rewrites what named the old index.
+pub type NicRecreated = Box<dyn Fn(&str) + Send + Sync>;
+
+/// What the engine learns about the network from: the carrier of every NIC of the plan
+/// when it starts, the link and neighbour events after that, and whom to tell when a NIC
+/// is made again.
+pub struct NetWatch {
+    /// Carrier per interface index, read after `events` subscribed.
+    pub carriers: HashMap<u32, bool>,
+    /// Link and neighbour events.
+    pub events: NetEvents,
+    /// Called when a NIC of the plan is made again.
+    pub on_nic_recreated: NicRecreated,
 }
 
 /// All services and the tasks that watch them.
@@ -249,6 +265,9 @@ impl ServiceRuntime {
     /// (one write), after which its checks alone decide its health.
     pub fn mac_resolved(self: &Arc<Self>, position: usize, mac: [u8; 6]) {
         let backend = &self.plan.backends[position];
+        if self.state.lock().expect("service state lock").backends[position].mac_known {
+            return; // the resolver and a neighbour event both found it
+        }
         if let Err(e) = self.maps.set_backend_mac(backend.index, mac) {
             tracing::error!(service = self.plan.name, backend = backend.name, error = %e, "cannot write the backend's MAC");
             return;
@@ -266,6 +285,41 @@ impl ServiceRuntime {
         drop(state);
         if let Some(report) = report {
             report.log();
+        }
+    }
+
+    /// The kernel holds `mac` for `ip` on NIC `ifindex`: a backend reached through that
+    /// neighbour whose MAC is not fixed by the config gets it, in one map write, if it
+    /// changed (a machine replaced, or a first answer after no ARP answer at start).
+    pub fn neighbour_seen(self: &Arc<Self>, ifindex: u32, ip: std::net::Ipv4Addr, mac: [u8; 6]) {
+        for (position, backend) in self.plan.backends.iter().enumerate() {
+            if backend.ifindex != ifindex || backend.next_hop != ip || backend.mac_fixed {
+                continue;
+            }
+            let known = self.state.lock().expect("service state lock").backends[position].mac_known;
+            if !known {
+                self.mac_resolved(position, mac);
+                continue;
+            }
+            match self.maps.backend(backend.index) {
+                Ok(current) if current.mac != mac => {
+                    if let Err(e) = self.maps.set_backend_mac(backend.index, mac) {
+                        tracing::error!(service = self.plan.name, backend = backend.name, error = %e, "cannot write the backend's new MAC");
+                        continue;
+                    }
+                    tracing::warn!(
+                        service = self.plan.name,
+                        backend = backend.name,
+                        from = crate::net::format_mac(&current.mac),
+                        to = crate::net::format_mac(&mac),
+                        "backend MAC changed; traffic follows it"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(backend = backend.name, error = %e, "cannot read the backend's entry")
+                }
+            }
         }
     }
 
@@ -535,11 +589,15 @@ impl Engine {
         plan: &Plan,
         maps: Arc<MapWriter>,
         metrics: Arc<Metrics>,
-        carriers: HashMap<u32, bool>,
-        events: CarrierEvents,
+        net: NetWatch,
         start: &Applied,
         previous: Option<&Engine>,
     ) -> Result<Self> {
+        let NetWatch {
+            carriers,
+            events,
+            on_nic_recreated,
+        } = net;
         let table: Carriers = Arc::new(
             carriers
                 .iter()
@@ -660,19 +718,49 @@ impl Engine {
 
         let watchers = engine.services.clone();
         let watched = table.clone();
-        engine.spawn(tokio::spawn(events.run(move |event| {
-            if let Some(carrier) = watched.get(&event.ifindex) {
-                carrier.store(event.carrier, Ordering::Relaxed);
-            }
-            if !event.carrier {
-                // Every service flips first; the log lines follow.
-                let reports: Vec<Report> = watchers
-                    .iter()
-                    .flat_map(|s| s.carrier_lost(&event))
-                    .collect();
-                for report in reports {
-                    report.log();
+        let planned: HashMap<String, u32> = plan
+            .interfaces
+            .iter()
+            .map(|i| (i.name.clone(), i.ifindex))
+            .collect();
+        let mut recreated_reported = false;
+        let resyncs = metrics.netlink_resyncs.clone();
+        engine.spawn(tokio::spawn(events.run(move |event| match event {
+            NetEvent::Link {
+                carrier: event,
+                name,
+            } => {
+                if let Some(carrier) = watched.get(&event.ifindex) {
+                    carrier.store(event.carrier, Ordering::Relaxed);
                 }
+                if !event.carrier {
+                    // Every service flips first; the log lines follow.
+                    let reports: Vec<Report> = watchers
+                        .iter()
+                        .flat_map(|s| s.carrier_lost(&event))
+                        .collect();
+                    for report in reports {
+                        report.log();
+                    }
+                }
+                let moved = planned.get(&name).is_some_and(|i| *i != event.ifindex);
+                if moved && !recreated_reported {
+                    recreated_reported = true;
+                    tracing::warn!(
+                        iface = name,
+                        ifindex = event.ifindex,
+                        "NIC made again (new index); reloading to attach to it"
+                    );
+                    on_nic_recreated(&name);
+                }
+            }
+            NetEvent::Neighbour { ifindex, ip, mac } => {
+                for service in &watchers {
+                    service.neighbour_seen(ifindex, ip, mac);
+                }
+            }
+            NetEvent::Resynced => {
+                resyncs.inc();
             }
         })));
         for service in engine.services.clone() {

@@ -1,7 +1,7 @@
 //! Facts about the host's network, read through rtnetlink: NICs, routes, neighbours, and
-//! carrier events ([`carrier`]).
+//! link and neighbour events ([`events`]).
 
-pub mod carrier;
+pub mod events;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -14,7 +14,7 @@ use rtnetlink::{
     packet_route::{
         address::AddressAttribute,
         link::{LinkAttribute, LinkFlags, LinkXdp, XdpAttached},
-        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState},
         route::{RouteAddress, RouteAttribute},
         AddressFamily,
     },
@@ -177,7 +177,7 @@ impl Netlink {
             .await
             .context("cannot list the host's addresses")?
         {
-            for attribute in &message.attributes {
+            for attribute in message.attributes.iter() {
                 if let AddressAttribute::Local(IpAddr::V4(ip))
                 | AddressAttribute::Address(IpAddr::V4(ip)) = attribute
                 {
@@ -225,33 +225,10 @@ impl Netlink {
             .set_address_family(AddressFamily::Inet)
             .execute();
         while let Some(message) = neighbours.try_next().await? {
-            if message.header.ifindex != ifindex {
-                continue;
-            }
-            let usable = matches!(
-                message.header.state,
-                NeighbourState::Reachable
-                    | NeighbourState::Stale
-                    | NeighbourState::Delay
-                    | NeighbourState::Probe
-                    | NeighbourState::Permanent
-                    | NeighbourState::Noarp
-            );
-            let mut destination = None;
-            let mut mac = None;
-            for attribute in &message.attributes {
-                match attribute {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => {
-                        destination = Some(*d)
-                    }
-                    NeighbourAttribute::LinkLayerAddress(l) => {
-                        mac = <[u8; 6]>::try_from(l.as_slice()).ok()
-                    }
-                    _ => {}
+            if let Some((index, address, mac)) = usable_neighbour(&message) {
+                if (index, address) == (ifindex, ip) {
+                    return Ok(Some(mac));
                 }
-            }
-            if usable && destination == Some(ip) {
-                return Ok(mac);
             }
         }
         Ok(None)
@@ -321,6 +298,33 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
+}
+
+/// A neighbour entry whose MAC the kernel holds as usable (not failed or incomplete), as
+/// (NIC, address, MAC); `None` for any other entry.
+pub(crate) fn usable_neighbour(message: &NeighbourMessage) -> Option<(u32, Ipv4Addr, [u8; 6])> {
+    let usable = matches!(
+        message.header.state,
+        NeighbourState::Reachable
+            | NeighbourState::Stale
+            | NeighbourState::Delay
+            | NeighbourState::Probe
+            | NeighbourState::Permanent
+            | NeighbourState::Noarp
+    );
+    if !usable {
+        return None;
+    }
+    let mut destination = None;
+    let mut mac = None;
+    for attribute in message.attributes.iter() {
+        match attribute {
+            NeighbourAttribute::Destination(NeighbourAddress::Inet(d)) => destination = Some(*d),
+            NeighbourAttribute::LinkLayerAddress(l) => mac = <[u8; 6]>::try_from(l.as_slice()).ok(),
+            _ => {}
+        }
+    }
+    Some((message.header.ifindex, destination?, mac?))
 }
 
 #[cfg(test)]

@@ -100,6 +100,9 @@ pub struct PlannedBackend {
     /// running dataplane's pinned maps. A backend whose MAC is unknown is down until its
     /// MAC is resolved.
     pub mac_known: bool,
+    /// Whether `mac` was given in the config: it is then never replaced by what the
+    /// neighbour table says.
+    pub mac_fixed: bool,
     /// The address whose MAC `mac` is: the backend's, or its gateway's.
     pub next_hop: Ipv4Addr,
     /// NIC it is reached through.
@@ -502,6 +505,7 @@ impl Plan {
                     priority: backend.priority,
                     mac: mac.unwrap_or_default(),
                     mac_known: mac.is_some(),
+                    mac_fixed: backend.mac.is_some(),
                     next_hop,
                     iface: link.name.clone(),
                     ifindex: link.ifindex,

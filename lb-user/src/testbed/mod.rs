@@ -5,9 +5,11 @@
 //!
 //! Needs root and iproute2, ethtool, curl and python3 (`cargo xtask setup` installs them).
 
+pub mod agent;
 pub mod netns;
 pub mod process;
 pub mod tcp_responder;
 pub mod topology;
+pub mod udp;
 
 pub use topology::{Host, Testbed};

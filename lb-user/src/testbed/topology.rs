@@ -12,18 +12,18 @@
 //! `XDP_TX` or `XDP_REDIRECT` only to a peer that runs XDP.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4, UdpSocket},
+    net::Ipv4Addr,
     path::PathBuf,
-    sync::{
-        atomic::{AtomicBool, Ordering},
-        Arc,
-    },
     time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 
-pub use super::tcp_responder::TCP_PORT;
+pub use super::{
+    agent::lb_binary,
+    tcp_responder::TCP_PORT,
+    udp::{answer_runs, longest_gap, unanswered, Answer},
+};
 use super::{
     netns::{veth, Netns},
     process::Process,
@@ -57,9 +57,9 @@ pub const UDP_PORT: u16 = 5353;
 pub struct Testbed {
     /// Processes (servers, agents), stopped before the namespaces go.
     pub processes: Vec<Process>,
-    responders: Vec<(Host, UdpResponder)>,
+    pub(super) responders: Vec<(Host, super::udp::UdpResponder)>,
     tcp_responders: Vec<TcpResponder>,
-    veth_peers: Vec<crate::dataplane::PassProgram>,
+    veth_peers: Vec<(Host, crate::dataplane::PassProgram)>,
     /// The client host.
     pub client: Netns,
     /// The switch host, where `lb` runs.
@@ -107,45 +107,54 @@ impl Testbed {
                 .tempdir()
                 .context("cannot create a temporary directory")?,
         };
-        let (c, s, m, v) = (
-            &testbed.client,
-            &testbed.switch,
-            &testbed.master,
-            &testbed.slave,
-        );
-        veth(c, "eth0", "02:00:00:00:01:02", s, "c0", "02:00:00:00:01:01")?;
-        veth(m, "eth0", MASTER_MAC, s, "m0", "02:00:00:00:02:01")?;
-        veth(v, "eth0", SLAVE_MAC, s, "s0", "02:00:00:00:03:01")?;
-        c.ip(&["addr", "add", "198.18.1.2/24", "dev", "eth0"])?;
-        s.ip(&["addr", "add", "198.18.1.1/24", "dev", "c0"])?;
-        s.ip(&["addr", "add", "198.18.2.1/24", "dev", "m0"])?;
-        s.ip(&["addr", "add", "198.18.3.1/24", "dev", "s0"])?;
-        m.ip(&["addr", "add", "198.18.2.2/24", "dev", "eth0"])?;
-        v.ip(&["addr", "add", "198.18.3.2/24", "dev", "eth0"])?;
-        c.ip(&["route", "add", "default", "via", "198.18.1.1"])?;
-        m.ip(&["route", "add", "default", "via", "198.18.2.1"])?;
-        v.ip(&["route", "add", "default", "via", "198.18.3.1"])?;
-        for host in [c, m, v] {
-            host.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
-        }
-        if let Some(b) = &testbed.backup {
-            veth(b, "eth0", BACKUP_MAC, s, "b0", "02:00:00:00:04:01")?;
-            s.ip(&["addr", "add", "198.18.4.1/24", "dev", "b0"])?;
-            b.ip(&["addr", "add", "198.18.4.2/24", "dev", "eth0"])?;
-            b.ip(&["route", "add", "default", "via", "198.18.4.1"])?;
-            b.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
-        }
         let mut hosts = vec![Host::Client, Host::Master, Host::Slave];
         if testbed.backup.is_some() {
             hosts.push(Host::Backup);
         }
         for host in hosts {
-            let peer = testbed
-                .host(host)
-                .enter(|| crate::dataplane::PassProgram::attach("eth0"))??;
-            testbed.veth_peers.push(peer);
+            testbed.wire(host)?;
         }
         Ok(testbed)
+    }
+
+    /// Connects `host` to the switch: a veth pair (`eth0` on the host, its port on the
+    /// switch) with fixed MACs, addresses on the host's /24, the host's default route via
+    /// the switch, checksum offload off, and the pass-through program on `eth0`.
+    fn wire(&mut self, host: Host) -> Result<()> {
+        let port = Port::of(host)?;
+        let (ns, switch) = (self.host(host), &self.switch);
+        veth(
+            ns,
+            "eth0",
+            port.host_mac,
+            switch,
+            port.name,
+            port.switch_mac,
+        )?;
+        let net = port.subnet;
+        switch.ip(&[
+            "addr",
+            "add",
+            &format!("198.18.{net}.1/24"),
+            "dev",
+            port.name,
+        ])?;
+        ns.ip(&["addr", "add", &format!("198.18.{net}.2/24"), "dev", "eth0"])?;
+        ns.ip(&["route", "add", "default", "via", &format!("198.18.{net}.1")])?;
+        ns.exec("ethtool", &["-K", "eth0", "tx", "off", "gro", "on"])?;
+        let peer = ns.enter(|| crate::dataplane::PassProgram::attach("eth0"))??;
+        self.veth_peers.push((host, peer));
+        Ok(())
+    }
+
+    /// Deletes `host`'s switch port (and with it the host's `eth0`) and makes it again as
+    /// it was, under the same names and MACs: a NIC re-created, as a driver reload or a
+    /// replaced card does it. The switch's port gets a new interface index.
+    pub fn remake_port(&mut self, host: Host) -> Result<()> {
+        let port = Port::of(host)?;
+        self.switch.ip(&["link", "del", port.name])?;
+        self.veth_peers.retain(|(h, _)| *h != host);
+        self.wire(host)
     }
 
     /// The agent config for this testbed: service `web` (TCP 80) and `echo` (UDP), master
@@ -286,54 +295,13 @@ backends = [
         Ok(())
     }
 
-    /// Stops the UDP responder of `host`: its port then answers "unreachable".
-    pub fn stop_udp_responder(&mut self, host: Host) {
-        self.responders.retain(|(h, _)| *h != host);
-    }
-
     /// Turns the switch port of backend `host` off or on, as the reference study injected
     /// faults: the backend's link goes down (the agent sees the carrier go), the backend
     /// itself keeps its addresses and routes.
     pub fn set_link(&self, host: Host, up: bool) -> Result<()> {
-        let port = match host {
-            Host::Master => "m0",
-            Host::Slave => "s0",
-            Host::Backup => "b0",
-            Host::Client => "c0",
-            Host::Switch => bail!("the switch has no switch port"),
-        };
+        let port = Port::of(host)?.name;
         self.switch
             .ip(&["link", "set", port, if up { "up" } else { "down" }])
-    }
-
-    /// Starts a UDP responder on `host`: every datagram to port [`UDP_PORT`] is answered
-    /// with `name` followed by the request.
-    pub fn start_udp_responder(&mut self, host: Host, name: &str) -> Result<()> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let name = name.to_string();
-        let socket = self.host(host).enter(move || -> Result<UdpSocket> {
-            let socket = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
-            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
-            Ok(socket)
-        })??;
-        let flag = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut buf = [0u8; 2048];
-            while !flag.load(Ordering::Relaxed) {
-                if let Ok((len, from)) = socket.recv_from(&mut buf) {
-                    let mut reply = name.as_bytes().to_vec();
-                    reply.push(b' ');
-                    reply.extend_from_slice(&buf[..len]);
-                    let _ = socket.send_to(&reply, from);
-                }
-            }
-        });
-        let responder = UdpResponder {
-            stop,
-            thread: Some(thread),
-        };
-        self.responders.push((host, responder));
-        Ok(())
     }
 
     /// Starts a TCP responder on `host` (port [`TCP_PORT`]): every line a client sends on a
@@ -374,77 +342,6 @@ backends = [
         Ok(String::from_utf8_lossy(&output.stdout).trim().to_string())
     }
 
-    /// One UDP request from the client to the VIP: (answer, address it came from).
-    pub fn udp_request_vip(&self, payload: &str) -> Result<(String, SocketAddrV4)> {
-        let payload = payload.to_string();
-        self.client
-            .enter(move || -> Result<(String, SocketAddrV4)> {
-                let socket = UdpSocket::bind("0.0.0.0:0")?;
-                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
-                socket.send_to(payload.as_bytes(), (VIP, UDP_PORT))?;
-                let mut buf = [0u8; 2048];
-                let (len, from) = socket
-                    .recv_from(&mut buf)
-                    .context("no UDP answer within 2 s")?;
-                let std::net::SocketAddr::V4(from) = from else {
-                    bail!("answer from {from}")
-                };
-                Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
-            })?
-    }
-
-    /// Starts a client stream in the background: `count` UDP requests to the VIP, one every
-    /// `period`, recording who answered each and when. Bounded: it ends `count × period`
-    /// plus 300 ms after it starts.
-    pub fn udp_stream(
-        &self,
-        count: u32,
-        period: Duration,
-    ) -> Result<std::thread::JoinHandle<Result<Vec<Answer>>>> {
-        self.client.spawn(move || {
-            let socket = UdpSocket::bind("0.0.0.0:0")?;
-            socket.connect((VIP, UDP_PORT))?;
-            let start = Instant::now();
-            let mut answers: Vec<Answer> = (0..count)
-                .map(|seq| Answer {
-                    seq,
-                    sent: start + period * seq,
-                    by: None,
-                    received: None,
-                })
-                .collect();
-            let mut buf = [0u8; 512];
-            let mut receive_until = |deadline: Instant, answers: &mut Vec<Answer>| loop {
-                let now = Instant::now();
-                if now >= deadline {
-                    return;
-                }
-                let wait = (deadline - now).max(Duration::from_micros(50));
-                let _ = socket.set_read_timeout(Some(wait));
-                let Ok(len) = socket.recv(&mut buf) else {
-                    continue;
-                };
-                let received = Instant::now();
-                let text = String::from_utf8_lossy(&buf[..len]);
-                let mut words = text.split_whitespace();
-                let (Some(by), Some("seq"), Some(seq)) = (words.next(), words.next(), words.next())
-                else {
-                    continue;
-                };
-                if let Some(answer) = seq.parse::<usize>().ok().and_then(|s| answers.get_mut(s)) {
-                    answer.by = Some(by.to_string());
-                    answer.received = Some(received);
-                }
-            };
-            for seq in 0..count {
-                receive_until(start + period * seq, &mut answers);
-                let _ = socket.send(format!("seq {seq}").as_bytes());
-            }
-            receive_until(Instant::now() + Duration::from_millis(300), &mut answers);
-            Ok(answers)
-        })
-    }
-
     /// Runs `program args…` in `host` and returns (success, stdout, stderr).
     pub fn output(
         &self,
@@ -465,79 +362,35 @@ backends = [
             String::from_utf8_lossy(&output.stderr).into_owned(),
         ))
     }
+}
 
-    /// The bpffs directory the testbed's agents pin their dataplane in (given to every `lb`
-    /// started on the switch through `LB_PIN_PATH`), removed with the testbed.
-    pub fn pin_path(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/{}", self.switch.name()))
-    }
+/// A host's link to the switch.
+struct Port {
+    /// The switch's end.
+    name: &'static str,
+    /// The MAC of the host's end.
+    host_mac: &'static str,
+    /// The MAC of the switch's end.
+    switch_mac: &'static str,
+    /// The third octet of the link's 198.18.N.0/24 (switch .1, host .2).
+    subnet: u8,
+}
 
-    /// The control socket of the testbed's agent (given to every `lb` started on the
-    /// switch through `LB_SOCKET`).
-    pub fn control_socket(&self) -> PathBuf {
-        PathBuf::from(format!("/run/lb/{}.sock", self.switch.name()))
-    }
-
-    /// A command running `lb` on the switch, with the testbed's pin directory and control
-    /// socket.
-    pub fn lb_command(&self) -> Result<std::process::Command> {
-        let mut command = self.switch.command(&lb_binary()?);
-        command
-            .env(PIN_PATH_ENV, self.pin_path())
-            .env(SOCKET_ENV, self.control_socket());
-        Ok(command)
-    }
-
-    /// Starts `lb ARGS…` on the switch.
-    pub fn start_lb(&mut self, args: &[&str]) -> Result<usize> {
-        let mut command = self.lb_command()?;
-        command.args(args);
-        self.processes.push(Process::spawn(command, "lb")?);
-        Ok(self.processes.len() - 1)
-    }
-
-    /// Waits until the agent on the switch answers on `listen`.
-    pub fn wait_for_agent(&mut self, index: usize, listen: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if !self.processes[index].is_running() {
-                bail!("lb exited before it was ready");
-            }
-            let (ok, _, _) = self.output(
-                Host::Switch,
-                "curl",
-                &[
-                    "-sf",
-                    "--max-time",
-                    "1",
-                    &format!("http://{listen}/healthz"),
-                ],
-            )?;
-            if ok {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        bail!("lb did not answer on {listen} within 20 s")
-    }
-
-    /// The state of the agent listening on `listen` in the switch, from its `/status`.
-    pub fn agent_status(&self, listen: &str) -> Result<crate::control::Status> {
-        let (ok, text, err) = self.output(
-            Host::Switch,
-            "curl",
-            &["-sf", "--max-time", "2", &format!("http://{listen}/status")],
-        )?;
-        if !ok {
-            bail!("cannot read the agent's status on {listen}: {}", err.trim());
-        }
-        serde_json::from_str(&text).context("cannot parse the agent's /status")
-    }
-
-    /// Whether any NIC of the switch still carries an XDP program.
-    pub fn switch_has_xdp(&self) -> Result<bool> {
-        let (_, links, _) = self.output(Host::Switch, "ip", &["link", "show"])?;
-        Ok(links.contains("xdp"))
+impl Port {
+    fn of(host: Host) -> Result<Port> {
+        let (name, host_mac, switch_mac, subnet) = match host {
+            Host::Client => ("c0", "02:00:00:00:01:02", "02:00:00:00:01:01", 1),
+            Host::Master => ("m0", MASTER_MAC, "02:00:00:00:02:01", 2),
+            Host::Slave => ("s0", SLAVE_MAC, "02:00:00:00:03:01", 3),
+            Host::Backup => ("b0", BACKUP_MAC, "02:00:00:00:04:01", 4),
+            Host::Switch => bail!("the switch has no switch port"),
+        };
+        Ok(Port {
+            name,
+            host_mac,
+            switch_mac,
+            subnet,
+        })
     }
 }
 
@@ -556,66 +409,6 @@ pub enum Host {
     Backup,
 }
 
-/// One request of [`Testbed::udp_stream`].
-#[derive(Debug, Clone)]
-pub struct Answer {
-    /// Sequence number.
-    pub seq: u32,
-    /// When it was sent.
-    pub sent: Instant,
-    /// Who answered it, if anyone.
-    pub by: Option<String>,
-    /// When the answer arrived.
-    pub received: Option<Instant>,
-}
-
-/// Who answered, in the order the requests were sent, with repeats folded:
-/// `["master", "slave"]`. (In arrival order, a request sent just before a flip and answered
-/// by the old backend a little after a newer one was answered by the new backend would look
-/// like a flap.)
-pub fn answer_runs(answers: &[Answer]) -> Vec<String> {
-    let mut received: Vec<&Answer> = answers.iter().filter(|a| a.received.is_some()).collect();
-    received.sort_by_key(|a| a.seq);
-    let mut runs: Vec<String> = Vec::new();
-    for answer in received {
-        let by = answer.by.clone().unwrap_or_default();
-        if runs.last() != Some(&by) {
-            runs.push(by);
-        }
-    }
-    runs
-}
-
-/// The longest time between two consecutive answers.
-pub fn longest_gap(answers: &[Answer]) -> Duration {
-    let mut times: Vec<Instant> = answers.iter().filter_map(|a| a.received).collect();
-    times.sort();
-    times
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(Duration::ZERO)
-}
-
-/// Requests that got no answer.
-pub fn unanswered(answers: &[Answer]) -> usize {
-    answers.iter().filter(|a| a.received.is_none()).count()
-}
-
-struct UdpResponder {
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for UdpResponder {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 impl Drop for Testbed {
     fn drop(&mut self) {
         self.processes.clear();
@@ -629,23 +422,4 @@ impl Drop for Testbed {
         self.tcp_responders.clear();
         self.veth_peers.clear();
     }
-}
-
-/// Path of the `lb` binary: `$LB_BIN`; else this executable when it is `lb`; else
-/// `target/debug/lb` of this workspace.
-pub fn lb_binary() -> Result<String> {
-    let path = match std::env::var("LB_BIN") {
-        Ok(path) => PathBuf::from(path),
-        Err(_) => match std::env::current_exe() {
-            Ok(exe) if exe.file_name().is_some_and(|n| n == "lb") => exe,
-            _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb"),
-        },
-    };
-    if !path.exists() {
-        bail!(
-            "the lb binary is not built at {} (run `cargo xtask test`, or `cargo build -p lb-user` first, or set LB_BIN)",
-            path.display()
-        );
-    }
-    Ok(path.canonicalize()?.to_string_lossy().into_owned())
 }

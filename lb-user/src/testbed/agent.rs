@@ -1,0 +1,109 @@
+//! `lb` on the testbed's switch: started with the testbed's own pin directory and control
+//! socket (so that tests never touch the host's), waited for, and asked for its state.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::{
+    process::Process,
+    topology::{Host, Testbed, PIN_PATH_ENV, SOCKET_ENV},
+};
+
+impl Testbed {
+    /// The bpffs directory the testbed's agents pin their dataplane in (given to every `lb`
+    /// started on the switch through `LB_PIN_PATH`), removed with the testbed.
+    pub fn pin_path(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.switch.name()))
+    }
+
+    /// The control socket of the testbed's agent (given to every `lb` started on the
+    /// switch through `LB_SOCKET`).
+    pub fn control_socket(&self) -> PathBuf {
+        PathBuf::from(format!("/run/lb/{}.sock", self.switch.name()))
+    }
+
+    /// A command running `lb` on the switch, with the testbed's pin directory and control
+    /// socket.
+    pub fn lb_command(&self) -> Result<std::process::Command> {
+        let mut command = self.switch.command(&lb_binary()?);
+        command
+            .env(PIN_PATH_ENV, self.pin_path())
+            .env(SOCKET_ENV, self.control_socket());
+        Ok(command)
+    }
+
+    /// Starts `lb ARGS…` on the switch.
+    pub fn start_lb(&mut self, args: &[&str]) -> Result<usize> {
+        let mut command = self.lb_command()?;
+        command.args(args);
+        self.processes.push(Process::spawn(command, "lb")?);
+        Ok(self.processes.len() - 1)
+    }
+
+    /// Waits until the agent on the switch answers on `listen`.
+    pub fn wait_for_agent(&mut self, index: usize, listen: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if !self.processes[index].is_running() {
+                bail!("lb exited before it was ready");
+            }
+            let (ok, _, _) = self.output(
+                Host::Switch,
+                "curl",
+                &[
+                    "-sf",
+                    "--max-time",
+                    "1",
+                    &format!("http://{listen}/healthz"),
+                ],
+            )?;
+            if ok {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("lb did not answer on {listen} within 20 s")
+    }
+
+    /// The state of the agent listening on `listen` in the switch, from its `/status`.
+    pub fn agent_status(&self, listen: &str) -> Result<crate::control::Status> {
+        let (ok, text, err) = self.output(
+            Host::Switch,
+            "curl",
+            &["-sf", "--max-time", "2", &format!("http://{listen}/status")],
+        )?;
+        if !ok {
+            bail!("cannot read the agent's status on {listen}: {}", err.trim());
+        }
+        serde_json::from_str(&text).context("cannot parse the agent's /status")
+    }
+
+    /// Whether any NIC of the switch still carries an XDP program.
+    pub fn switch_has_xdp(&self) -> Result<bool> {
+        let (_, links, _) = self.output(Host::Switch, "ip", &["link", "show"])?;
+        Ok(links.contains("xdp"))
+    }
+}
+
+/// Path of the `lb` binary: `$LB_BIN`; else this executable when it is `lb`; else
+/// `target/debug/lb` of this workspace.
+pub fn lb_binary() -> Result<String> {
+    let path = match std::env::var("LB_BIN") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => match std::env::current_exe() {
+            Ok(exe) if exe.file_name().is_some_and(|n| n == "lb") => exe,
+            _ => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/lb"),
+        },
+    };
+    if !path.exists() {
+        bail!(
+            "the lb binary is not built at {} (run `cargo xtask test`, or `cargo build -p lb-user` first, or set LB_BIN)",
+            path.display()
+        );
+    }
+    Ok(path.canonicalize()?.to_string_lossy().into_owned())
+}

@@ -1,0 +1,184 @@
+//! UDP on the testbed: a responder on a backend that names itself in every answer, and a
+//! client that asks the VIP at a steady rate and records who answered each request and when
+//! (the figure every failover and lifecycle test counts).
+
+use std::{
+    net::{SocketAddrV4, UdpSocket},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+
+use super::topology::{Host, Testbed, UDP_PORT, VIP};
+
+impl Testbed {
+    /// Stops the UDP responder of `host`: its port then answers "unreachable".
+    pub fn stop_udp_responder(&mut self, host: Host) {
+        self.responders.retain(|(h, _)| *h != host);
+    }
+
+    /// Starts a UDP responder on `host`: every datagram to port [`UDP_PORT`] is answered
+    /// with `name` followed by the request.
+    pub fn start_udp_responder(&mut self, host: Host, name: &str) -> Result<()> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let name = name.to_string();
+        let socket = self.host(host).enter(move || -> Result<UdpSocket> {
+            let socket = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
+            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+            Ok(socket)
+        })??;
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while !flag.load(Ordering::Relaxed) {
+                if let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    let mut reply = name.as_bytes().to_vec();
+                    reply.push(b' ');
+                    reply.extend_from_slice(&buf[..len]);
+                    let _ = socket.send_to(&reply, from);
+                }
+            }
+        });
+        let responder = UdpResponder {
+            stop,
+            thread: Some(thread),
+        };
+        self.responders.push((host, responder));
+        Ok(())
+    }
+
+    /// One UDP request from the client to the VIP: (answer, address it came from).
+    pub fn udp_request_vip(&self, payload: &str) -> Result<(String, SocketAddrV4)> {
+        let payload = payload.to_string();
+        self.client
+            .enter(move || -> Result<(String, SocketAddrV4)> {
+                let socket = UdpSocket::bind("0.0.0.0:0")?;
+                socket.set_read_timeout(Some(Duration::from_secs(2)))?;
+                socket.send_to(payload.as_bytes(), (VIP, UDP_PORT))?;
+                let mut buf = [0u8; 2048];
+                let (len, from) = socket
+                    .recv_from(&mut buf)
+                    .context("no UDP answer within 2 s")?;
+                let std::net::SocketAddr::V4(from) = from else {
+                    bail!("answer from {from}")
+                };
+                Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), from))
+            })?
+    }
+
+    /// Starts a client stream in the background: `count` UDP requests to the VIP, one every
+    /// `period`, recording who answered each and when. Bounded: it ends `count × period`
+    /// plus 300 ms after it starts.
+    pub fn udp_stream(
+        &self,
+        count: u32,
+        period: Duration,
+    ) -> Result<std::thread::JoinHandle<Result<Vec<Answer>>>> {
+        self.client.spawn(move || {
+            let socket = UdpSocket::bind("0.0.0.0:0")?;
+            socket.connect((VIP, UDP_PORT))?;
+            let start = Instant::now();
+            let mut answers: Vec<Answer> = (0..count)
+                .map(|seq| Answer {
+                    seq,
+                    sent: start + period * seq,
+                    by: None,
+                    received: None,
+                })
+                .collect();
+            let mut buf = [0u8; 512];
+            let mut receive_until = |deadline: Instant, answers: &mut Vec<Answer>| loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return;
+                }
+                let wait = (deadline - now).max(Duration::from_micros(50));
+                let _ = socket.set_read_timeout(Some(wait));
+                let Ok(len) = socket.recv(&mut buf) else {
+                    continue;
+                };
+                let received = Instant::now();
+                let text = String::from_utf8_lossy(&buf[..len]);
+                let mut words = text.split_whitespace();
+                let (Some(by), Some("seq"), Some(seq)) = (words.next(), words.next(), words.next())
+                else {
+                    continue;
+                };
+                if let Some(answer) = seq.parse::<usize>().ok().and_then(|s| answers.get_mut(s)) {
+                    answer.by = Some(by.to_string());
+                    answer.received = Some(received);
+                }
+            };
+            for seq in 0..count {
+                receive_until(start + period * seq, &mut answers);
+                let _ = socket.send(format!("seq {seq}").as_bytes());
+            }
+            receive_until(Instant::now() + Duration::from_millis(300), &mut answers);
+            Ok(answers)
+        })
+    }
+}
+
+/// One request of [`Testbed::udp_stream`].
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// Sequence number.
+    pub seq: u32,
+    /// When it was sent.
+    pub sent: Instant,
+    /// Who answered it, if anyone.
+    pub by: Option<String>,
+    /// When the answer arrived.
+    pub received: Option<Instant>,
+}
+
+/// Who answered, in the order the requests were sent, with repeats folded:
+/// `["master", "slave"]`. (In arrival order, a request sent just before a flip and answered
+/// by the old backend a little after a newer one was answered by the new backend would look
+/// like a flap.)
+pub fn answer_runs(answers: &[Answer]) -> Vec<String> {
+    let mut received: Vec<&Answer> = answers.iter().filter(|a| a.received.is_some()).collect();
+    received.sort_by_key(|a| a.seq);
+    let mut runs: Vec<String> = Vec::new();
+    for answer in received {
+        let by = answer.by.clone().unwrap_or_default();
+        if runs.last() != Some(&by) {
+            runs.push(by);
+        }
+    }
+    runs
+}
+
+/// The longest time between two consecutive answers.
+pub fn longest_gap(answers: &[Answer]) -> Duration {
+    let mut times: Vec<Instant> = answers.iter().filter_map(|a| a.received).collect();
+    times.sort();
+    times
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(Duration::ZERO)
+}
+
+/// Requests that got no answer.
+pub fn unanswered(answers: &[Answer]) -> usize {
+    answers.iter().filter(|a| a.received.is_none()).count()
+}
+
+pub(super) struct UdpResponder {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for UdpResponder {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
