@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_user::testbed::{
-    topology::{answer_runs, lb_binary, longest_gap, unanswered},
+    topology::{answer_runs, describe_gap, lb_binary, longest_gap, unanswered},
     Host, Testbed,
 };
 
@@ -122,7 +122,11 @@ fn master_link_down_fails_over_both_services_and_link_up_fails_back() {
         "who answered, in order"
     );
     let gap = longest_gap(&answers);
-    assert!(gap < GAP_BOUND, "longest gap between answers {gap:?}");
+    assert!(
+        gap < GAP_BOUND,
+        "longest gap between answers {gap:?}:\n{}",
+        describe_gap(&answers)
+    );
     assert!(
         unanswered(&answers) < 100,
         "{} of 3000 requests unanswered",
@@ -218,7 +222,11 @@ fn master_server_death_fails_over_with_its_link_up_and_fails_back_on_restart() {
     let answers = stream.join().unwrap().unwrap();
     assert_eq!(answer_runs(&answers), ["master", "slave", "master"]);
     let gap = longest_gap(&answers);
-    assert!(gap < GAP_BOUND, "longest gap between answers {gap:?}");
+    assert!(
+        gap < GAP_BOUND,
+        "longest gap between answers {gap:?}:\n{}",
+        describe_gap(&answers)
+    );
 
     bed.start_web_server(Host::Master, "master").unwrap();
     wait_active(&bed, "web", "master", Duration::from_secs(3));
@@ -312,8 +320,9 @@ fn three_backends_fail_over_in_priority_order_and_fail_back() {
     );
     assert!(
         longest_gap(&answers) < GAP_BOUND,
-        "gap {:?}",
-        longest_gap(&answers)
+        "longest gap between answers {:?}:\n{}",
+        longest_gap(&answers),
+        describe_gap(&answers)
     );
 }
 

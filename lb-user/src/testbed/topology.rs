@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 pub use super::{
     agent::lb_binary,
     tcp_responder::TCP_PORT,
-    udp::{answer_runs, longest_gap, unanswered, Answer},
+    udp::{answer_runs, describe_gap, longest_gap, unanswered, Answer},
 };
 use super::{
     netns::{veth, Netns},

@@ -164,6 +164,38 @@ pub fn longest_gap(answers: &[Answer]) -> Duration {
         .unwrap_or(Duration::ZERO)
 }
 
+/// The answers around the longest gap, one line each (sequence number, who answered, when
+/// it was sent and answered relative to the first request): what a failed gap assertion
+/// prints, so the failure says where the traffic stopped and who resumed it.
+pub fn describe_gap(answers: &[Answer]) -> String {
+    let Some(start) = answers.first().map(|a| a.sent) else {
+        return String::from("no requests");
+    };
+    let mut received: Vec<&Answer> = answers.iter().filter(|a| a.received.is_some()).collect();
+    received.sort_by_key(|a| a.received);
+    let Some(at) = received
+        .windows(2)
+        .enumerate()
+        .max_by_key(|(_, w)| w[1].received.unwrap_or(start) - w[0].received.unwrap_or(start))
+        .map(|(i, _)| i)
+    else {
+        return String::from("fewer than two answers");
+    };
+    let ms = |t: Instant| (t - start).as_secs_f64() * 1e3;
+    received[at.saturating_sub(3)..(at + 5).min(received.len())]
+        .iter()
+        .map(|a| {
+            format!(
+                "seq {} by {} sent {:.1} ms answered {:.1} ms\n",
+                a.seq,
+                a.by.as_deref().unwrap_or("?"),
+                ms(a.sent),
+                a.received.map(ms).unwrap_or(f64::NAN)
+            )
+        })
+        .collect()
+}
+
 /// Requests that got no answer.
 pub fn unanswered(answers: &[Answer]) -> usize {
     answers.iter().filter(|a| a.received.is_none()).count()

@@ -8,10 +8,12 @@
 //! the slave − last answer logged by the master (failback: the reverse). The client's own
 //! view (longest gap between answers, requests lost) is reported beside it. UDP loss: iperf3
 //! `-u` through the VIP without a failover, and a sequence-numbered datagram stream of the
-//! same size and rate with one failover in the middle.
+//! same size and rate with one failover in the middle. Last, the control plane (`lb`'s agent,
+//! keepalived on the master) is stopped and started again during a request stream.
 
 mod client;
 mod render;
+mod restart;
 mod rig;
 mod tcp;
 
@@ -92,6 +94,10 @@ struct SystemResults {
     stream_loss: Vec<f64>,
     flips_us: Vec<f64>,
     tcp: Vec<tcp::TcpTrial>,
+    /// What the restart experiments stop, as the report names it.
+    control_plane: &'static str,
+    /// The restart experiments: how the control plane was stopped, and the trials.
+    restarts: Vec<(&'static str, Vec<Trial>)>,
     plotted: Option<(StreamResult, u128)>,
     rate: u32,
 }
@@ -179,6 +185,8 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         stream_loss: Vec::new(),
         flips_us: Vec::new(),
         tcp: Vec::new(),
+        control_plane: restart::what_stops(rig.kind),
+        restarts: Vec::new(),
         plotted: None,
         rate: args.rate,
     };
@@ -274,6 +282,18 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         ));
         results.tcp.push(tcp::trial(rig, settle)?);
         rig.wait_master_serving(Duration::from_secs(30))?;
+    }
+    for (how, name) in restart::RESTARTS {
+        let mut trials = Vec::new();
+        for trial in 1..=args.trials {
+            progress(format!(
+                "{label}: trial {trial}/{}: {}: {name}",
+                args.trials, results.control_plane
+            ));
+            trials.push(restart::trial(rig, &mut next_seq, args.rate, how)?);
+            rig.wait_master_serving(Duration::from_secs(30))?;
+        }
+        results.restarts.push((name, trials));
     }
     results.flips_us = rig.flip_durations_us()?;
     Ok(results)

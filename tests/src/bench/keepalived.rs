@@ -82,6 +82,12 @@ pub fn start(testbed: &Testbed, host: Host, dir: &Path, config: &str) -> Result<
     let name = format!("{host:?}").to_lowercase();
     let conf = dir.join(format!("keepalived-{name}.conf"));
     std::fs::write(&conf, config).with_context(|| format!("cannot write {}", conf.display()))?;
+    let log_path = dir.join(format!("keepalived-{name}.log"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open {}", log_path.display()))?;
     let mut command = testbed.host(host).command("keepalived");
     command
         .args(["--dont-fork", "--vrrp", "--no-syslog", "--log-console"])
@@ -102,8 +108,8 @@ pub fn start(testbed: &Testbed, host: Host, dir: &Path, config: &str) -> Result<
             "--bfd_pid={}",
             dir.join(format!("{name}-bfd.pid")).display()
         ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
+        .stdout(log.try_clone()?)
+        .stderr(log);
     Process::spawn(command, &format!("keepalived on {name}"))
 }
 

@@ -1,6 +1,6 @@
 //! The failover section of the report: per experiment, the server's and the client's view
-//! of every system, UDP loss, the TCP experiment, the agent's restarts, `lb`'s flip latency
-//! and its targets.
+//! of every system, UDP loss, the TCP experiment, the control plane's restarts, `lb`'s flip
+//! latency and its targets.
 
 use std::fmt::Write as _;
 
@@ -11,7 +11,7 @@ use super::{
         report::{self, summary_row},
         stats::Summary,
     },
-    tcp, Args, SystemResults, Trial, LOSS_DATAGRAM,
+    restart, tcp, Args, SystemResults, Trial, BEFORE_FAULT, LOSS_DATAGRAM,
 };
 
 /// Picks one experiment's trials out of a system's results.
@@ -161,6 +161,7 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
         }
     }
     render_tcp(&mut text, results);
+    render_restarts(&mut text, results);
     if let Some(lb) = results.iter().find(|s| s.label.starts_with("lb")) {
         let _ = writeln!(text, "\n### Flip latency of `lb`\n");
         let _ = writeln!(
@@ -254,6 +255,51 @@ fn render_tcp(text: &mut String, results: &[SystemResults]) {
             ),
             system.tcp.len()
         );
+    }
+}
+
+/// The restart experiments' table: what the client lost while the control plane was
+/// stopped and started again.
+fn render_restarts(text: &mut String, results: &[SystemResults]) {
+    let _ = writeln!(text, "\n### Control plane stopped and started under load\n");
+    let _ = writeln!(
+        text,
+        "Per trial: a request stream as above; {before} ms into it the control plane is \
+         stopped, with SIGTERM and started again at once, or with SIGKILL and started again \
+         after {dead} s; the stream runs on until the system has settled. For `lb` that is \
+         the agent: its XDP program, links and maps are pinned, so the dataplane forwards on \
+         without it and the started agent adopts them. For keepalived it is the master's \
+         keepalived (on SIGKILL its VRRP child too, as in a crash of the daemon): the slave \
+         takes the VIP over, and the master takes it back when it runs again. Client view: \
+         longest time without an answer (ms) and requests lost, per trial.\n",
+        before = BEFORE_FAULT.as_millis(),
+        dead = restart::DEAD_FOR.as_secs_f64()
+    );
+    let _ = writeln!(
+        text,
+        "| system | stopped | how | gap p50 | gap max | lost p50 | lost max | sent per trial \
+         | trials |\n|---|---|---|---|---|---|---|---|---|"
+    );
+    for system in results {
+        for (how, trials) in &system.restarts {
+            let gaps: Vec<f64> = trials.iter().map(|t| t.client_gap).collect();
+            let lost: Vec<f64> = trials.iter().map(|t| t.lost as f64).collect();
+            let (Some(g), Some(l)) = (Summary::of(&gaps), Summary::of(&lost)) else {
+                continue;
+            };
+            let _ = writeln!(
+                text,
+                "| {} | {} | {how} | {:.3} | {:.3} | {:.0} | {:.0} | {} | {} |",
+                system.label,
+                system.control_plane,
+                g.p50 * 1e3,
+                g.max * 1e3,
+                l.p50,
+                l.max,
+                trials.first().map_or(0, |t| t.sent),
+                trials.len()
+            );
+        }
     }
 }
 

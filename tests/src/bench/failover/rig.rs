@@ -82,6 +82,29 @@ pub struct Rig {
     master_log: LogTail,
     slave_log: LogTail,
     lb_log: Option<PathBuf>,
+    /// Where the system's control plane runs: the agent's index in the testbed's
+    /// processes (`lb`), or the master's keepalived's index in `daemons` and its config.
+    control: Control,
+}
+
+/// The process that decides where the traffic goes, as the restart experiments stop and
+/// start it.
+enum Control {
+    /// Not started yet.
+    None,
+    /// `lb`'s agent: its index in the testbed's processes.
+    Agent(usize),
+    /// keepalived on the master: its index in `daemons` and its config.
+    MasterKeepalived(usize, String),
+}
+
+/// How the control plane is stopped.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Stop {
+    /// SIGTERM, and wait for the exit: a restart by an operator or a service manager.
+    Term,
+    /// SIGKILL of every process of it: a crash.
+    Kill,
 }
 
 impl Rig {
@@ -109,6 +132,7 @@ impl Rig {
             master_log,
             slave_log,
             lb_log: None,
+            control: Control::None,
         };
         rig.testbed.start_tcp_responder(Host::Master, "master")?;
         rig.testbed.start_tcp_responder(Host::Slave, "slave")?;
@@ -130,20 +154,41 @@ impl Rig {
 
     fn start_lb(&mut self) -> Result<()> {
         let config = lb_config();
-        let path = self.testbed.write_file("lb.toml", &config)?;
+        self.testbed.write_file("lb.toml", &config)?;
         let log = self.testbed.dir().join("lb.log");
-        let file = std::fs::File::create(&log)?;
+        self.lb_log = Some(log);
+        self.spawn_agent()
+    }
+
+    /// Starts the agent with the written config, its log appended to `lb.log` (the flip
+    /// durations are read from it at the end), and waits until it serves.
+    fn spawn_agent(&mut self) -> Result<()> {
+        let config = self.testbed.dir().join("lb.toml");
+        let log = self.testbed.dir().join("lb.log");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
         let mut command = self.testbed.lb_command()?;
         command
             .args(["--log-format", "json", "run", "--config"])
-            .arg(&path)
+            .arg(&config)
             .stdout(file.try_clone()?)
             .stderr(file);
-        self.testbed.processes.push(Process::spawn(command, "lb")?);
-        let index = self.testbed.processes.len() - 1;
-        self.testbed.wait_for_agent(index, LISTEN)?;
-        self.lb_log = Some(log);
-        Ok(())
+        let process = Process::spawn(command, "lb")?;
+        let index = match self.control {
+            Control::Agent(index) => {
+                self.testbed.processes[index] = process;
+                index
+            }
+            _ => {
+                self.testbed.processes.push(process);
+                self.testbed.processes.len() - 1
+            }
+        };
+        self.control = Control::Agent(index);
+        self.testbed.wait_for_agent(index, LISTEN)
     }
 
     fn start_keepalived(&mut self, advert: Duration) -> Result<()> {
@@ -162,6 +207,7 @@ impl Rig {
             &dir,
             &master,
         )?);
+        self.control = Control::MasterKeepalived(self.daemons.len() - 1, master);
         keepalived::wait_holder(
             &self.testbed,
             Host::Master,
@@ -200,6 +246,38 @@ impl Rig {
         Ok(())
     }
 
+    /// Stops the control plane (`lb`'s agent, or keepalived on the master) as `how` says.
+    /// `lb`'s dataplane stays pinned and forwards on; keepalived's slave takes the VIP over.
+    pub fn stop_control_plane(&mut self, how: Stop) -> Result<()> {
+        let process = match &self.control {
+            Control::Agent(index) => &mut self.testbed.processes[*index],
+            Control::MasterKeepalived(index, _) => &mut self.daemons[*index],
+            Control::None => bail!("no control plane is running"),
+        };
+        match how {
+            Stop::Term => {
+                process.terminate()?;
+            }
+            Stop::Kill => kill_with_children(process),
+        }
+        Ok(())
+    }
+
+    /// Starts the control plane stopped by [`Rig::stop_control_plane`] again; for `lb`, waits
+    /// until the agent serves (it adopts the pinned dataplane).
+    pub fn start_control_plane(&mut self) -> Result<()> {
+        match &self.control {
+            Control::Agent(_) => self.spawn_agent(),
+            Control::MasterKeepalived(index, config) => {
+                let process =
+                    keepalived::start(&self.testbed, Host::Master, self.testbed.dir(), config)?;
+                self.daemons[*index] = process;
+                Ok(())
+            }
+            Control::None => bail!("no control plane was started"),
+        }
+    }
+
     /// Waits until 20 requests in a row to the VIP are answered by the master.
     pub fn wait_master_serving(&mut self, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -210,13 +288,17 @@ impl Rig {
         socket.set_read_timeout(Some(Duration::from_millis(50)))?;
         let mut in_a_row = 0;
         let mut buf = [0u8; 256];
+        let mut last_answer = String::from("none");
         while Instant::now() < deadline {
             interrupt::check()?;
             socket.send_to(b"ready?", (VIP, UDP_PORT))?;
-            let answered_by_master = matches!(
-                socket.recv_from(&mut buf),
-                Ok((len, _)) if &buf[..len] == b"master"
-            );
+            let answered_by_master = match socket.recv_from(&mut buf) {
+                Ok((len, _)) => {
+                    last_answer = String::from_utf8_lossy(&buf[..len]).into_owned();
+                    &buf[..len] == b"master"
+                }
+                Err(_) => false,
+            };
             in_a_row = if answered_by_master { in_a_row + 1 } else { 0 };
             if in_a_row >= 20 {
                 self.master_log.skip()?;
@@ -226,8 +308,9 @@ impl Rig {
             std::thread::sleep(Duration::from_millis(5));
         }
         bail!(
-            "{}: the master did not serve the VIP again within {timeout:?}",
-            self.kind.label()
+            "{}: the master did not serve the VIP again within {timeout:?} (last answer: {})",
+            self.kind.label(),
+            last_answer
         )
     }
 
@@ -271,6 +354,52 @@ fn lb_config() -> String {
         + &Testbed::service_toml("connections", "tcp", TCP_PORT, &link)
         + &Testbed::service_toml("iperf-control", "tcp", IPERF_PORT, &link)
         + &Testbed::service_toml("iperf-data", "udp", IPERF_PORT, &link)
+}
+
+/// SIGKILL to `process` and every child it forked, as a crash of the whole daemon.
+/// keepalived runs its VRRP instance in a child, which its parent would start again, or which
+/// would stop gracefully when its parent dies; so the parent is stopped first (SIGSTOP), the
+/// children killed, then the parent.
+/// The killed children come to this process (made a subreaper) once their parent is gone,
+/// and are reaped here: a zombie's pid still looks alive to the daemon's next start.
+fn kill_with_children(process: &mut Process) {
+    // SAFETY: prctl(2) with an integer argument; it only marks this process as a subreaper.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1) };
+    let children = process.pid().map(children_of).unwrap_or_default();
+    if let Some(parent) = process.pid() {
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        unsafe { libc::kill(parent as i32, libc::SIGSTOP) };
+    }
+    for child in &children {
+        // SAFETY: kill(2) on a pid just read from /proc as a child of our own child, which
+        // is stopped and so cannot reap it (the pid cannot be reused meanwhile).
+        unsafe { libc::kill(*child as i32, libc::SIGKILL) };
+    }
+    process.kill();
+    for child in children {
+        // SAFETY: waitpid(2) on a killed process that is now our child.
+        unsafe { libc::waitpid(child as i32, std::ptr::null_mut(), 0) };
+    }
+}
+
+/// The pids whose parent is `parent`, from `/proc/*/stat`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command name in parentheses may hold spaces: fields after it.
+                    let rest = &stat[stat.rfind(')')? + 2..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
 }
 
 fn start_server(
