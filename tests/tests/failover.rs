@@ -238,6 +238,62 @@ fn master_server_death_fails_over_with_its_link_up_and_fails_back_on_restart() {
     );
 }
 
+/// ICMP sockets open in the switch (ping sockets and raw ones): the agent's only.
+fn icmp_sockets_in_switch(bed: &Testbed) -> usize {
+    ["/proc/net/icmp", "/proc/net/raw"]
+        .iter()
+        .map(|table| {
+            let (ok, out, err) = bed.output(Host::Switch, "cat", &[table]).unwrap();
+            assert!(ok, "cat {table}: {err}");
+            out.lines().skip(1).filter(|l| !l.trim().is_empty()).count()
+        })
+        .sum()
+}
+
+/// Whether `host` answers echo requests.
+fn answer_pings(bed: &Testbed, host: Host, answer: bool) {
+    let value = format!("net.ipv4.icmp_echo_ignore_all={}", u8::from(!answer));
+    let (ok, _, err) = bed.output(host, "sysctl", &["-qw", &value]).unwrap();
+    assert!(ok, "sysctl {value}: {err}");
+}
+
+#[test]
+fn icmp_checks_share_one_socket_and_follow_a_backend_that_stops_answering() {
+    let mut bed = Testbed::new("lbfo-icmp").expect("testbed");
+    let icmp =
+        r#"health = { checks = [{ type = "icmp" }], interval = "10ms", rise = 3, fall = 3 }"#;
+    running(&mut bed, icmp, icmp);
+    wait_active(&bed, "web", "master", Duration::from_secs(2));
+    wait_active(&bed, "echo", "master", Duration::from_secs(2));
+    // Four ICMP checks (two services, two backends), one socket.
+    assert_eq!(icmp_sockets_in_switch(&bed), 1);
+
+    // The master stops answering pings; its link and its servers stay up.
+    answer_pings(&bed, Host::Master, false);
+    wait_active(&bed, "web", "slave", Duration::from_secs(2));
+    wait_active(&bed, "echo", "slave", Duration::from_secs(2));
+    assert_eq!(bed.udp_request_vip("who").unwrap().0, "slave who");
+    let text = metrics(&bed);
+    for service in ["web", "echo"] {
+        for (backend, up) in [("master", 0.0), ("slave", 1.0)] {
+            assert_eq!(
+                sample(
+                    &text,
+                    &format!("lb_backend_up{{service=\"{service}\",backend=\"{backend}\"}}")
+                ),
+                Some(up),
+                "{service}/{backend}\n{text}"
+            );
+        }
+    }
+
+    answer_pings(&bed, Host::Master, true);
+    wait_active(&bed, "web", "master", Duration::from_secs(2));
+    wait_active(&bed, "echo", "master", Duration::from_secs(2));
+    assert_eq!(bed.udp_request_vip("who").unwrap().0, "master who");
+    assert_eq!(icmp_sockets_in_switch(&bed), 1);
+}
+
 #[test]
 fn a_flapping_master_moves_traffic_once_each_way() {
     let mut bed = Testbed::new("lbfo-flap").expect("testbed");

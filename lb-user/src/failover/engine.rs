@@ -18,7 +18,7 @@ use super::policy::{choose, Candidate, CheckCounter};
 use crate::{
     config::{CheckConfig, Failback},
     dataplane::{apply::Applied, writer::monotonic_ns, MapWriter},
-    health::{Carriers, Probe},
+    health::{Carriers, IcmpSocket, Probe},
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
     },
@@ -763,6 +763,7 @@ impl Engine {
                 resyncs.inc();
             }
         })));
+        let icmp = IcmpSocket::default();
         for service in engine.services.clone() {
             for (position, backend) in service.plan.backends.iter().enumerate() {
                 if !backend.mac_known {
@@ -776,7 +777,8 @@ impl Engine {
                 for (check, config) in backend.health.checks.iter().enumerate() {
                     let timeout = backend.health.timeout;
                     let probe =
-                        Probe::new(config, backend.ip, backend.ifindex, &table, timeout).await?;
+                        Probe::new(config, backend.ip, backend.ifindex, &table, &icmp, timeout)
+                            .await?;
                     let task = tokio::spawn(probe_loop(service.clone(), position, check, probe));
                     engine.spawn(task);
                 }

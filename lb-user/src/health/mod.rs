@@ -55,11 +55,33 @@ pub enum Probe {
     },
     /// ICMP echo.
     Icmp {
-        /// Pinger bound to the backend.
+        /// Pinger bound to the backend, on the agent's one ICMP socket.
         pinger: Box<surge_ping::Pinger>,
-        /// Next sequence number.
-        sequence: u16,
+        /// Keeps the socket and its receiving task open: they close with the last handle.
+        _client: surge_ping::Client,
+        /// Sequence numbers, shared by every pinger of the socket.
+        sequence: Arc<AtomicU16>,
     },
+}
+
+/// The one ICMP socket the probes of an engine share, opened by the first ICMP check.
+///
+/// Replies on a shared socket are told apart by address and sequence number (the kernel sets
+/// the identifier of a ping socket itself), so every pinger takes its sequence numbers from
+/// one counter: two checks of one address never wait for the same reply.
+#[derive(Default)]
+pub struct IcmpSocket(tokio::sync::OnceCell<(surge_ping::Client, Arc<AtomicU16>)>);
+
+impl IcmpSocket {
+    async fn get(&self) -> Result<&(surge_ping::Client, Arc<AtomicU16>)> {
+        self.0
+            .get_or_try_init(|| async {
+                let client = surge_ping::Client::new(&surge_ping::Config::default())
+                    .context("cannot open an ICMP socket (needs root or CAP_NET_RAW)")?;
+                Ok((client, Arc::new(AtomicU16::new(0))))
+            })
+            .await
+    }
 }
 
 /// One UDP request and its reply over `socket` (opened and connected to `target` when
@@ -103,16 +125,18 @@ async fn udp_request(
     }
 }
 
-/// Identifier of the next ICMP pinger (each backend gets its own).
+/// Identifier of the next ICMP pinger (each check gets its own).
 static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(0x4c42);
 
 impl Probe {
-    /// Builds the probe of `check` for the backend at `ip`, reached through NIC `ifindex`.
+    /// Builds the probe of `check` for the backend at `ip`, reached through NIC `ifindex`;
+    /// an ICMP check pings on `icmp`.
     pub async fn new(
         check: &CheckConfig,
         ip: Ipv4Addr,
         ifindex: u32,
         carriers: &Carriers,
+        icmp: &IcmpSocket,
         timeout: Duration,
     ) -> Result<Self> {
         let port = |port: &Option<u16>| {
@@ -149,14 +173,15 @@ impl Probe {
                 expect: expect.clone().map(String::into_bytes),
             },
             CheckConfig::Icmp => {
-                let client = surge_ping::Client::new(&surge_ping::Config::default())
-                    .context("cannot open an ICMP socket (needs root or CAP_NET_RAW)")?;
+                let (client, sequence) = icmp.get().await?;
+                // The identifier matters only where the socket is raw (no ping sockets).
                 let id = surge_ping::PingIdentifier(NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed));
                 let mut pinger = client.pinger(IpAddr::V4(ip), id).await;
                 pinger.timeout(timeout);
                 Probe::Icmp {
                     pinger: Box::new(pinger),
-                    sequence: 0,
+                    _client: client.clone(),
+                    sequence: sequence.clone(),
                 }
             }
         })
@@ -218,10 +243,12 @@ impl Probe {
                 send,
                 expect,
             } => udp_request(socket, *target, send, expect.as_deref()).await,
-            Probe::Icmp { pinger, sequence } => {
-                *sequence = sequence.wrapping_add(1);
+            Probe::Icmp {
+                pinger, sequence, ..
+            } => {
+                let sequence = sequence.fetch_add(1, Ordering::Relaxed);
                 pinger
-                    .ping(surge_ping::PingSequence(*sequence), b"lb health check")
+                    .ping(surge_ping::PingSequence(sequence), b"lb health check")
                     .await
                     .map(|_| ())
                     .map_err(|e| anyhow!("echo: {e}"))
