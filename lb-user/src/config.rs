@@ -45,6 +45,26 @@ pub struct Config {
     /// `lb drain`, `lb reload` … reach the agent. Default `/run/lb/lb.sock`.
     #[serde(default = "default_control_socket")]
     pub control_socket: std::path::PathBuf,
+    /// How the thread that runs the health checks is scheduled.
+    #[serde(default)]
+    pub prober: ProberConfig,
+}
+
+/// Scheduling of the prober thread (`[prober]`): the one thread that sends every health
+/// check, sees its answer or its deadline, decides, and writes the flip. The agent's other
+/// work (scrapes, control requests, logging) runs on other threads.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProberConfig {
+    /// `SCHED_FIFO` priority (1–99) for the prober thread; none by default. With it, no
+    /// ordinary process on the host can delay a check or a flip; the risk is the other way
+    /// round: a prober that spun would starve the CPU it runs on, so keep checks at sane
+    /// intervals. Needs `CAP_SYS_NICE`.
+    pub realtime_priority: Option<u8>,
+    /// Niceness of the prober thread when it is not real-time (-20 … 19). Default 0; a
+    /// negative value needs `CAP_SYS_NICE`.
+    #[serde(default)]
+    pub nice: i32,
 }
 
 /// Default of `control_socket`.

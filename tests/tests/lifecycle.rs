@@ -46,7 +46,11 @@ fn program_id(bed: &Testbed) -> u32 {
 
 /// Who answered, as `backend × count` runs, for failure messages.
 fn summary(answers: &[Answer]) -> String {
-    lb_user::testbed::topology::answer_runs(answers).join(", ")
+    format!(
+        "answered by {}; {}",
+        lb_user::testbed::topology::answer_runs(answers).join(", "),
+        lb_user::testbed::topology::describe_unanswered(answers)
+    )
 }
 
 #[test]

@@ -9,16 +9,20 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use lb_common::{KEEP_FOREVER, NO_BACKEND};
 use serde::{Deserialize, Serialize};
-use tokio::{task::JoinHandle, time::MissedTickBehavior};
+use tokio::task::JoinHandle;
 
 use super::policy::{choose, Candidate, CheckCounter};
 use crate::{
     config::{CheckConfig, Failback},
     dataplane::{apply::Applied, writer::monotonic_ns, MapWriter},
-    health::{Carriers, IcmpSocket, Probe},
+    health::{
+        pipeline::{self, Timing},
+        thread::ProberThread,
+        Carriers, IcmpSocket, Probe,
+    },
     metrics::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
     },
@@ -153,6 +157,8 @@ pub struct Engine {
     tasks: Mutex<Vec<JoinHandle<()>>>,
     /// MAC resolvers: each ends when it has found its backend's MAC.
     resolvers: Mutex<Vec<JoinHandle<()>>>,
+    /// The thread the probes run on (stopped last, when the engine goes).
+    prober: ProberThread,
 }
 
 impl Drop for Engine {
@@ -609,6 +615,7 @@ impl Engine {
             services: Vec::new(),
             tasks: Mutex::new(Vec::new()),
             resolvers: Mutex::new(Vec::new()),
+            prober: ProberThread::start(&plan.prober)?,
         };
         for service in &plan.services {
             let first = start.active.get(&service.id).copied().unwrap_or(NO_BACKEND);
@@ -763,7 +770,7 @@ impl Engine {
                 resyncs.inc();
             }
         })));
-        let icmp = IcmpSocket::default();
+        let icmp = Arc::new(IcmpSocket::default());
         for service in engine.services.clone() {
             for (position, backend) in service.plan.backends.iter().enumerate() {
                 if !backend.mac_known {
@@ -774,12 +781,28 @@ impl Engine {
                         .expect("engine tasks lock")
                         .push(task);
                 }
-                for (check, config) in backend.health.checks.iter().enumerate() {
-                    let timeout = backend.health.timeout;
-                    let probe =
-                        Probe::new(config, backend.ip, backend.ifindex, &table, &icmp, timeout)
-                            .await?;
-                    let task = tokio::spawn(probe_loop(service.clone(), position, check, probe));
+                for check in 0..backend.health.checks.len() {
+                    // Made on the prober thread, whose reactor its sockets then belong to.
+                    let (service, table, icmp) = (service.clone(), table.clone(), icmp.clone());
+                    let task = engine.prober.handle().spawn(async move {
+                        let backend = &service.plan.backends[position];
+                        let made = Probe::new(
+                            &backend.health.checks[check],
+                            backend.ip,
+                            backend.ifindex,
+                            &table,
+                            &icmp,
+                            backend.health.timeout,
+                        )
+                        .await;
+                        match made {
+                            Ok(probe) => {
+                                Ok(tokio::spawn(probe_loop(service, position, check, probe)))
+                            }
+                            Err(e) => Err(e),
+                        }
+                    });
+                    let task = task.await.context("the prober thread stopped")??;
                     engine.spawn(task);
                 }
             }
@@ -824,8 +847,10 @@ impl Engine {
     }
 }
 
-/// Probes check `check` of backend `position` every interval, forever.
-async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize, mut probe: Probe) {
+/// Runs check `check` of backend `position` on its schedule, forever, recording every
+/// outcome; a schedule that fails (its timer) is logged, and the task ends (which `/healthz`
+/// reports).
+async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize, probe: Probe) {
     let backend = &service.plan.backends[position];
     let health = &backend.health;
     let name = health.checks[check].name();
@@ -855,19 +880,27 @@ async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize,
         .checks
         .get_or_create(&result_labels("fail"))
         .clone();
-    let mut ticker = tokio::time::interval(health.interval);
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    loop {
-        ticker.tick().await;
-        let started = Instant::now();
-        let result = probe.run(health.timeout).await;
-        let done = Instant::now();
-        duration.observe((done - started).as_secs_f64());
-        if result.is_ok() {
+    let timing = Timing {
+        interval: health.interval,
+        timeout: health.timeout,
+    };
+    let stopped = pipeline::run(probe, timing, |outcome| {
+        duration.observe((outcome.decided - outcome.sent).as_secs_f64());
+        if outcome.result.is_ok() {
             ok.inc()
         } else {
             fail.inc()
         };
-        service.record(position, check, &result, done);
+        service.record(position, check, &outcome.result, outcome.decided);
+    })
+    .await;
+    if let Err(e) = stopped {
+        tracing::error!(
+            service = service.plan.name,
+            backend = backend.name,
+            check = name,
+            error = format!("{e:#}"),
+            "health check stopped"
+        );
     }
 }

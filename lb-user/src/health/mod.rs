@@ -1,28 +1,35 @@
-//! Health probes: one real request to a backend per call, each bounded by the check's
-//! timeout. The `link` probe reads the carrier table that carrier events
-//! ([`crate::net::carrier`]) keep current: a carrier loss turns the backend down at once
-//! (the engine acts on the event itself), a carrier return counts like any passed probe, so
-//! it needs `rise` of them.
+//! Health probes: each attempt one real request to a backend, independent of the others in
+//! flight; [`pipeline`] sends them on schedule and decides each by its deadline, on the
+//! prober thread ([`thread`]) with a precise timer ([`timer`]). The `link` probe reads the
+//! carrier table that carrier events ([`crate::net::events`]) keep current: a carrier loss
+//! turns the backend down at once (the engine acts on the event itself), a carrier return
+//! counts like any passed probe, so it needs `rise` of them.
+
+pub mod pipeline;
+pub mod thread;
+pub mod timer;
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU16, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
-use tokio::{net::TcpStream, time::timeout};
+use futures::future::BoxFuture;
+use tokio::net::TcpStream;
 
 use crate::config::CheckConfig;
 
 /// Carrier of every NIC the agent uses, kept current by carrier events.
 pub type Carriers = Arc<HashMap<u32, AtomicBool>>;
 
-/// A probe of one check of one backend, ready to run repeatedly.
+/// A probe of one check of one backend: each [`Probe::attempt`] is one request, independent
+/// of the attempts still in flight.
 pub enum Probe {
     /// Carrier of the NIC the backend is reached through.
     Link {
@@ -35,33 +42,76 @@ pub enum Probe {
     Tcp(SocketAddr),
     /// HTTP GET expecting a status.
     Http {
-        /// Reused client: keeps the connection alive between probes.
+        /// Shared client: keeps connections alive between attempts.
         client: reqwest::Client,
         /// Full URL.
-        url: String,
+        url: Arc<str>,
         /// Expected status.
         status: u16,
     },
     /// UDP request and reply.
-    Udp {
-        /// Backend address and port.
-        target: SocketAddr,
-        /// Connected socket kept between probes (a new one after a failure).
-        socket: Option<tokio::net::UdpSocket>,
-        /// Request payload.
-        send: Vec<u8>,
-        /// Expected start of the reply.
-        expect: Option<Vec<u8>>,
-    },
+    Udp(Arc<UdpProbe>),
     /// ICMP echo.
     Icmp {
-        /// Pinger bound to the backend, on the agent's one ICMP socket.
-        pinger: Box<surge_ping::Pinger>,
-        /// Keeps the socket and its receiving task open: they close with the last handle.
-        _client: surge_ping::Client,
+        /// The agent's one ICMP socket (the handle keeps it open).
+        client: surge_ping::Client,
+        /// The backend.
+        ip: Ipv4Addr,
+        /// Identifier, for a raw socket (a ping socket sets its own).
+        ident: surge_ping::PingIdentifier,
         /// Sequence numbers, shared by every pinger of the socket.
         sequence: Arc<AtomicU16>,
+        /// How long an attempt waits for its reply.
+        timeout: Duration,
     },
+}
+
+/// A UDP check: its target and the connected sockets of finished attempts.
+///
+/// An attempt takes a socket of its own (from `idle`, or a new one), so that a reply is
+/// always its own request's: a reply arriving after its attempt gave up finds the socket
+/// closed. A socket goes back to `idle` only after its reply arrived, so an idle socket has
+/// nothing pending; at a steady pace one or two sockets do all the work, two system calls
+/// per attempt.
+pub struct UdpProbe {
+    target: SocketAddr,
+    send: Vec<u8>,
+    expect: Option<Vec<u8>>,
+    idle: Mutex<Vec<tokio::net::UdpSocket>>,
+}
+
+impl UdpProbe {
+    async fn attempt(self: Arc<Self>) -> Result<()> {
+        let target = self.target;
+        let idle = self.idle.lock().expect("idle UDP sockets lock").pop();
+        let socket = match idle {
+            Some(socket) => socket,
+            None => {
+                let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+                socket.connect(target).await?;
+                socket
+            }
+        };
+        let mut buf = [0u8; 2048];
+        socket
+            .send(&self.send)
+            .await
+            .with_context(|| format!("send to {target}"))?;
+        let len = socket
+            .recv(&mut buf)
+            .await
+            .with_context(|| format!("reply from {target}"))?;
+        if let Some(expect) = &self.expect {
+            if !buf[..len].starts_with(expect) {
+                bail!("unexpected reply from {target}");
+            }
+        }
+        self.idle
+            .lock()
+            .expect("idle UDP sockets lock")
+            .push(socket);
+        Ok(())
+    }
 }
 
 /// The one ICMP socket the probes of an engine share, opened by the first ICMP check.
@@ -81,47 +131,6 @@ impl IcmpSocket {
                 Ok((client, Arc::new(AtomicU16::new(0))))
             })
             .await
-    }
-}
-
-/// One UDP request and its reply over `socket` (opened and connected to `target` when
-/// `None`; kept for the next probe, which costs two system calls instead of eight).
-async fn udp_request(
-    socket: &mut Option<tokio::net::UdpSocket>,
-    target: SocketAddr,
-    send: &[u8],
-    expect: Option<&[u8]>,
-) -> Result<()> {
-    let socket = match socket {
-        Some(socket) => socket,
-        None => {
-            let fresh = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
-            fresh.connect(target).await?;
-            socket.insert(fresh)
-        }
-    };
-    let mut buf = [0u8; 2048];
-    // A reply that arrived after an earlier probe gave up must not pass this one, nor an
-    // error queued by an earlier send (ICMP unreachable) fail it: drain both, up to a bound.
-    for _ in 0..64 {
-        match socket.try_recv(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-            _ => continue,
-        }
-    }
-    socket
-        .send(send)
-        .await
-        .with_context(|| format!("send to {target}"))?;
-    let len = socket
-        .recv(&mut buf)
-        .await
-        .with_context(|| format!("reply from {target}"))?;
-    match expect {
-        Some(expect) if !buf[..len].starts_with(expect) => {
-            bail!("unexpected reply from {target}")
-        }
-        _ => Ok(()),
     }
 }
 
@@ -156,102 +165,99 @@ impl Probe {
                 client: reqwest::Client::builder()
                     .timeout(timeout)
                     .no_proxy()
-                    .pool_max_idle_per_host(1)
                     .build()
                     .context("cannot build the HTTP client")?,
-                url: format!("http://{ip}:{}{path}", port(p)?),
+                url: format!("http://{ip}:{}{path}", port(p)?).into(),
                 status: *status,
             },
             CheckConfig::Udp {
                 port: p,
                 send,
                 expect,
-            } => Probe::Udp {
+            } => Probe::Udp(Arc::new(UdpProbe {
                 target: SocketAddr::new(ip.into(), port(p)?),
-                socket: None,
                 send: send.clone().into_bytes(),
                 expect: expect.clone().map(String::into_bytes),
-            },
+                idle: Mutex::new(Vec::new()),
+            })),
             CheckConfig::Icmp => {
                 let (client, sequence) = icmp.get().await?;
-                // The identifier matters only where the socket is raw (no ping sockets).
-                let id = surge_ping::PingIdentifier(NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed));
-                let mut pinger = client.pinger(IpAddr::V4(ip), id).await;
-                pinger.timeout(timeout);
                 Probe::Icmp {
-                    pinger: Box::new(pinger),
-                    _client: client.clone(),
+                    client: client.clone(),
+                    ip,
+                    // The identifier matters only where the socket is raw (no ping sockets).
+                    ident: surge_ping::PingIdentifier(NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed)),
                     sequence: sequence.clone(),
+                    timeout,
                 }
             }
         })
     }
 
-    /// Runs the probe once; `Ok` when the backend passed, an error saying why not.
-    pub async fn run(&mut self, limit: Duration) -> Result<()> {
-        let result = match timeout(limit, self.run_unbounded()).await {
-            Ok(result) => result,
-            Err(_) => Err(anyhow::anyhow!("no answer within {limit:?}")),
-        };
-        if result.is_err() {
-            // After any failure the next UDP probe starts on a fresh socket.
-            if let Probe::Udp { socket, .. } = self {
-                *socket = None;
-            }
-        }
-        result
-    }
-
-    async fn run_unbounded(&mut self) -> Result<()> {
+    /// Starts one attempt: `Ok` when the backend passed, an error saying why not. It owns
+    /// what it needs, so attempts overlap; the caller bounds each by its deadline (dropping
+    /// it cancels it).
+    pub fn attempt(&self) -> BoxFuture<'static, Result<()>> {
         match self {
             Probe::Link { carriers, ifindex } => {
-                match carriers.get(ifindex).map(|c| c.load(Ordering::Relaxed)) {
+                let result = match carriers.get(ifindex).map(|c| c.load(Ordering::Relaxed)) {
                     Some(true) => Ok(()),
-                    _ => bail!("no carrier on interface {ifindex}"),
-                }
+                    _ => Err(anyhow!("no carrier on interface {ifindex}")),
+                };
+                Box::pin(std::future::ready(result))
             }
             Probe::Tcp(target) => {
-                let stream = TcpStream::connect(*target)
-                    .await
-                    .with_context(|| format!("connect {target}"))?;
-                // Closed with a reset: a probe leaves no TIME_WAIT behind (at 1 ms checks
-                // a normal close would keep tens of thousands of sockets waiting).
-                stream.set_zero_linger()?;
-                Ok(())
+                let target = *target;
+                Box::pin(async move {
+                    let stream = TcpStream::connect(target)
+                        .await
+                        .with_context(|| format!("connect {target}"))?;
+                    // Closed with a reset: a probe leaves no TIME_WAIT behind (at 1 ms
+                    // checks a normal close would keep tens of thousands of sockets waiting).
+                    stream.set_zero_linger()?;
+                    Ok(())
+                })
             }
             Probe::Http {
                 client,
                 url,
                 status,
             } => {
-                let response = client
-                    .get(url.as_str())
-                    .send()
-                    .await
-                    .with_context(|| format!("GET {url}"))?;
-                let got = response.status().as_u16();
-                // Read the body so the connection can be reused.
-                let _ = response.bytes().await;
-                if got != *status {
-                    bail!("GET {url}: status {got}, expected {status}");
-                }
-                Ok(())
+                let (client, url, status) = (client.clone(), url.clone(), *status);
+                Box::pin(async move {
+                    let response = client
+                        .get(&*url)
+                        .send()
+                        .await
+                        .with_context(|| format!("GET {url}"))?;
+                    let got = response.status().as_u16();
+                    // Read the body so the connection can be reused.
+                    let _ = response.bytes().await;
+                    if got != status {
+                        bail!("GET {url}: status {got}, expected {status}");
+                    }
+                    Ok(())
+                })
             }
-            Probe::Udp {
-                target,
-                socket,
-                send,
-                expect,
-            } => udp_request(socket, *target, send, expect.as_deref()).await,
+            Probe::Udp(udp) => Box::pin(udp.clone().attempt()),
             Probe::Icmp {
-                pinger, sequence, ..
+                client,
+                ip,
+                ident,
+                sequence,
+                timeout,
             } => {
-                let sequence = sequence.fetch_add(1, Ordering::Relaxed);
-                pinger
-                    .ping(surge_ping::PingSequence(sequence), b"lb health check")
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| anyhow!("echo: {e}"))
+                let (client, ip, ident, timeout) = (client.clone(), *ip, *ident, *timeout);
+                let sequence = surge_ping::PingSequence(sequence.fetch_add(1, Ordering::Relaxed));
+                Box::pin(async move {
+                    let mut pinger = client.pinger(IpAddr::V4(ip), ident).await;
+                    pinger.timeout(timeout);
+                    pinger
+                        .ping(sequence, b"lb health check")
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| anyhow!("echo: {e}"))
+                })
             }
         }
     }

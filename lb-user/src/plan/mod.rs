@@ -20,7 +20,8 @@ pub use numbering::Numbering;
 
 use crate::{
     config::{
-        CheckConfig, Config, Failback, FlowsConfig, HealthConfig, Protocol, Role, ServiceConfig,
+        CheckConfig, Config, Failback, FlowsConfig, HealthConfig, ProberConfig, Protocol, Role,
+        ServiceConfig,
     },
     failover::policy::Policy,
     net::{self, Link, Netlink},
@@ -221,6 +222,8 @@ pub struct Plan {
     pub flows: FlowsConfig,
     /// The switch host's own addresses, which are never accepted as clients.
     pub local_addresses: Vec<Ipv4Addr>,
+    /// Scheduling of the thread that runs the checks.
+    pub prober: ProberConfig,
 }
 
 /// The plan in force, shared by the readers that outlive a reload (the metrics collector,
@@ -268,6 +271,19 @@ fn validate_flows(flows: &FlowsConfig) -> Result<()> {
     Ok(())
 }
 
+/// Checks the `[prober]` table.
+fn validate_prober(prober: &ProberConfig) -> Result<()> {
+    if let Some(priority) = prober.realtime_priority {
+        if !(1..=99).contains(&priority) {
+            bail!("prober.realtime_priority = {priority}: must be 1 to 99");
+        }
+    }
+    if !(-20..=19).contains(&prober.nice) {
+        bail!("prober.nice = {}: must be -20 to 19", prober.nice);
+    }
+    Ok(())
+}
+
 /// The smallest connection table `flows.max` allows.
 pub const MIN_FLOWS: u32 = 1024;
 /// The largest connection table `flows.max` allows (about 1.3 GiB with the reply index).
@@ -288,6 +304,7 @@ pub fn validate(config: &Config) -> Result<()> {
         bail!("no service configured: add at least one [[services]] table");
     }
     validate_flows(&config.flows)?;
+    validate_prober(&config.prober)?;
     if config.services.len() > MAX_SERVICES as usize {
         bail!(
             "{} services configured, at most {MAX_SERVICES} are supported",
@@ -577,6 +594,7 @@ impl Plan {
             services,
             flows: config.flows.clone(),
             local_addresses,
+            prober: config.prober.clone(),
         })
     }
 

@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 pub use super::{
     agent::lb_binary,
     tcp_responder::TCP_PORT,
-    udp::{answer_runs, describe_gap, longest_gap, unanswered, Answer},
+    udp::{answer_runs, describe_gap, describe_unanswered, longest_gap, unanswered, Answer},
 };
 use super::{
     netns::{veth, Netns},
@@ -302,6 +302,23 @@ backends = [
         let port = Port::of(host)?.name;
         self.switch
             .ip(&["link", "set", port, if up { "up" } else { "down" }])
+    }
+
+    /// Makes `host` silent with its link up, or speaking again: every frame arriving on its
+    /// NIC is dropped (an nftables ingress chain), as for a hung machine or one behind a
+    /// failed switch. The carrier stays up, so only the health checks can tell.
+    pub fn set_silent(&self, host: Host, silent: bool) -> Result<()> {
+        let namespace = self.host(host);
+        if silent {
+            namespace.exec(
+                "nft",
+                &["add table netdev lb_silence; \
+                     add chain netdev lb_silence ingress \
+                     { type filter hook ingress device eth0 priority 0; policy drop; }"],
+            )
+        } else {
+            namespace.exec("nft", &["delete table netdev lb_silence"])
+        }
     }
 
     /// Starts a TCP responder on `host` (port [`TCP_PORT`]): every line a client sends on a

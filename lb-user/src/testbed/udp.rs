@@ -3,7 +3,8 @@
 //! (the figure every failover and lifecycle test counts).
 
 use std::{
-    net::{SocketAddrV4, UdpSocket},
+    collections::VecDeque,
+    net::{SocketAddr, SocketAddrV4, UdpSocket},
     sync::{
         atomic::{AtomicBool, Ordering},
         Arc,
@@ -15,6 +16,10 @@ use anyhow::{bail, Context, Result};
 
 use super::topology::{Host, Testbed, UDP_PORT, VIP};
 
+/// How long a responder's receive waits when no answer is due (its stop flag is read this
+/// often).
+const IDLE_WAIT: Duration = Duration::from_millis(100);
+
 impl Testbed {
     /// Stops the UDP responder of `host`: its port then answers "unreachable".
     pub fn stop_udp_responder(&mut self, host: Host) {
@@ -24,22 +29,54 @@ impl Testbed {
     /// Starts a UDP responder on `host`: every datagram to port [`UDP_PORT`] is answered
     /// with `name` followed by the request.
     pub fn start_udp_responder(&mut self, host: Host, name: &str) -> Result<()> {
+        self.start_slow_udp_responder(host, name, Duration::ZERO)
+    }
+
+    /// Starts a UDP responder on `host` that answers every datagram `delay` after it came
+    /// (requests keep coming meanwhile: each is answered on its own time), like a backend
+    /// that is slow but alive.
+    pub fn start_slow_udp_responder(
+        &mut self,
+        host: Host,
+        name: &str,
+        delay: Duration,
+    ) -> Result<()> {
         let stop = Arc::new(AtomicBool::new(false));
         let name = name.to_string();
         let socket = self.host(host).enter(move || -> Result<UdpSocket> {
             let socket = UdpSocket::bind(("0.0.0.0", UDP_PORT))?;
-            socket.set_read_timeout(Some(Duration::from_millis(100)))?;
+            socket.set_read_timeout(Some(IDLE_WAIT))?;
             Ok(socket)
         })??;
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
             let mut buf = [0u8; 2048];
+            let mut due: VecDeque<(Instant, Vec<u8>, SocketAddr)> = VecDeque::new();
+            let mut waiting = IDLE_WAIT;
             while !flag.load(Ordering::Relaxed) {
+                let now = Instant::now();
+                while due.front().is_some_and(|(at, _, _)| *at <= now) {
+                    if let Some((_, reply, to)) = due.pop_front() {
+                        let _ = socket.send_to(&reply, to);
+                    }
+                }
+                let wait = due.front().map_or(IDLE_WAIT, |(at, _, _)| {
+                    at.saturating_duration_since(now)
+                        .max(Duration::from_micros(50))
+                });
+                if wait != waiting {
+                    let _ = socket.set_read_timeout(Some(wait));
+                    waiting = wait;
+                }
                 if let Ok((len, from)) = socket.recv_from(&mut buf) {
                     let mut reply = name.as_bytes().to_vec();
                     reply.push(b' ');
                     reply.extend_from_slice(&buf[..len]);
-                    let _ = socket.send_to(&reply, from);
+                    if delay.is_zero() {
+                        let _ = socket.send_to(&reply, from);
+                    } else {
+                        due.push_back((Instant::now() + delay, reply, from));
+                    }
                 }
             }
         });
@@ -194,6 +231,39 @@ pub fn describe_gap(answers: &[Answer]) -> String {
             )
         })
         .collect()
+}
+
+/// The runs of consecutive unanswered requests (first five), with when they were sent
+/// relative to the first request: where a failed "nothing lost" assertion lost them.
+pub fn describe_unanswered(answers: &[Answer]) -> String {
+    let Some(start) = answers.first().map(|a| a.sent) else {
+        return String::from("no requests");
+    };
+    let mut runs: Vec<(&Answer, &Answer)> = Vec::new();
+    for answer in answers.iter().filter(|a| a.received.is_none()) {
+        match runs.last_mut() {
+            Some((_, last)) if last.seq + 1 == answer.seq => *last = answer,
+            _ => runs.push((answer, answer)),
+        }
+    }
+    let ms = |a: &Answer| (a.sent - start).as_secs_f64() * 1e3;
+    let mut text: Vec<String> = runs
+        .iter()
+        .take(5)
+        .map(|(first, last)| {
+            format!(
+                "seq {}–{} (sent {:.1}–{:.1} ms)",
+                first.seq,
+                last.seq,
+                ms(first),
+                ms(last)
+            )
+        })
+        .collect();
+    if runs.len() > 5 {
+        text.push(format!("and {} more runs", runs.len() - 5));
+    }
+    format!("unanswered: {}", text.join(", "))
 }
 
 /// Requests that got no answer.

@@ -2,16 +2,19 @@
 //! for `lb` and, in the same run and topology, for keepalived VRRP.
 //!
 //! Per system and trial: the master's switch port goes down during a request stream
-//! (downtime), comes back during another (failback), and the master's server process is
-//! killed during a third (downtime with the link up). Downtime is measured as the study did:
-//! the servers log the time of every request they answer, downtime = first answer logged by
-//! the slave − last answer logged by the master (failback: the reverse). The client's own
-//! view (longest gap between answers, requests lost) is reported beside it. UDP loss: iperf3
-//! `-u` through the VIP without a failover, and a sequence-numbered datagram stream of the
-//! same size and rate with one failover in the middle. Last, the control plane (`lb`'s agent,
-//! keepalived on the master) is stopped and started again during a request stream.
+//! (downtime), comes back during another (failback), the master's server process is killed
+//! during a third (downtime with the link up), the master host goes silent with its link up
+//! during a fourth, and its server freezes (SIGSTOP) during a fifth. Downtime is measured as
+//! the study did: the servers log the time of every request they answer, downtime = first
+//! answer logged by the slave − last answer logged by the master (failback: the reverse).
+//! The client's own view (longest gap between answers, requests lost) is reported beside it.
+//! UDP loss: iperf3 `-u` through the VIP without a failover, and a sequence-numbered datagram
+//! stream of the same size and rate with one failover in the middle. Last, the control plane
+//! (`lb`'s agent, keepalived on the master) is stopped and started again during a request
+//! stream.
 
 mod client;
+mod flip_load;
 mod render;
 mod restart;
 mod rig;
@@ -60,6 +63,8 @@ pub struct Args {
 
 /// Size of a loss-stream datagram's payload (iperf's default UDP length).
 const LOSS_DATAGRAM: usize = 1470;
+/// Freeze-and-thaw cycles of the flip latency under load (two flips each).
+const FLIP_CYCLES: usize = 50;
 /// How long a stream runs before the fault.
 const BEFORE_FAULT: Duration = Duration::from_millis(300);
 
@@ -90,9 +95,15 @@ struct SystemResults {
     link_down: Vec<Trial>,
     failback: Vec<Trial>,
     killed: Vec<Trial>,
+    /// The master host silent behind a switch, its carrier up.
+    silent: Vec<Trial>,
+    /// The master's server frozen (SIGSTOP).
+    frozen: Vec<Trial>,
     iperf_loss: Vec<f64>,
     stream_loss: Vec<f64>,
     flips_us: Vec<f64>,
+    /// `lb` only: flips under the load of more services and a scraping client.
+    flips_loaded_us: Vec<f64>,
     tcp: Vec<tcp::TcpTrial>,
     /// What the restart experiments stop, as the report names it.
     control_plane: &'static str,
@@ -181,9 +192,12 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         link_down: Vec::new(),
         failback: Vec::new(),
         killed: Vec::new(),
+        silent: Vec::new(),
+        frozen: Vec::new(),
         iperf_loss: Vec::new(),
         stream_loss: Vec::new(),
         flips_us: Vec::new(),
+        flips_loaded_us: Vec::new(),
         tcp: Vec::new(),
         control_plane: restart::what_stops(rig.kind),
         restarts: Vec::new(),
@@ -230,6 +244,32 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
             .killed
             .push(measure(rig, &killed, Direction::Failover)?);
         rig.restart_master_server()?;
+        rig.wait_master_serving(Duration::from_secs(30))?;
+
+        progress(format!(
+            "{label}: trial {trial}/{}: master host silent",
+            args.trials
+        ));
+        let silent = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+            rig.set_master_silent(true)
+        })?;
+        results
+            .silent
+            .push(measure(rig, &silent, Direction::Failover)?);
+        rig.set_master_silent(false)?;
+        rig.wait_master_serving(Duration::from_secs(30))?;
+
+        progress(format!(
+            "{label}: trial {trial}/{}: master server frozen",
+            args.trials
+        ));
+        let frozen = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+            rig.freeze_master_server(true)
+        })?;
+        results
+            .frozen
+            .push(measure(rig, &frozen, Direction::Failover)?);
+        rig.freeze_master_server(false)?;
         rig.wait_master_serving(Duration::from_secs(30))?;
     }
     let pps = (args.loss_mbit * 1e6 / (LOSS_DATAGRAM as f64 * 8.0)).round() as u32;
@@ -296,6 +336,13 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         results.restarts.push((name, trials));
     }
     results.flips_us = rig.flip_durations_us()?;
+    if rig.kind == Kind::Lb {
+        progress(format!(
+            "{label}: flip latency under load ({} more services, /metrics scraped)",
+            flip_load::EXTRA_SERVICES
+        ));
+        results.flips_loaded_us = flip_load::run(rig, FLIP_CYCLES)?;
+    }
     Ok(results)
 }
 

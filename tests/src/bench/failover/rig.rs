@@ -23,7 +23,12 @@ use super::super::{
 /// The iperf3 port (control over TCP, data over UDP).
 pub const IPERF_PORT: u16 = 5201;
 /// Where the agent serves its metrics inside the switch namespace.
-const LISTEN: &str = "127.0.0.1:9100";
+pub const LISTEN: &str = "127.0.0.1:9100";
+/// How long `lb`'s UDP check of the master may take, in ms (checks every 1 ms). The master's
+/// server answers the client's 20 000 requests per second on the same socket, and on 2 cores
+/// a healthy answer sometimes takes milliseconds: with 1 or 2 ms the checks failed three in
+/// a row now and then and moved the traffic without cause.
+pub const CHECK_TIMEOUT_MS: u64 = 10;
 
 /// Which system moves the traffic.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -221,6 +226,36 @@ impl Rig {
         self.testbed.set_link(Host::Master, up)
     }
 
+    /// Makes the master host silent (every frame to and from its NIC dropped, as for a hung
+    /// machine or one behind a failed switch; its carrier stays up), or speaking again.
+    pub fn set_master_silent(&self, silent: bool) -> Result<()> {
+        self.testbed.set_silent(Host::Master, silent)?;
+        if !silent && matches!(self.kind, Kind::Keepalived(_)) {
+            // Both VRRP routers held the VIP while they could not hear each other; the one
+            // that gives it up sends no gratuitous ARP, so the client would go on asking the
+            // slave until its neighbour entry ages out. Not part of any measurement.
+            self.testbed.client.ip(&["neigh", "flush", "dev", "eth0"])?;
+        }
+        Ok(())
+    }
+
+    /// Freezes the master's server (SIGSTOP: its socket stays open, nothing answers, the
+    /// kernel refuses nothing), or thaws it (SIGCONT).
+    pub fn freeze_master_server(&self, frozen: bool) -> Result<()> {
+        let pid = self
+            .master_server
+            .as_ref()
+            .and_then(Process::pid)
+            .context("the master's server is not running")?;
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot signal the master's server");
+        }
+        Ok(())
+    }
+
     /// Kills the master's server (SIGKILL); its link stays up.
     pub fn kill_master_server(&mut self) {
         if let Some(mut server) = self.master_server.take() {
@@ -319,6 +354,14 @@ impl Rig {
         Ok((self.master_log.read()?, self.slave_log.read()?))
     }
 
+    /// The pid of `lb`'s agent, while it runs.
+    pub fn agent_pid(&self) -> Option<u32> {
+        match self.control {
+            Control::Agent(index) => self.testbed.processes[index].pid(),
+            _ => None,
+        }
+    }
+
     /// Flip durations (µs) the agent logged so far for moves of the `requests` service from
     /// one backend to another (not its first activation), for `lb` only.
     pub fn flip_durations_us(&self) -> Result<Vec<f64>> {
@@ -342,9 +385,10 @@ impl Rig {
 
 /// The agent config: the request service, the TCP connection service and the iperf3 ports,
 /// each moved by the master's link and (for the request service) a UDP check every
-/// millisecond, fall 3, rise 3.
-fn lb_config() -> String {
-    let fast = "interval = \"1ms\", timeout = \"10ms\", rise = 3, fall = 3";
+/// millisecond with [`CHECK_TIMEOUT_MS`] to answer, fall 3, rise 3.
+pub fn lb_config() -> String {
+    let fast =
+        format!("interval = \"1ms\", timeout = \"{CHECK_TIMEOUT_MS}ms\", rise = 3, fall = 3");
     let link = format!("{{ checks = [{{ type = \"link\" }}], {fast} }}");
     let link_udp = format!(
         "{{ checks = [{{ type = \"link\" }}, {{ type = \"udp\", send = \"probe\" }}], {fast} }}"

@@ -1,0 +1,117 @@
+//! A timer with the kernel's precision for the probe schedule.
+//!
+//! tokio's timers count whole milliseconds: a 1 ms deadline fires 1 to 2 ms late, which at
+//! 1 ms checks doubles the time to detect a silent backend. This one is a `timerfd` on
+//! `CLOCK_MONOTONIC` (the clock of [`std::time::Instant`]) armed at an absolute time and
+//! watched by tokio's reactor: it fires within the kernel's timer slack (50 µs by default)
+//! and costs one `timerfd_settime` and one `read` per expiry, no thread.
+
+use std::{
+    os::fd::{AsFd, AsRawFd, RawFd},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result};
+use nix::sys::{
+    time::TimeSpec,
+    timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags},
+};
+use tokio::io::{unix::AsyncFd, Interest};
+
+/// The timerfd, as tokio's reactor takes it.
+struct Fd(TimerFd);
+
+impl AsRawFd for Fd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_fd().as_raw_fd()
+    }
+}
+
+/// A one-shot timer that can be re-armed to any instant.
+pub struct PreciseTimer {
+    fd: AsyncFd<Fd>,
+    /// The same instant on both clocks, to turn an [`Instant`] into a `CLOCK_MONOTONIC`
+    /// time.
+    origin: (Instant, TimeSpec),
+    /// The instant the timer is armed for and has not fired yet: waiting for it again
+    /// (after a wait that something else cut short) needs no new `timerfd_settime`.
+    armed: Option<Instant>,
+}
+
+impl PreciseTimer {
+    /// Makes the timer; must be called inside the tokio runtime that will wait on it.
+    pub fn new() -> Result<Self> {
+        let fd = TimerFd::new(
+            ClockId::CLOCK_MONOTONIC,
+            TimerFlags::TFD_NONBLOCK | TimerFlags::TFD_CLOEXEC,
+        )
+        .context("cannot create a timerfd for the probe schedule")?;
+        // SAFETY: `Fd` owns the timerfd, so the descriptor stays open and the same for as
+        // long as the `AsyncFd` holding it.
+        let fd = unsafe { AsyncFd::register_with_interest(Fd(fd), Interest::READABLE) }
+            .map_err(|e| e.into_parts().1)
+            .context("cannot watch the probe schedule's timerfd")?;
+        let origin = (
+            Instant::now(),
+            nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+                .context("cannot read CLOCK_MONOTONIC")?,
+        );
+        Ok(PreciseTimer {
+            fd,
+            origin,
+            armed: None,
+        })
+    }
+
+    /// The first instant after `now` that is a whole multiple of `interval` on
+    /// `CLOCK_MONOTONIC`: checks with the same interval send at the same instants, so their
+    /// timers expire together and wake the prober once.
+    pub fn next_on_grid(&self, now: Instant, interval: Duration) -> Instant {
+        let (origin, origin_ts) = self.origin;
+        let origin_ns = u128::from(origin_ts.tv_sec().unsigned_abs()) * 1_000_000_000
+            + u128::from(origin_ts.tv_nsec().unsigned_abs());
+        let now_ns = origin_ns + now.saturating_duration_since(origin).as_nanos();
+        let step = interval.as_nanos().max(1);
+        let ahead = step - now_ns % step;
+        now + Duration::from_nanos(u64::try_from(ahead).unwrap_or(u64::MAX))
+    }
+
+    /// Waits until `deadline` (at once if it has passed).
+    pub async fn sleep_until(&mut self, deadline: Instant) -> Result<()> {
+        if self.armed != Some(deadline) {
+            let (origin, origin_ts) = self.origin;
+            let offset = deadline.saturating_duration_since(origin);
+            // A deadline before the origin cannot be expressed; it has passed anyway.
+            let at = origin_ts + TimeSpec::from(offset.max(Duration::from_nanos(1)));
+            self.fd
+                .get_ref()
+                .0
+                .set(
+                    Expiration::OneShot(at),
+                    TimerSetTimeFlags::TFD_TIMER_ABSTIME,
+                )
+                .context("cannot arm the probe schedule's timerfd")?;
+            self.armed = Some(deadline);
+        }
+        loop {
+            let mut guard = self
+                .fd
+                .readable()
+                .await
+                .context("cannot wait on the probe schedule's timerfd")?;
+            let mut expirations = [0u8; 8];
+            let read = nix::unistd::read(&self.fd.get_ref().0, &mut expirations);
+            // Read or not, nothing is left to read: the next wait goes straight to the
+            // reactor instead of trying a read that would fail.
+            guard.clear_ready();
+            match read {
+                Ok(_) => {
+                    self.armed = None;
+                    return Ok(());
+                }
+                Err(nix::errno::Errno::EAGAIN) => {}
+                Err(e) => return Err(e).context("cannot read the probe schedule's timerfd"),
+            }
+        }
+    }
+}

@@ -1,0 +1,119 @@
+//! Failure detection by the health checks alone, the link staying up: a backend that goes
+//! silent is declared down after `fall` missed deadlines and no sooner; one that answers
+//! slowly but within its timeout stays up while several checks are in flight; one that
+//! speaks again comes back after `rise` passes. Bounds are generous correctness bounds.
+
+use std::{
+    thread::sleep,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use lb_user::testbed::{Host, Testbed};
+use tests::agent::{metrics, start_agent, wait_active};
+
+const LISTEN: &str = "127.0.0.1:9100";
+
+/// A testbed with UDP responders and web servers on master and slave, the `echo` service
+/// checked by UDP only with `health`, `web` by its link only; the agent running.
+fn running(bed: &mut Testbed, health: &str, master_delay: Duration) {
+    bed.start_slow_udp_responder(Host::Master, "master", master_delay)
+        .unwrap();
+    bed.start_udp_responder(Host::Slave, "slave").unwrap();
+    for (host, name) in [(Host::Master, "master"), (Host::Slave, "slave")] {
+        bed.start_web_server(host, name).unwrap();
+    }
+    let web = r#"health = { checks = [{ type = "link" }], interval = "100ms" }"#;
+    let config = bed.config_with(LISTEN, web, &format!("health = {health}"));
+    start_agent(bed, &config, LISTEN);
+    wait_active(bed, LISTEN, "echo", "master").unwrap();
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The value of the sample `name{labels}` in an exposition (absent: 0).
+fn sample(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn a_silent_backend_is_down_after_fall_missed_deadlines_and_back_after_rise() {
+    let mut bed = Testbed::new("lbdt-silent").expect("testbed");
+    // 100 ms apart, each with 100 ms to answer, fall 3: the third missed deadline comes
+    // 300 to 400 ms after the backend went silent (an attempt sent just before may miss
+    // its deadline too, by its round trip).
+    let health = r#"{ checks = [{ type = "udp", send = "health" }], interval = "100ms", timeout = "100ms", rise = 3, fall = 3 }"#;
+    running(&mut bed, health, Duration::ZERO);
+
+    // The silence begins somewhere between these two instants.
+    let before = unix_now();
+    bed.set_silent(Host::Master, true).unwrap();
+    let after = unix_now();
+    wait_active(&bed, LISTEN, "echo", "slave").unwrap();
+    let status = bed.agent_status(LISTEN).unwrap();
+    let echo = status.services.iter().find(|s| s.name == "echo").unwrap();
+    let change = echo.last_change.clone().expect("a change was recorded");
+    assert!(
+        change
+            .cause
+            .contains("udp check failed 3 times: no answer within 100ms"),
+        "{change:?}"
+    );
+    let (earliest, latest) = (change.at_unix_s - after, change.at_unix_s - before);
+    eprintln!("declared down {earliest:.3}–{latest:.3} s after the silence");
+    assert!(
+        latest >= 0.25,
+        "declared down {latest:.3} s after the silence: sooner than 3 missed deadlines"
+    );
+    // One attempt at a time would take fall × (interval + timeout) = 600 ms or more.
+    assert!(
+        earliest < 0.55,
+        "declared down {earliest:.3} s after the silence: later than fall × interval + \
+         timeout (400 ms) and a margin"
+    );
+    // The link check saw nothing: the other service stays.
+    let web = status.services.iter().find(|s| s.name == "web").unwrap();
+    assert_eq!(web.active.as_deref(), Some("master"));
+
+    bed.set_silent(Host::Master, false).unwrap();
+    wait_active(&bed, LISTEN, "echo", "master").unwrap();
+    let status = bed.agent_status(LISTEN).unwrap();
+    let echo = status.services.iter().find(|s| s.name == "echo").unwrap();
+    let master = echo.backends.iter().find(|b| b.name == "master").unwrap();
+    assert_eq!(master.health_cause, "udp check passed 3 times");
+}
+
+#[test]
+fn a_slow_backend_answering_within_its_timeout_stays_up() {
+    let mut bed = Testbed::new("lbdt-slow").expect("testbed");
+    // Answers after 80 ms, 0.8 × the timeout, to checks sent every 20 ms: four or five
+    // attempts are in flight at any time, each must be matched with its own answer.
+    let health = r#"{ checks = [{ type = "udp", send = "health" }], interval = "20ms", timeout = "100ms", rise = 3, fall = 3 }"#;
+    running(&mut bed, health, Duration::from_millis(80));
+    sleep(Duration::from_millis(1500));
+    let text = metrics(&bed, LISTEN);
+    let labels = r#"service="echo",backend="master",check="udp""#;
+    let passed = sample(
+        &text,
+        &format!("lb_health_checks_total{{{labels},result=\"ok\"}}"),
+    );
+    let failed = sample(
+        &text,
+        &format!("lb_health_checks_total{{{labels},result=\"fail\"}}"),
+    );
+    assert_eq!(
+        failed, 0.0,
+        "a slow answer within the timeout failed:\n{text}"
+    );
+    assert!(passed >= 30.0, "{passed} checks passed in 1.5 s at 20 ms");
+    let status = bed.agent_status(LISTEN).unwrap();
+    let echo = status.services.iter().find(|s| s.name == "echo").unwrap();
+    assert_eq!(echo.active.as_deref(), Some("master"));
+    assert!(echo.last_change.is_none(), "{:?}", echo.last_change);
+}
