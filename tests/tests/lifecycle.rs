@@ -3,7 +3,10 @@
 //! goes unanswered; a restarted agent adopts the pinned dataplane (connection table, active
 //! backends) and starts in bad weather.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
 use lb_user::testbed::{
     topology::{lb_binary, unanswered, Answer, Testbed, UDP_PORT},
@@ -24,11 +27,18 @@ fn config() -> String {
     )
 }
 
-fn testbed(name: &str) -> Testbed {
+/// Held by each test for its whole run: these tests count every request at 10 000 per
+/// second and assert that none is lost, which measures the agent, not how a 2-core machine
+/// copes with seven testbeds, their agents and streams at once.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// A testbed with UDP responders on master and slave, and this test's turn.
+fn testbed(name: &str) -> (Testbed, MutexGuard<'static, ()>) {
+    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let mut bed = Testbed::new(name).expect("testbed");
     bed.start_udp_responder(Host::Master, "master").unwrap();
     bed.start_udp_responder(Host::Slave, "slave").unwrap();
-    bed
+    (bed, turn)
 }
 
 /// The id of the XDP program on the switch's client NIC, as `ip link` shows it.
@@ -55,7 +65,7 @@ fn summary(answers: &[Answer]) -> String {
 
 #[test]
 fn a_killed_agent_costs_no_request_while_dead_nor_when_restarted() {
-    let mut bed = testbed("lblc-kill");
+    let (mut bed, _turn) = testbed("lblc-kill");
     let agent = start_agent(&mut bed, &config(), LISTEN);
     // 4 s of requests: the agent is killed after 0.5 s, stays dead for 1 s, then a new one
     // starts and adopts the dataplane.
@@ -89,7 +99,7 @@ fn a_killed_agent_costs_no_request_while_dead_nor_when_restarted() {
 
 #[test]
 fn a_stopped_and_restarted_agent_costs_no_request_and_keeps_the_connection_table() {
-    let mut bed = testbed("lblc-term");
+    let (mut bed, _turn) = testbed("lblc-term");
     let agent = start_agent(&mut bed, &config(), LISTEN);
     let lb = lb_binary().unwrap();
     let stream = bed.udp_stream(30_000, PERIOD).unwrap();
@@ -121,7 +131,7 @@ fn a_stopped_and_restarted_agent_costs_no_request_and_keeps_the_connection_table
 
 #[test]
 fn a_restarted_agent_keeps_the_backend_in_use_and_checks_the_others_first() {
-    let mut bed = testbed("lblc-keep");
+    let (mut bed, _turn) = testbed("lblc-keep");
     let agent = start_agent(&mut bed, &config(), LISTEN);
     bed.set_link(Host::Master, false).unwrap();
     wait_active(&bed, LISTEN, "echo", "slave").unwrap();
@@ -155,7 +165,7 @@ fn a_restarted_agent_keeps_the_backend_in_use_and_checks_the_others_first() {
 
 #[test]
 fn an_agent_starts_while_a_backend_does_not_answer_arp_and_finds_it_later() {
-    let mut bed = testbed("lblc-arp");
+    let (mut bed, _turn) = testbed("lblc-arp");
     // The slave's MAC is left to ARP, and the slave is unplugged.
     let config = config().replace(",  mac = \"02:00:00:00:03:02\"", "");
     bed.slave.ip(&["link", "set", "eth0", "down"]).unwrap();
@@ -192,7 +202,7 @@ fn an_agent_starts_while_a_backend_does_not_answer_arp_and_finds_it_later() {
 
 #[test]
 fn a_reload_adds_and_removes_services_without_disturbing_the_others() {
-    let mut bed = testbed("lblc-reload");
+    let (mut bed, _turn) = testbed("lblc-reload");
     let with = |name: &str, port: u16| {
         format!(
             "{}{}",
@@ -252,7 +262,7 @@ fn a_reload_adds_and_removes_services_without_disturbing_the_others() {
 
 #[test]
 fn under_systemd_the_agent_notifies_ready_reloading_watchdog_and_stopping() {
-    let mut bed = testbed("lblc-notify");
+    let (mut bed, _turn) = testbed("lblc-notify");
     let socket_path = bed.dir().join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket
@@ -308,7 +318,7 @@ fn under_systemd_the_agent_notifies_ready_reloading_watchdog_and_stopping() {
 
 #[test]
 fn tcp_checks_every_millisecond_leave_no_time_wait_behind() {
-    let mut bed = testbed("lblc-twait");
+    let (mut bed, _turn) = testbed("lblc-twait");
     bed.start_tcp_responder(Host::Master, "master").unwrap();
     bed.start_tcp_responder(Host::Slave, "slave").unwrap();
     let health = r#"{ checks = [{ type = "tcp" }], interval = "1ms", timeout = "50ms", rise = 3, fall = 3 }"#;

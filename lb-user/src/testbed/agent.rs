@@ -44,6 +44,25 @@ impl Testbed {
         Ok(self.processes.len() - 1)
     }
 
+    /// Stops the agent started as process `index` (SIGTERM; it is removed from the
+    /// processes) and removes the dataplane it leaves pinned (`lb down`), as an operator
+    /// stopping for good does: the switch's NICs are back on the kernel's own path.
+    pub fn stop_lb_for_good(&mut self, index: usize) -> Result<()> {
+        let mut agent = self.processes.remove(index);
+        if !agent.terminate()? {
+            bail!("lb did not exit cleanly on SIGTERM");
+        }
+        let status = self
+            .lb_command()?
+            .arg("down")
+            .status()
+            .context("cannot run lb down")?;
+        if !status.success() {
+            bail!("lb down failed ({status})");
+        }
+        Ok(())
+    }
+
     /// Waits until the agent on the switch answers on `listen`.
     pub fn wait_for_agent(&mut self, index: usize, listen: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);

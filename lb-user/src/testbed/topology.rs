@@ -305,8 +305,9 @@ backends = [
     }
 
     /// Makes `host` silent with its link up, or speaking again: every frame arriving on its
-    /// NIC is dropped (an nftables ingress chain), as for a hung machine or one behind a
-    /// failed switch. The carrier stays up, so only the health checks can tell.
+    /// NIC or leaving it is dropped (nftables ingress and egress chains), as for a hung
+    /// machine or one behind a failed switch. The carrier stays up, so only the health
+    /// checks (or, for VRRP, the missing adverts) can tell.
     pub fn set_silent(&self, host: Host, silent: bool) -> Result<()> {
         let namespace = self.host(host);
         if silent {
@@ -314,7 +315,9 @@ backends = [
                 "nft",
                 &["add table netdev lb_silence; \
                      add chain netdev lb_silence ingress \
-                     { type filter hook ingress device eth0 priority 0; policy drop; }"],
+                     { type filter hook ingress device eth0 priority 0; policy drop; }; \
+                     add chain netdev lb_silence egress \
+                     { type filter hook egress device eth0 priority 0; policy drop; }"],
             )
         } else {
             namespace.exec("nft", &["delete table netdev lb_silence"])

@@ -329,10 +329,7 @@ fn traffic_rounds(bed: &mut Testbed, args: &Args) -> Result<(Vec<Case>, String)>
             drop(_drop);
             drop(_nat);
             if let Some(index) = agent {
-                let mut agent = bed.processes.remove(index);
-                if !agent.terminate()? {
-                    bail!("lb did not exit cleanly on SIGTERM");
-                }
+                bed.stop_lb_for_good(index)?;
             }
         }
     }

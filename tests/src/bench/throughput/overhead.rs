@@ -198,9 +198,6 @@ pub fn measure(
         backends_up: up,
         scenario,
     };
-    let mut agent = bed.processes.remove(index);
-    if !agent.terminate()? {
-        bail!("lb did not exit cleanly on SIGTERM");
-    }
+    bed.stop_lb_for_good(index)?;
     Ok(result)
 }
