@@ -27,6 +27,18 @@ pub fn metrics(bed: &Testbed, listen: &str) -> String {
     text
 }
 
+/// The value of the sample `name{labels}` in an exposition (`None` when absent).
+pub fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(name_and_labels)?
+            .trim()
+            .split(' ')
+            .next()?
+            .parse()
+            .ok()
+    })
+}
+
 /// Waits (10 s at most) until `service`'s active backend is `backend`.
 pub fn wait_active(bed: &Testbed, listen: &str, service: &str, backend: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -9,7 +9,7 @@ use std::{
 };
 
 use lb_user::testbed::{Host, Testbed};
-use tests::agent::{metrics, start_agent, wait_active};
+use tests::agent::{metrics, sample, start_agent, wait_active};
 
 const LISTEN: &str = "127.0.0.1:9100";
 
@@ -33,13 +33,6 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs_f64()
-}
-
-/// The value of the sample `name{labels}` in an exposition (absent: 0).
-fn sample(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[test]
@@ -99,14 +92,11 @@ fn a_slow_backend_answering_within_its_timeout_stays_up() {
     sleep(Duration::from_millis(1500));
     let text = metrics(&bed, LISTEN);
     let labels = r#"service="echo",backend="master",check="udp""#;
-    let passed = sample(
-        &text,
-        &format!("lb_health_checks_total{{{labels},result=\"ok\"}}"),
-    );
-    let failed = sample(
-        &text,
-        &format!("lb_health_checks_total{{{labels},result=\"fail\"}}"),
-    );
+    let checks = |result: &str| {
+        let name = format!("lb_health_checks_total{{{labels},result=\"{result}\"}}");
+        sample(&text, &name).unwrap_or(0.0)
+    };
+    let (passed, failed) = (checks("ok"), checks("fail"));
     assert_eq!(
         failed, 0.0,
         "a slow answer within the timeout failed:\n{text}"

@@ -12,6 +12,7 @@ use lb_user::testbed::{
     topology::{answer_runs, describe_gap, lb_binary, longest_gap, unanswered},
     Host, Testbed,
 };
+use tests::agent::sample;
 
 const LISTEN: &str = "127.0.0.1:9100";
 const WEB_FAST: &str = r#"health = { checks = [{ type = "link" }, { type = "tcp" }], interval = "10ms", rise = 3, fall = 3 }"#;
@@ -72,32 +73,7 @@ fn wait_active(bed: &Testbed, service: &str, backend: &str, within: Duration) ->
 }
 
 fn metrics(bed: &Testbed) -> String {
-    let (ok, out, err) = bed
-        .output(
-            Host::Switch,
-            "curl",
-            &[
-                "-sf",
-                "--max-time",
-                "3",
-                &format!("http://{LISTEN}/metrics"),
-            ],
-        )
-        .unwrap();
-    assert!(ok, "GET /metrics failed: {err}");
-    out
-}
-
-/// The value of the sample `name{labels}` in an exposition.
-fn sample(text: &str, name_and_labels: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(name_and_labels)?
-            .trim()
-            .split(' ')
-            .next()?
-            .parse()
-            .ok()
-    })
+    tests::agent::metrics(bed, LISTEN)
 }
 
 #[test]

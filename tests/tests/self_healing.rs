@@ -8,7 +8,7 @@ use lb_user::testbed::{
     topology::{unanswered, Testbed, MASTER_MAC, UDP_PORT},
     Host,
 };
-use tests::agent::{metrics, start_agent, wait_active};
+use tests::agent::{metrics, sample, start_agent, wait_active};
 
 const LISTEN: &str = "127.0.0.1:9100";
 /// 10 000 requests per second.
@@ -31,13 +31,6 @@ fn testbed(name: &str) -> Testbed {
     bed.start_udp_responder(Host::Master, "master").unwrap();
     bed.start_udp_responder(Host::Slave, "slave").unwrap();
     bed
-}
-
-/// The value of the counter `name` in `text` (0 when absent).
-fn counter(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[test]
@@ -183,7 +176,7 @@ fn events_lost_in_an_overrun_are_read_again() {
     wait_active(&bed, LISTEN, "echo", "master").unwrap();
     let text = metrics(&bed, LISTEN);
     assert!(
-        counter(&text, "lb_netlink_resyncs_total") >= 2.0,
+        sample(&text, "lb_netlink_resyncs_total").unwrap_or(0.0) >= 2.0,
         "no overrun was seen: {}",
         text.lines()
             .filter(|l| l.contains("netlink"))

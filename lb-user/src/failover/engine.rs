@@ -786,21 +786,15 @@ impl Engine {
                     let (service, table, icmp) = (service.clone(), table.clone(), icmp.clone());
                     let task = engine.prober.handle().spawn(async move {
                         let backend = &service.plan.backends[position];
-                        let made = Probe::new(
+                        let probe = Probe::new(
                             &backend.health.checks[check],
                             backend.ip,
                             backend.ifindex,
                             &table,
                             &icmp,
-                            backend.health.timeout,
                         )
-                        .await;
-                        match made {
-                            Ok(probe) => {
-                                Ok(tokio::spawn(probe_loop(service, position, check, probe)))
-                            }
-                            Err(e) => Err(e),
-                        }
+                        .await?;
+                        anyhow::Ok(tokio::spawn(probe_loop(service, position, check, probe)))
                     });
                     let task = task.await.context("the prober thread stopped")??;
                     engine.spawn(task);

@@ -61,8 +61,6 @@ pub enum Probe {
         ident: surge_ping::PingIdentifier,
         /// Sequence numbers, shared by every pinger of the socket.
         sequence: Arc<AtomicU16>,
-        /// How long an attempt waits for its reply.
-        timeout: Duration,
     },
 }
 
@@ -139,14 +137,14 @@ static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(0x4c42);
 
 impl Probe {
     /// Builds the probe of `check` for the backend at `ip`, reached through NIC `ifindex`;
-    /// an ICMP check pings on `icmp`.
+    /// an ICMP check pings on `icmp`. Attempts carry no timeout of their own: the schedule
+    /// ([`pipeline`]) decides each by its deadline and cancels it.
     pub async fn new(
         check: &CheckConfig,
         ip: Ipv4Addr,
         ifindex: u32,
         carriers: &Carriers,
         icmp: &IcmpSocket,
-        timeout: Duration,
     ) -> Result<Self> {
         let port = |port: &Option<u16>| {
             port.ok_or_else(|| anyhow!("{} check without a port", check.name()))
@@ -163,7 +161,6 @@ impl Probe {
                 status,
             } => Probe::Http {
                 client: reqwest::Client::builder()
-                    .timeout(timeout)
                     .no_proxy()
                     .build()
                     .context("cannot build the HTTP client")?,
@@ -188,7 +185,6 @@ impl Probe {
                     // The identifier matters only where the socket is raw (no ping sockets).
                     ident: surge_ping::PingIdentifier(NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed)),
                     sequence: sequence.clone(),
-                    timeout,
                 }
             }
         })
@@ -245,13 +241,13 @@ impl Probe {
                 ip,
                 ident,
                 sequence,
-                timeout,
             } => {
-                let (client, ip, ident, timeout) = (client.clone(), *ip, *ident, *timeout);
+                let (client, ip, ident) = (client.clone(), *ip, *ident);
                 let sequence = surge_ping::PingSequence(sequence.fetch_add(1, Ordering::Relaxed));
                 Box::pin(async move {
                     let mut pinger = client.pinger(IpAddr::V4(ip), ident).await;
-                    pinger.timeout(timeout);
+                    // The schedule's deadline ends the wait, not the pinger's own timeout.
+                    pinger.timeout(Duration::MAX);
                     pinger
                         .ping(sequence, b"lb health check")
                         .await

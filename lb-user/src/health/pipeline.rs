@@ -47,11 +47,10 @@ pub struct Outcome {
     pub decided: Instant,
 }
 
-/// An attempt not decided yet.
+/// An attempt not decided yet (its deadline is `sent` + the timeout).
 struct Pending {
     number: u64,
     sent: Instant,
-    deadline: Instant,
 }
 
 /// Runs `probe` on `timing` for ever, calling `report` with every attempt's outcome, in
@@ -66,37 +65,34 @@ pub async fn run(probe: Probe, timing: Timing, mut report: impl FnMut(Outcome)) 
     loop {
         let wake = pending
             .front()
-            .map_or(next_send, |p| p.deadline.min(next_send));
+            .map_or(next_send, |p| (p.sent + timing.timeout).min(next_send));
         tokio::select! {
             biased;
             Some((number, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Some(at) = pending.iter().position(|p| p.number == number) {
-                    let sent = pending.remove(at).map_or(Instant::now(), |p| p.sent);
+                let at = pending.iter().position(|p| p.number == number);
+                if let Some(Pending { sent, .. }) = at.and_then(|at| pending.remove(at)) {
                     report(Outcome { result, sent, decided: Instant::now() });
                 }
             }
             woke = timer.sleep_until(wake) => {
                 woke?;
                 let now = Instant::now();
-                while let Some(expired) = pending.pop_front() {
-                    if expired.deadline > now {
-                        pending.push_front(expired);
+                while let Some(expired) = pending.front() {
+                    let deadline = expired.sent + timing.timeout;
+                    if deadline > now {
                         break;
                     }
                     report(Outcome {
                         result: Err(anyhow!("no answer within {:?}", timing.timeout)),
                         sent: expired.sent,
-                        decided: expired.deadline,
+                        decided: deadline,
                     });
+                    pending.pop_front();
                 }
                 if next_send <= now {
                     let limit = timing.timeout + CLEANUP_GRACE;
                     in_flight.push(bounded(sequence, probe.attempt(), limit));
-                    pending.push_back(Pending {
-                        number: sequence,
-                        sent: now,
-                        deadline: now + timing.timeout,
-                    });
+                    pending.push_back(Pending { number: sequence, sent: now });
                     sequence += 1;
                     next_send = skip_missed(next_send + timing.interval, now, timing.interval);
                 }

@@ -72,11 +72,7 @@ impl Testbed {
                     let mut reply = name.as_bytes().to_vec();
                     reply.push(b' ');
                     reply.extend_from_slice(&buf[..len]);
-                    if delay.is_zero() {
-                        let _ = socket.send_to(&reply, from);
-                    } else {
-                        due.push_back((Instant::now() + delay, reply, from));
-                    }
+                    due.push_back((Instant::now() + delay, reply, from));
                 }
             }
         });
@@ -190,15 +186,28 @@ pub fn answer_runs(answers: &[Answer]) -> Vec<String> {
     runs
 }
 
+/// The answered requests in the order their answers arrived, and the position in it of the
+/// answer after which the longest gap began (`None` with fewer than two answers).
+fn around_longest_gap(answers: &[Answer]) -> (Vec<(&Answer, Instant)>, Option<usize>) {
+    let mut received: Vec<(&Answer, Instant)> = answers
+        .iter()
+        .filter_map(|a| Some((a, a.received?)))
+        .collect();
+    received.sort_by_key(|(_, at)| *at);
+    let at = received
+        .windows(2)
+        .enumerate()
+        .max_by_key(|(_, w)| w[1].1 - w[0].1)
+        .map(|(i, _)| i);
+    (received, at)
+}
+
 /// The longest time between two consecutive answers.
 pub fn longest_gap(answers: &[Answer]) -> Duration {
-    let mut times: Vec<Instant> = answers.iter().filter_map(|a| a.received).collect();
-    times.sort();
-    times
-        .windows(2)
-        .map(|w| w[1] - w[0])
-        .max()
-        .unwrap_or(Duration::ZERO)
+    match around_longest_gap(answers) {
+        (received, Some(at)) => received[at + 1].1 - received[at].1,
+        _ => Duration::ZERO,
+    }
 }
 
 /// The answers around the longest gap, one line each (sequence number, who answered, when
@@ -208,26 +217,19 @@ pub fn describe_gap(answers: &[Answer]) -> String {
     let Some(start) = answers.first().map(|a| a.sent) else {
         return String::from("no requests");
     };
-    let mut received: Vec<&Answer> = answers.iter().filter(|a| a.received.is_some()).collect();
-    received.sort_by_key(|a| a.received);
-    let Some(at) = received
-        .windows(2)
-        .enumerate()
-        .max_by_key(|(_, w)| w[1].received.unwrap_or(start) - w[0].received.unwrap_or(start))
-        .map(|(i, _)| i)
-    else {
+    let (received, Some(at)) = around_longest_gap(answers) else {
         return String::from("fewer than two answers");
     };
     let ms = |t: Instant| (t - start).as_secs_f64() * 1e3;
     received[at.saturating_sub(3)..(at + 5).min(received.len())]
         .iter()
-        .map(|a| {
+        .map(|(a, answered)| {
             format!(
                 "seq {} by {} sent {:.1} ms answered {:.1} ms\n",
                 a.seq,
                 a.by.as_deref().unwrap_or("?"),
                 ms(a.sent),
-                a.received.map(ms).unwrap_or(f64::NAN)
+                ms(*answered)
             )
         })
         .collect()

@@ -206,69 +206,45 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
     };
     let mut next_seq = 0u64;
     for trial in 1..=args.trials {
-        progress(format!(
-            "{label}: trial {trial}/{}: master link down",
-            args.trials
-        ));
-        let down = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+        let mut faulted =
+            |rig: &mut Rig, what: &str, direction, fault: &dyn Fn(&mut Rig) -> Result<()>| {
+                progress(format!("{label}: trial {trial}/{}: {what}", args.trials));
+                let result = stream(rig, &mut next_seq, args.rate, stream_length, fault)?;
+                Ok::<_, anyhow::Error>((measure(rig, &result, direction)?, result))
+            };
+        let (down, stream_down) = faulted(rig, "master link down", Direction::Failover, &|rig| {
             rig.set_master_link(false)
         })?;
-        results
-            .link_down
-            .push(measure(rig, &down, Direction::Failover)?);
+        results.link_down.push(down);
         if results.plotted.is_none() {
-            results.plotted = Some((down.0.clone(), down.1));
+            results.plotted = Some(stream_down);
         }
 
-        progress(format!(
-            "{label}: trial {trial}/{}: master link up",
-            args.trials
-        ));
-        let up = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+        let (up, _) = faulted(rig, "master link up", Direction::Failback, &|rig| {
             rig.set_master_link(true)
         })?;
-        results
-            .failback
-            .push(measure(rig, &up, Direction::Failback)?);
+        results.failback.push(up);
         rig.wait_master_serving(Duration::from_secs(30))?;
 
-        progress(format!(
-            "{label}: trial {trial}/{}: master server killed",
-            args.trials
-        ));
-        let killed = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+        let (killed, _) = faulted(rig, "master server killed", Direction::Failover, &|rig| {
             rig.kill_master_server();
             Ok(())
         })?;
-        results
-            .killed
-            .push(measure(rig, &killed, Direction::Failover)?);
+        results.killed.push(killed);
         rig.restart_master_server()?;
         rig.wait_master_serving(Duration::from_secs(30))?;
 
-        progress(format!(
-            "{label}: trial {trial}/{}: master host silent",
-            args.trials
-        ));
-        let silent = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+        let (silent, _) = faulted(rig, "master host silent", Direction::Failover, &|rig| {
             rig.set_master_silent(true)
         })?;
-        results
-            .silent
-            .push(measure(rig, &silent, Direction::Failover)?);
+        results.silent.push(silent);
         rig.set_master_silent(false)?;
         rig.wait_master_serving(Duration::from_secs(30))?;
 
-        progress(format!(
-            "{label}: trial {trial}/{}: master server frozen",
-            args.trials
-        ));
-        let frozen = stream(rig, &mut next_seq, args.rate, stream_length, |rig| {
+        let (frozen, _) = faulted(rig, "master server frozen", Direction::Failover, &|rig| {
             rig.freeze_master_server(true)
         })?;
-        results
-            .frozen
-            .push(measure(rig, &frozen, Direction::Failover)?);
+        results.frozen.push(frozen);
         rig.freeze_master_server(false)?;
         rig.wait_master_serving(Duration::from_secs(30))?;
     }
