@@ -770,7 +770,7 @@ impl Engine {
                 resyncs.inc();
             }
         })));
-        let icmp = Arc::new(IcmpSocket::default());
+        let mut wanted = Vec::new();
         for service in engine.services.clone() {
             for (position, backend) in service.plan.backends.iter().enumerate() {
                 if !backend.mac_known {
@@ -782,25 +782,37 @@ impl Engine {
                         .push(task);
                 }
                 for check in 0..backend.health.checks.len() {
-                    // Made on the prober thread, whose reactor its sockets then belong to.
-                    let (service, table, icmp) = (service.clone(), table.clone(), icmp.clone());
-                    let task = engine.prober.handle().spawn(async move {
-                        let backend = &service.plan.backends[position];
-                        let probe = Probe::new(
-                            &backend.health.checks[check],
-                            backend.ip,
-                            backend.ifindex,
-                            &table,
-                            &icmp,
-                        )
-                        .await?;
-                        anyhow::Ok(tokio::spawn(probe_loop(service, position, check, probe)))
-                    });
-                    let task = task.await.context("the prober thread stopped")??;
-                    engine.spawn(task);
+                    wanted.push((service.clone(), position, check));
                 }
             }
         }
+        // Probes are made on the prober thread, whose reactor their sockets then belong to.
+        let schedule = engine.prober.handle().spawn(async move {
+            let icmp = IcmpSocket::default();
+            let mut checks = Vec::with_capacity(wanted.len());
+            for (service, position, check) in wanted {
+                let backend = &service.plan.backends[position];
+                let probe = Probe::new(
+                    &backend.health.checks[check],
+                    backend.ip,
+                    backend.ifindex,
+                    &table,
+                    &icmp,
+                )
+                .await?;
+                checks.push(pipeline::Check {
+                    probe,
+                    timing: Timing {
+                        interval: backend.health.interval,
+                        timeout: backend.health.timeout,
+                    },
+                    report: reporter(service, position, check),
+                });
+            }
+            anyhow::Ok(tokio::spawn(run_checks(checks)))
+        });
+        let schedule = schedule.await.context("the prober thread stopped")??;
+        engine.spawn(schedule);
         Ok(engine)
     }
 
@@ -841,17 +853,22 @@ impl Engine {
     }
 }
 
-/// Runs check `check` of backend `position` on its schedule, forever, recording every
-/// outcome; a schedule that fails (its timer) is logged, and the task ends (which `/healthz`
-/// reports).
-async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize, probe: Probe) {
+/// Runs every check of the engine on the prober's schedule, forever; a schedule that fails
+/// (its timer) is logged, and the task ends (which `/healthz` reports).
+async fn run_checks(checks: Vec<pipeline::Check>) {
+    if let Err(e) = pipeline::run(checks).await {
+        tracing::error!(error = format!("{e:#}"), "health checks stopped");
+    }
+}
+
+/// Where the outcomes of check `check` of backend `position` go: its metrics, and the
+/// service's decision.
+fn reporter(service: Arc<ServiceRuntime>, position: usize, check: usize) -> pipeline::Report {
     let backend = &service.plan.backends[position];
-    let health = &backend.health;
-    let name = health.checks[check].name();
     let labels = CheckLabels {
         service: service.plan.name.clone(),
         backend: backend.name.clone(),
-        check: name.to_string(),
+        check: backend.health.checks[check].name().to_string(),
     };
     let duration = service
         .metrics
@@ -874,12 +891,8 @@ async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize,
         .checks
         .get_or_create(&result_labels("fail"))
         .clone();
-    let timing = Timing {
-        interval: health.interval,
-        timeout: health.timeout,
-    };
-    let stopped = pipeline::run(probe, timing, |outcome| {
-        duration.observe((outcome.decided - outcome.sent).as_secs_f64());
+    Box::new(move |outcome: pipeline::Outcome| {
+        duration.observe(outcome.took.as_secs_f64());
         if outcome.result.is_ok() {
             ok.inc()
         } else {
@@ -887,14 +900,4 @@ async fn probe_loop(service: Arc<ServiceRuntime>, position: usize, check: usize,
         };
         service.record(position, check, &outcome.result, outcome.decided);
     })
-    .await;
-    if let Err(e) = stopped {
-        tracing::error!(
-            service = service.plan.name,
-            backend = backend.name,
-            check = name,
-            error = format!("{e:#}"),
-            "health check stopped"
-        );
-    }
 }

@@ -8,13 +8,14 @@
 pub mod pipeline;
 pub mod thread;
 pub mod timer;
+pub mod udp;
 
 use std::{
     collections::HashMap,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         atomic::{AtomicBool, AtomicU16, Ordering},
-        Arc, Mutex,
+        Arc,
     },
     time::Duration,
 };
@@ -24,6 +25,7 @@ use futures::future::BoxFuture;
 use tokio::net::TcpStream;
 
 use crate::config::CheckConfig;
+use udp::UdpProbe;
 
 /// Carrier of every NIC the agent uses, kept current by carrier events.
 pub type Carriers = Arc<HashMap<u32, AtomicBool>>;
@@ -49,8 +51,8 @@ pub enum Probe {
         /// Expected status.
         status: u16,
     },
-    /// UDP request and reply.
-    Udp(Arc<UdpProbe>),
+    /// UDP request and reply, the reply read at the schedule's ticks.
+    Udp(UdpProbe),
     /// ICMP echo.
     Icmp {
         /// The agent's one ICMP socket (the handle keeps it open).
@@ -64,52 +66,15 @@ pub enum Probe {
     },
 }
 
-/// A UDP check: its target and the connected sockets of finished attempts.
-///
-/// An attempt takes a socket of its own (from `idle`, or a new one), so that a reply is
-/// always its own request's: a reply arriving after its attempt gave up finds the socket
-/// closed. A socket goes back to `idle` only after its reply arrived, so an idle socket has
-/// nothing pending; at a steady pace one or two sockets do all the work, two system calls
-/// per attempt.
-pub struct UdpProbe {
-    target: SocketAddr,
-    send: Vec<u8>,
-    expect: Option<Vec<u8>>,
-    idle: Mutex<Vec<tokio::net::UdpSocket>>,
-}
-
-impl UdpProbe {
-    async fn attempt(self: Arc<Self>) -> Result<()> {
-        let target = self.target;
-        let idle = self.idle.lock().expect("idle UDP sockets lock").pop();
-        let socket = match idle {
-            Some(socket) => socket,
-            None => {
-                let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
-                socket.connect(target).await?;
-                socket
-            }
-        };
-        let mut buf = [0u8; 2048];
-        socket
-            .send(&self.send)
-            .await
-            .with_context(|| format!("send to {target}"))?;
-        let len = socket
-            .recv(&mut buf)
-            .await
-            .with_context(|| format!("reply from {target}"))?;
-        if let Some(expect) = &self.expect {
-            if !buf[..len].starts_with(expect) {
-                bail!("unexpected reply from {target}");
-            }
-        }
-        self.idle
-            .lock()
-            .expect("idle UDP sockets lock")
-            .push(socket);
-        Ok(())
-    }
+/// One attempt as the schedule follows it.
+pub enum Attempt {
+    /// Decided as it was made (the link check reads its carrier table; a send that failed).
+    Decided(Result<()>),
+    /// Decides itself (a connect, a GET, an echo): the schedule wakes when it completes.
+    Awaited(BoxFuture<'static, Result<()>>),
+    /// A request sent whose answer waits in its socket until the schedule's next tick reads
+    /// it (UDP): no wake-up per answer. `None` once read.
+    Polled(Option<udp::Sent>),
 }
 
 /// The one ICMP socket the probes of an engine share, opened by the first ICMP check.
@@ -171,12 +136,11 @@ impl Probe {
                 port: p,
                 send,
                 expect,
-            } => Probe::Udp(Arc::new(UdpProbe {
-                target: SocketAddr::new(ip.into(), port(p)?),
-                send: send.clone().into_bytes(),
-                expect: expect.clone().map(String::into_bytes),
-                idle: Mutex::new(Vec::new()),
-            })),
+            } => Probe::Udp(UdpProbe::new(
+                SocketAddr::new(ip.into(), port(p)?),
+                send.clone().into_bytes(),
+                expect.clone().map(String::into_bytes),
+            )),
             CheckConfig::Icmp => {
                 let (client, sequence) = icmp.get().await?;
                 Probe::Icmp {
@@ -190,21 +154,23 @@ impl Probe {
         })
     }
 
-    /// Starts one attempt: `Ok` when the backend passed, an error saying why not. It owns
-    /// what it needs, so attempts overlap; the caller bounds each by its deadline (dropping
-    /// it cancels it).
-    pub fn attempt(&self) -> BoxFuture<'static, Result<()>> {
+    /// Starts one attempt. An awaited one owns what it needs, so attempts overlap; the
+    /// caller bounds each by its deadline (dropping it cancels it).
+    pub fn attempt(&mut self) -> Attempt {
         match self {
-            Probe::Link { carriers, ifindex } => {
-                let result = match carriers.get(ifindex).map(|c| c.load(Ordering::Relaxed)) {
+            Probe::Link { carriers, ifindex } => Attempt::Decided(
+                match carriers.get(ifindex).map(|c| c.load(Ordering::Relaxed)) {
                     Some(true) => Ok(()),
                     _ => Err(anyhow!("no carrier on interface {ifindex}")),
-                };
-                Box::pin(std::future::ready(result))
-            }
+                },
+            ),
+            Probe::Udp(udp) => match udp.send() {
+                Ok(sent) => Attempt::Polled(Some(sent)),
+                Err(e) => Attempt::Decided(Err(e)),
+            },
             Probe::Tcp(target) => {
                 let target = *target;
-                Box::pin(async move {
+                Attempt::Awaited(Box::pin(async move {
                     let stream = TcpStream::connect(target)
                         .await
                         .with_context(|| format!("connect {target}"))?;
@@ -212,7 +178,7 @@ impl Probe {
                     // checks a normal close would keep tens of thousands of sockets waiting).
                     stream.set_zero_linger()?;
                     Ok(())
-                })
+                }))
             }
             Probe::Http {
                 client,
@@ -220,7 +186,7 @@ impl Probe {
                 status,
             } => {
                 let (client, url, status) = (client.clone(), url.clone(), *status);
-                Box::pin(async move {
+                Attempt::Awaited(Box::pin(async move {
                     let response = client
                         .get(&*url)
                         .send()
@@ -233,9 +199,8 @@ impl Probe {
                         bail!("GET {url}: status {got}, expected {status}");
                     }
                     Ok(())
-                })
+                }))
             }
-            Probe::Udp(udp) => Box::pin(udp.clone().attempt()),
             Probe::Icmp {
                 client,
                 ip,
@@ -244,7 +209,7 @@ impl Probe {
             } => {
                 let (client, ip, ident) = (client.clone(), *ip, *ident);
                 let sequence = surge_ping::PingSequence(sequence.fetch_add(1, Ordering::Relaxed));
-                Box::pin(async move {
+                Attempt::Awaited(Box::pin(async move {
                     let mut pinger = client.pinger(IpAddr::V4(ip), ident).await;
                     // The schedule's deadline ends the wait, not the pinger's own timeout.
                     pinger.timeout(Duration::MAX);
@@ -253,7 +218,7 @@ impl Probe {
                         .await
                         .map(|_| ())
                         .map_err(|e| anyhow!("echo: {e}"))
-                })
+                }))
             }
         }
     }

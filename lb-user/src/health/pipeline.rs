@@ -1,14 +1,20 @@
-//! The schedule of one check: an attempt every interval, whether or not the earlier ones
-//! have answered, each with its own deadline.
+//! The prober's schedule: for every check, an attempt every interval, whether or not the
+//! earlier ones have answered, each with its own deadline.
 //!
 //! An attempt passes when its answer comes before its deadline (sent + timeout) and fails
 //! at its deadline otherwise, or earlier when the backend refuses it (a reset, a port
 //! unreachable). A late answer to an expired attempt does not count. So a backend that goes
 //! silent is declared down `fall` attempts after it stopped answering: about
 //! `fall × interval + timeout`, not `fall × (interval + timeout)` as with one attempt at a
-//! time. Sends are on a grid of the interval on the monotonic clock, shared by every check
-//! with that interval, so the checks of one agent wake it together; a send that a stalled
-//! machine missed is skipped, not made up for in a burst.
+//! time.
+//!
+//! Every check of a prober runs in this one loop on one timer. Sends are on a grid of the
+//! interval on the monotonic clock, so checks with the same interval send in the same
+//! wake-up, and the deadlines of attempts sent together fall together; a send that a
+//! stalled machine missed is skipped, not made up for in a burst. Answers that need no
+//! wake-up of their own (UDP, [`Attempt::Polled`]) are read at each wake-up, before the
+//! deadlines are judged: at 1 ms checks the prober wakes about once per millisecond for all
+//! of them.
 
 use std::{
     collections::VecDeque,
@@ -19,11 +25,12 @@ use std::{
 use anyhow::{anyhow, Result};
 use futures::stream::{FuturesUnordered, StreamExt};
 
-use super::{timer::PreciseTimer, Probe};
+use super::{timer::PreciseTimer, udp, Attempt, Probe};
 
-/// How much longer than its deadline an expired attempt may go on before it is cancelled:
-/// the schedule fails it at its deadline with the precise timer; tokio's coarser timer only
-/// ends its leftover work (a connect to a silent host would otherwise wait for the kernel).
+/// How much longer than its deadline an expired awaited attempt may go on before it is
+/// cancelled: the schedule fails it at its deadline with the precise timer; tokio's coarser
+/// timer only ends its leftover work (a connect to a silent host would otherwise wait for
+/// the kernel).
 const CLEANUP_GRACE: Duration = Duration::from_millis(5);
 
 /// When a check runs.
@@ -42,75 +49,204 @@ pub struct Outcome {
     pub result: Result<()>,
     /// When it was sent.
     pub sent: Instant,
-    /// When it was decided: its answer seen, or its deadline (a failure by deadline is
-    /// dated at the deadline, the moment the evidence existed).
+    /// When the prober decided it: its answer seen, or its deadline (a failure by deadline
+    /// is dated at the deadline, the moment the evidence existed).
     pub decided: Instant,
+    /// Its round trip: from the send to the answer's arrival, or to the deadline.
+    pub took: Duration,
 }
 
-/// An attempt not decided yet (its deadline is `sent` + the timeout).
-struct Pending {
-    number: u64,
-    sent: Instant,
+/// What the schedule calls with every outcome of a check, in the order they are decided.
+pub type Report = Box<dyn FnMut(Outcome) + Send>;
+
+/// One check to run: its probe, its timing, where its outcomes go.
+pub struct Check {
+    /// Makes the attempts.
+    pub probe: Probe,
+    /// When.
+    pub timing: Timing,
+    /// Where each outcome goes.
+    pub report: Report,
 }
 
-/// Runs `probe` on `timing` for ever, calling `report` with every attempt's outcome, in
-/// the order they are decided. Returns only when the timer fails.
-pub async fn run(probe: Probe, timing: Timing, mut report: impl FnMut(Outcome)) -> Result<()> {
+/// Runs every check on its timing for ever. Returns only when the timer fails.
+pub async fn run(checks: Vec<Check>) -> Result<()> {
     let mut timer = PreciseTimer::new()?;
+    let start = Instant::now();
+    let mut schedules: Vec<Schedule> = checks
+        .into_iter()
+        .map(|check| Schedule {
+            next_send: timer.next_on_grid(start, check.timing.interval),
+            check,
+            pending: VecDeque::new(),
+            sequence: 0,
+        })
+        .collect();
     let mut in_flight = FuturesUnordered::new();
-    // Attempts not yet decided, in send order (and so in deadline order).
-    let mut pending: VecDeque<Pending> = VecDeque::new();
-    let mut next_send = timer.next_on_grid(Instant::now(), timing.interval);
-    let mut sequence: u64 = 0;
     loop {
-        let wake = pending
-            .front()
-            .map_or(next_send, |p| (p.sent + timing.timeout).min(next_send));
+        let Some(wake) = schedules.iter().map(Schedule::next_wake).min() else {
+            return std::future::pending().await;
+        };
         tokio::select! {
             biased;
-            Some((number, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let at = pending.iter().position(|p| p.number == number);
-                if let Some(Pending { sent, .. }) = at.and_then(|at| pending.remove(at)) {
-                    report(Outcome { result, sent, decided: Instant::now() });
-                }
+            Some((index, number, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                let schedule: &mut Schedule = &mut schedules[index];
+                schedule.settle(number, result, Instant::now());
             }
             woke = timer.sleep_until(wake) => {
                 woke?;
                 let now = Instant::now();
-                while let Some(expired) = pending.front() {
-                    let deadline = expired.sent + timing.timeout;
-                    if deadline > now {
-                        break;
+                for (index, schedule) in schedules.iter_mut().enumerate() {
+                    schedule.read_answers(now);
+                    schedule.expire(now);
+                    if let Some((number, attempt)) = schedule.send_if_due(now) {
+                        let limit = schedule.check.timing.timeout + CLEANUP_GRACE;
+                        in_flight.push(bounded(index, number, attempt, limit));
                     }
-                    report(Outcome {
-                        result: Err(anyhow!("no answer within {:?}", timing.timeout)),
-                        sent: expired.sent,
-                        decided: deadline,
-                    });
-                    pending.pop_front();
-                }
-                if next_send <= now {
-                    let limit = timing.timeout + CLEANUP_GRACE;
-                    in_flight.push(bounded(sequence, probe.attempt(), limit));
-                    pending.push_back(Pending { number: sequence, sent: now });
-                    sequence += 1;
-                    next_send = skip_missed(next_send + timing.interval, now, timing.interval);
                 }
             }
         }
     }
 }
 
-/// An attempt numbered `number`, cancelled after `limit`.
+/// One check's place in the schedule.
+struct Schedule {
+    check: Check,
+    /// Attempts not decided yet, in send order (and so in deadline order).
+    pending: VecDeque<Pending>,
+    next_send: Instant,
+    sequence: u64,
+}
+
+/// An attempt not decided yet (its deadline is `sent` + the timeout).
+struct Pending {
+    number: u64,
+    sent: Instant,
+    /// The request whose answer a wake-up reads, for a polled attempt.
+    polled: Option<udp::Sent>,
+}
+
+impl Schedule {
+    /// The earliest of the next send and the first deadline.
+    fn next_wake(&self) -> Instant {
+        let timeout = self.check.timing.timeout;
+        self.pending
+            .front()
+            .map_or(self.next_send, |p| (p.sent + timeout).min(self.next_send))
+    }
+
+    /// Awaited attempt `number` completed now.
+    fn settle(&mut self, number: u64, result: Result<()>, now: Instant) {
+        let at = self.pending.iter().position(|p| p.number == number);
+        if let Some(Pending { sent, .. }) = at.and_then(|at| self.pending.remove(at)) {
+            (self.check.report)(Outcome {
+                result,
+                sent,
+                decided: now,
+                took: now - sent,
+            });
+        }
+    }
+
+    /// Reads the answers of the polled attempts that have one; an answer stamped after its
+    /// deadline does not count.
+    fn read_answers(&mut self, now: Instant) {
+        let Check {
+            probe,
+            timing,
+            report,
+        } = &mut self.check;
+        let Probe::Udp(udp) = probe else {
+            return;
+        };
+        self.pending.retain_mut(|pending| {
+            let Some(answer) = udp.read(&mut pending.polled) else {
+                return true;
+            };
+            let arrived = answer.arrived.clamp(pending.sent, now);
+            let took = arrived - pending.sent;
+            let result = if took > timing.timeout {
+                Err(anyhow!(
+                    "no answer within {:?} (one came after {took:?})",
+                    timing.timeout
+                ))
+            } else {
+                answer.result
+            };
+            report(Outcome {
+                result,
+                sent: pending.sent,
+                decided: now,
+                took,
+            });
+            false
+        });
+    }
+
+    /// Fails the attempts whose deadline has passed.
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.check.timing.timeout;
+        while let Some(expired) = self.pending.front() {
+            let deadline = expired.sent + timeout;
+            if deadline > now {
+                break;
+            }
+            (self.check.report)(Outcome {
+                result: Err(anyhow!("no answer within {timeout:?}")),
+                sent: expired.sent,
+                decided: deadline,
+                took: timeout,
+            });
+            self.pending.pop_front();
+        }
+    }
+
+    /// Sends the next attempt if it is due; an awaited one is returned with its number for
+    /// the caller to drive.
+    fn send_if_due(
+        &mut self,
+        now: Instant,
+    ) -> Option<(u64, futures::future::BoxFuture<'static, Result<()>>)> {
+        if self.next_send > now {
+            return None;
+        }
+        let interval = self.check.timing.interval;
+        self.next_send = skip_missed(self.next_send + interval, now, interval);
+        let number = self.sequence;
+        self.sequence += 1;
+        let (polled, awaited) = match self.check.probe.attempt() {
+            Attempt::Decided(result) => {
+                (self.check.report)(Outcome {
+                    result,
+                    sent: now,
+                    decided: now,
+                    took: Duration::ZERO,
+                });
+                return None;
+            }
+            Attempt::Polled(sent) => (sent, None),
+            Attempt::Awaited(future) => (None, Some((number, future))),
+        };
+        self.pending.push_back(Pending {
+            number,
+            sent: now,
+            polled,
+        });
+        awaited
+    }
+}
+
+/// An attempt of check `index` numbered `number`, cancelled after `limit`.
 async fn bounded(
+    index: usize,
     number: u64,
     attempt: impl Future<Output = Result<()>>,
     limit: Duration,
-) -> (u64, Result<()>) {
+) -> (usize, u64, Result<()>) {
     let result = tokio::time::timeout(limit, attempt)
         .await
         .unwrap_or_else(|_| Err(anyhow!("no answer within {limit:?}")));
-    (number, result)
+    (index, number, result)
 }
 
 /// The first send time on the grid from `next` that is still ahead of `now`.
