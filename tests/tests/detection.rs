@@ -122,3 +122,42 @@ fn a_slow_backend_answering_within_its_timeout_stays_up() {
     assert_eq!(echo.active.as_deref(), Some("master"));
     assert!(echo.last_change.is_none(), "{:?}", echo.last_change);
 }
+
+#[test]
+fn a_refused_udp_check_fails_when_the_refusal_comes_not_at_the_next_send() {
+    let mut bed = Testbed::new("lbdt-refused").expect("testbed");
+    // Sends 300 ms apart with a long timeout: answers are read at the next send, but a
+    // refusal (the master's kernel: port unreachable) must be acted on when it comes.
+    let health = r#"{ checks = [{ type = "udp", send = "health" }], interval = "300ms", timeout = "1s", rise = 1, fall = 1 }"#;
+    running(&mut bed, health, Duration::ZERO);
+    bed.stop_udp_responder(Host::Master);
+    wait_active(&bed, LISTEN, "echo", "slave").unwrap();
+    sleep(Duration::from_millis(1000));
+    let text = metrics(&bed, LISTEN);
+    let labels = r#"service="echo",backend="master",check="udp""#;
+    let refused = sample(
+        &text,
+        &format!("lb_health_checks_total{{{labels},result=\"fail\"}}"),
+    )
+    .unwrap_or(0.0);
+    assert!(refused >= 3.0, "{refused} refused checks in 1 s at 300 ms");
+    // Every attempt, answered or refused, was decided within 100 ms of its send (read at
+    // the next send, a refusal would take 300 ms).
+    let within = sample(
+        &text,
+        &format!("lb_health_check_duration_seconds_bucket{{le=\"0.1\",{labels}}}"),
+    );
+    let all = sample(
+        &text,
+        &format!("lb_health_check_duration_seconds_count{{{labels}}}"),
+    );
+    assert!(all.is_some(), "no check durations:\n{text}");
+    assert_eq!(
+        within, all,
+        "attempts decided later than 100 ms after their send:\n{text}"
+    );
+    let status = bed.agent_status(LISTEN).unwrap();
+    let echo = status.services.iter().find(|s| s.name == "echo").unwrap();
+    let change = echo.last_change.clone().expect("a change was recorded");
+    assert!(change.cause.contains("refused"), "{change:?}");
+}

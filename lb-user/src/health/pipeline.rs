@@ -14,7 +14,7 @@
 //! stalled machine missed is skipped, not made up for in a burst. Answers that need no
 //! wake-up of their own (UDP, [`Attempt::Polled`]) are read at each wake-up, before the
 //! deadlines are judged: at 1 ms checks the prober wakes about once per millisecond for all
-//! of them.
+//! of them. Their refusals wake it at once.
 
 use std::{
     collections::VecDeque,
@@ -72,9 +72,16 @@ pub struct Check {
 /// Runs every check on its timing for ever. Returns only when the timer fails.
 pub async fn run(checks: Vec<Check>) -> Result<()> {
     let mut timer = PreciseTimer::new()?;
+    let refusals = udp::Refusals::new()?;
     let start = Instant::now();
     let mut schedules: Vec<Schedule> = checks
         .into_iter()
+        .map(|mut check| {
+            if let Probe::Udp(udp) = &mut check.probe {
+                udp.report_refusals_to(&refusals);
+            }
+            check
+        })
         .map(|check| Schedule {
             next_send: timer.next_on_grid(start, check.timing.interval),
             check,
@@ -92,6 +99,13 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             Some((index, number, result)) = in_flight.next(), if !in_flight.is_empty() => {
                 let schedule: &mut Schedule = &mut schedules[index];
                 schedule.settle(number, result, Instant::now());
+            }
+            refused = refusals.wait() => {
+                refused?;
+                let now = Instant::now();
+                for schedule in &mut schedules {
+                    schedule.read_answers(now);
+                }
             }
             woke = timer.sleep_until(wake) => {
                 woke?;

@@ -1,15 +1,19 @@
 //! The UDP check: a request on a connected socket of its own, and its answer read when the
 //! schedule next ticks rather than when it arrives.
 //!
-//! Its socket is not watched by the reactor, so an answer costs no wake-up of the prober:
-//! at 1 ms checks the prober wakes once per tick for every check instead of once more per
+//! Its socket is not watched for answers, so an answer costs no wake-up of the prober: at
+//! 1 ms checks the prober wakes once per tick for every check instead of once more per
 //! answer. The kernel stamps each answer on arrival (`SO_TIMESTAMPNS`), so its round trip
-//! and whether it beat its deadline are exact however late the tick that reads it.
+//! and whether it beat its deadline are exact however late the tick that reads it. A
+//! refusal (ICMP port unreachable) is different: it is the evidence of a dead server, so
+//! the sockets sit in an epoll set that reports errors only ([`Refusals`]), and a refusal
+//! wakes the prober at once.
 
 use std::{
     io::{ErrorKind, IoSliceMut},
     net::{SocketAddr, UdpSocket},
-    os::fd::AsRawFd,
+    os::fd::{AsFd, AsRawFd, RawFd},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -18,10 +22,12 @@ use nix::{
     cmsg_space,
     errno::Errno,
     sys::{
+        epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
         socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags},
         time::TimeSpec,
     },
 };
+use tokio::io::{unix::AsyncFd, Interest};
 
 /// A UDP check's target and the connected sockets of its finished attempts.
 ///
@@ -35,6 +41,8 @@ pub struct UdpProbe {
     send: Vec<u8>,
     expect: Option<Vec<u8>>,
     idle: Vec<UdpSocket>,
+    /// Where its sockets report refusals, once the schedule watches them.
+    refusals: Option<Arc<Epoll>>,
 }
 
 /// A request sent and not answered yet.
@@ -59,7 +67,13 @@ impl UdpProbe {
             send,
             expect,
             idle: Vec::new(),
+            refusals: None,
         }
+    }
+
+    /// Reports the refusals of every socket it opens from now on to `refusals`.
+    pub fn report_refusals_to(&mut self, refusals: &Refusals) {
+        self.refusals = Some(refusals.set.get_ref().0.clone());
     }
 
     /// Sends one request on a socket of its own.
@@ -135,7 +149,64 @@ impl UdpProbe {
         socket.set_nonblocking(true)?;
         setsockopt(&socket, sockopt::ReceiveTimestampns, &true)
             .context("cannot ask for receive timestamps on a UDP check socket")?;
+        if let Some(refusals) = &self.refusals {
+            // No events asked for: epoll reports errors (EPOLLERR) always, answers never.
+            refusals
+                .add(&socket, EpollEvent::new(EpollFlags::EPOLLET, 0))
+                .context("cannot watch a UDP check socket for refusals")?;
+        }
         Ok(socket)
+    }
+}
+
+/// The epoll set of every UDP check socket of a schedule, asked for no events: the kernel
+/// still reports errors, so the set turns readable when a backend refuses a request (and
+/// not when it answers), and tokio's reactor watches the set.
+pub struct Refusals {
+    set: AsyncFd<Set>,
+}
+
+/// The epoll set, as tokio's reactor takes it.
+struct Set(Arc<Epoll>);
+
+impl AsRawFd for Set {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0 .0.as_fd().as_raw_fd()
+    }
+}
+
+impl Refusals {
+    /// Makes the set; must be called inside the tokio runtime that will wait on it.
+    pub fn new() -> Result<Self> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC)
+            .context("cannot create the epoll set of the UDP checks")?;
+        // SAFETY: `Set` owns the epoll descriptor (shared only with the probes, which add
+        // to it), so it stays open and the same for as long as the `AsyncFd` holding it.
+        let set =
+            unsafe { AsyncFd::register_with_interest(Set(Arc::new(epoll)), Interest::READABLE) }
+                .map_err(|e| e.into_parts().1)
+                .context("cannot watch the epoll set of the UDP checks")?;
+        Ok(Refusals { set })
+    }
+
+    /// Waits until a socket of the set was refused something (its error is then read with
+    /// its answer).
+    pub async fn wait(&self) -> Result<()> {
+        let mut guard = self
+            .set
+            .readable()
+            .await
+            .context("cannot wait on the epoll set of the UDP checks")?;
+        let mut events = [EpollEvent::empty(); 16];
+        while guard
+            .get_inner()
+            .0
+            .wait(&mut events, EpollTimeout::ZERO)
+            .context("cannot read the epoll set of the UDP checks")?
+            == events.len()
+        {}
+        guard.clear_ready();
+        Ok(())
     }
 }
 
