@@ -141,20 +141,22 @@ fn a_refused_udp_check_fails_when_the_refusal_comes_not_at_the_next_send() {
     )
     .unwrap_or(0.0);
     assert!(refused >= 3.0, "{refused} refused checks in 1 s at 300 ms");
-    // Every attempt, answered or refused, was decided within 100 ms of its send (read at
-    // the next send, a refusal would take 300 ms).
+    // The refusals were decided within 100 ms of their send (read at the next send, a
+    // refusal would take 300 ms); one attempt may have reached the responder as it closed
+    // and run to its deadline.
     let within = sample(
         &text,
         &format!("lb_health_check_duration_seconds_bucket{{le=\"0.1\",{labels}}}"),
-    );
+    )
+    .unwrap_or(0.0);
     let all = sample(
         &text,
         &format!("lb_health_check_duration_seconds_count{{{labels}}}"),
-    );
-    assert!(all.is_some(), "no check durations:\n{text}");
-    assert_eq!(
-        within, all,
-        "attempts decided later than 100 ms after their send:\n{text}"
+    )
+    .unwrap_or(0.0);
+    assert!(
+        within >= 3.0 && all - within <= 1.0,
+        "{within} of {all} attempts decided within 100 ms of their send:\n{text}"
     );
     let status = bed.agent_status(LISTEN).unwrap();
     let echo = status.services.iter().find(|s| s.name == "echo").unwrap();
