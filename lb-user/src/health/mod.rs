@@ -73,8 +73,8 @@ pub enum Attempt {
     /// Decides itself (a connect, a GET, an echo): the schedule wakes when it completes.
     Awaited(BoxFuture<'static, Result<()>>),
     /// A request sent whose answer waits in its socket until the schedule's next tick reads
-    /// it (UDP): no wake-up per answer. `None` once read.
-    Polled(Option<udp::Sent>),
+    /// it (UDP): no wake-up per answer.
+    Polled(udp::Sent),
 }
 
 /// The one ICMP socket the probes of an engine share, opened by the first ICMP check.
@@ -165,7 +165,7 @@ impl Probe {
                 },
             ),
             Probe::Udp(udp) => match udp.send() {
-                Ok(sent) => Attempt::Polled(Some(sent)),
+                Ok(sent) => Attempt::Polled(sent),
                 Err(e) => Attempt::Decided(Err(e)),
             },
             Probe::Tcp(target) => {

@@ -23,7 +23,10 @@ use std::{
 };
 
 use anyhow::{anyhow, Result};
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{
+    future::BoxFuture,
+    stream::{FuturesUnordered, StreamExt},
+};
 
 use super::{timer::PreciseTimer, udp, Attempt, Probe};
 
@@ -80,13 +83,12 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             if let Probe::Udp(udp) = &mut check.probe {
                 udp.report_refusals_to(&refusals);
             }
-            check
-        })
-        .map(|check| Schedule {
-            next_send: timer.next_on_grid(start, check.timing.interval),
-            check,
-            pending: VecDeque::new(),
-            sequence: 0,
+            Schedule {
+                next_send: timer.next_on_grid(start, check.timing.interval),
+                check,
+                pending: VecDeque::new(),
+                sequence: 0,
+            }
         })
         .collect();
     let mut in_flight = FuturesUnordered::new();
@@ -97,8 +99,7 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
         tokio::select! {
             biased;
             Some((index, number, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                let schedule: &mut Schedule = &mut schedules[index];
-                schedule.settle(number, result, Instant::now());
+                Schedule::settle(&mut schedules[index], number, result, Instant::now());
             }
             refused = refusals.wait() => {
                 refused?;
@@ -217,10 +218,7 @@ impl Schedule {
 
     /// Sends the next attempt if it is due; an awaited one is returned with its number for
     /// the caller to drive.
-    fn send_if_due(
-        &mut self,
-        now: Instant,
-    ) -> Option<(u64, futures::future::BoxFuture<'static, Result<()>>)> {
+    fn send_if_due(&mut self, now: Instant) -> Option<(u64, BoxFuture<'static, Result<()>>)> {
         if self.next_send > now {
             return None;
         }
@@ -238,7 +236,7 @@ impl Schedule {
                 });
                 return None;
             }
-            Attempt::Polled(sent) => (sent, None),
+            Attempt::Polled(sent) => (Some(sent), None),
             Attempt::Awaited(future) => (None, Some((number, future))),
         };
         self.pending.push_back(Pending {

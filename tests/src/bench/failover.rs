@@ -67,6 +67,8 @@ const LOSS_DATAGRAM: usize = 1470;
 const FLIP_CYCLES: usize = 50;
 /// How long a stream runs before the fault.
 const BEFORE_FAULT: Duration = Duration::from_millis(300);
+/// A fault the rig switches on (`true`) for an experiment and off after it.
+type Toggle = fn(&Rig, bool) -> Result<()>;
 
 /// One trial of a downtime or failback experiment.
 #[derive(Debug, Clone)]
@@ -234,19 +236,25 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         rig.restart_master_server()?;
         rig.wait_master_serving(Duration::from_secs(30))?;
 
-        let (silent, _) = faulted(rig, "master host silent", Direction::Failover, &|rig| {
-            rig.set_master_silent(true)
-        })?;
-        results.silent.push(silent);
-        rig.set_master_silent(false)?;
-        rig.wait_master_serving(Duration::from_secs(30))?;
-
-        let (frozen, _) = faulted(rig, "master server frozen", Direction::Failover, &|rig| {
-            rig.freeze_master_server(true)
-        })?;
-        results.frozen.push(frozen);
-        rig.freeze_master_server(false)?;
-        rig.wait_master_serving(Duration::from_secs(30))?;
+        // Faults switched on for the experiment and off after it.
+        let toggled: [(&str, Toggle, &mut Vec<_>); 2] = [
+            (
+                "master host silent",
+                Rig::set_master_silent,
+                &mut results.silent,
+            ),
+            (
+                "master server frozen",
+                Rig::freeze_master_server,
+                &mut results.frozen,
+            ),
+        ];
+        for (what, set, into) in toggled {
+            let (gap, _) = faulted(rig, what, Direction::Failover, &|rig| set(rig, true))?;
+            into.push(gap);
+            set(rig, false)?;
+            rig.wait_master_serving(Duration::from_secs(30))?;
+        }
     }
     let pps = (args.loss_mbit * 1e6 / (LOSS_DATAGRAM as f64 * 8.0)).round() as u32;
     let duration = Duration::from_secs(args.loss_seconds);
