@@ -50,6 +50,10 @@ pub mod map_names {
     pub const BACKENDS: &str = "BACKENDS";
     /// Backend index → monotonic time (ns) until which its sticky flows stay on it.
     pub const KEEP: &str = "KEEP";
+    /// Backend index → [`admin_flags`](super::admin_flags) set by the operator
+    /// (`lb drain`). The program does not read it: it is pinned with the dataplane so
+    /// that a restarted agent finds what the operator decided.
+    pub const ADMIN: &str = "ADMIN";
     /// VIP (network order bytes) → [`VipInfo`](super::VipInfo); answers ARP.
     pub const VIPS: &str = "VIPS";
     /// A bit per low 16 bits of an address, set for each VIP: the array lookup that tells
@@ -133,6 +137,12 @@ pub mod service_flags {
     /// Graceful failback: TCP flows stay on the backend they started on while `KEEP`
     /// allows, instead of following the active backend at once.
     pub const GRACEFUL: u32 = 1 << 0;
+}
+
+/// Bits of a backend's `ADMIN` entry.
+pub mod admin_flags {
+    /// Taken out of service by the operator (`lb drain`): it gets no new flows.
+    pub const DRAINED: u32 = 1 << 0;
 }
 
 /// A backend as the dataplane needs it to forward one packet.

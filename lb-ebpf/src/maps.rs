@@ -31,6 +31,11 @@ pub static BACKENDS: Array<Backend> = Array::with_max_entries(MAX_BACKENDS, 0);
 #[map]
 pub static KEEP: Array<u64> = Array::with_max_entries(MAX_BACKENDS, 0);
 
+/// Backend index → the operator's decisions about it (`lb_common::admin_flags`). Only the
+/// agent reads it; it is here so that it is pinned, and so kept, with the rest.
+#[map]
+pub static ADMIN: Array<u32> = Array::with_max_entries(MAX_BACKENDS, 0);
+
 /// Configured VIPs.
 #[map]
 pub static VIPS: HashMap<[u8; 4], VipInfo> = HashMap::with_max_entries(MAX_SERVICES, 0);

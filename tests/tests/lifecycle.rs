@@ -1,7 +1,7 @@
 //! End to end, the dataplane outlives its agent: a client asks the VIP 10 000 times a
 //! second while the agent is killed, stopped, restarted and replaced, and not one request
 //! goes unanswered; a restarted agent adopts the pinned dataplane (connection table, active
-//! backends) and starts in bad weather.
+//! backends, the operator's drains) and starts in bad weather.
 
 use std::{
     sync::{Mutex, MutexGuard},
@@ -161,6 +161,48 @@ fn a_restarted_agent_keeps_the_backend_in_use_and_checks_the_others_first() {
     wait_active(&bed, LISTEN, "echo", "master").unwrap();
     assert_eq!(bed.udp_request_vip("back").unwrap().0, "master back");
     assert!(bed.processes[second].terminate().unwrap());
+}
+
+#[test]
+fn a_drain_by_hand_outlives_the_agent_until_undrained() {
+    let (mut bed, _turn) = testbed("lblc-drain");
+    let agent = start_agent(&mut bed, &config(), LISTEN);
+    let lb = lb_binary().unwrap();
+    let (ok, out, err) = bed
+        .output(Host::Switch, &lb, &["drain", "echo", "master"])
+        .unwrap();
+    assert!(ok && out.contains("master -> slave"), "{out}{err}");
+
+    // Restarted, the agent finds the drain in the pinned maps: the master, healthy, gets
+    // nothing, neither during the restart nor once its checks pass again.
+    let stream = bed.udp_stream(20_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(bed.processes[agent].terminate().unwrap());
+    let second = start_agent(&mut bed, &config(), LISTEN);
+    let answers = stream.join().unwrap().unwrap();
+    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
+    assert!(
+        answers.iter().all(|a| a.by.as_deref() == Some("slave")),
+        "{}",
+        summary(&answers)
+    );
+    let status = bed.agent_status(LISTEN).unwrap();
+    let master = &status.services[0].backends[0];
+    assert!(master.drained && master.up, "{master:?}");
+    assert_eq!(status.services[0].active.as_deref(), Some("slave"));
+
+    // Undrained, it takes the traffic back, and a further restart keeps it undrained.
+    let (ok, out, err) = bed
+        .output(Host::Switch, &lb, &["undrain", "echo", "master"])
+        .unwrap();
+    assert!(ok, "{out}{err}");
+    wait_active(&bed, LISTEN, "echo", "master").unwrap();
+    assert!(bed.processes[second].terminate().unwrap());
+    let third = start_agent(&mut bed, &config(), LISTEN);
+    let status = bed.agent_status(LISTEN).unwrap();
+    assert!(!status.services[0].backends[0].drained, "{status:?}");
+    assert_eq!(bed.udp_request_vip("back").unwrap().0, "master back");
+    assert!(bed.processes[third].terminate().unwrap());
 }
 
 #[test]

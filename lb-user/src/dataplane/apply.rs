@@ -121,6 +121,7 @@ impl MapWriter {
                 drop(backends);
                 if !keep_active || !known_backends.contains(&backend.index) {
                     self.set_keep(backend.index, KEEP_FOREVER)?;
+                    self.set_drained(backend.index, false)?;
                 }
             }
             let current = self.active(service.id)?;
@@ -163,6 +164,7 @@ impl MapWriter {
         }
         for index in &gone_backends {
             self.set_keep(*index, 0)?;
+            self.set_drained(*index, false)?;
         }
         if !gone_services.is_empty() || !gone_backends.is_empty() {
             applied.flows_removed = self.remove_flows(&gone_services, &gone_backends)?;

@@ -31,6 +31,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::ACTIVE,
     map_names::BACKENDS,
     map_names::KEEP,
+    map_names::ADMIN,
     map_names::VIPS,
     map_names::VIP_BITS,
     map_names::IFACES,

@@ -5,6 +5,8 @@
 //! on every packet, so the packet after the write already goes to the new backend.
 //! [`MapWriter::set_keep`] tells the program how long a backend that is no longer active
 //! keeps its TCP connections (graceful failback and drain).
+//! [`MapWriter::set_drained`] records the operator's drain in `ADMIN`, which only the agent
+//! reads: pinned with the rest, it tells a restarted agent what the operator decided.
 
 use std::sync::Mutex;
 
@@ -14,8 +16,8 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    map_names, Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply, ServiceValue,
-    Traffic, VipInfo,
+    admin_flags, map_names, Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply,
+    ServiceValue, Traffic, VipInfo,
 };
 
 use crate::config::FlowsConfig;
@@ -30,6 +32,8 @@ pub struct MapWriter {
     pub(super) active: Mutex<Array<MapData, u32>>,
     pub(super) backends: Mutex<Array<MapData, Backend>>,
     pub(super) keep: Mutex<Array<MapData, u64>>,
+    /// The operator's decisions per backend (`lb drain`), kept with the pins.
+    pub(super) admin: Mutex<Array<MapData, u32>>,
     /// The connection table (read by [`super::flows`]).
     pub(super) flows: Mutex<HashMap<MapData, FlowKey, Flow>>,
     /// The reply index of the connection table.
@@ -109,6 +113,7 @@ impl MapWriter {
             active: Mutex::new(take(ebpf, map_names::ACTIVE)?),
             backends: Mutex::new(take(ebpf, map_names::BACKENDS)?),
             keep: Mutex::new(take(ebpf, map_names::KEEP)?),
+            admin: Mutex::new(take(ebpf, map_names::ADMIN)?),
             flows: Mutex::new(take(ebpf, map_names::FLOWS)?),
             replies: Mutex::new(take(ebpf, map_names::REPLIES)?),
             traffic: take(ebpf, map_names::TRAFFIC)?,
@@ -145,5 +150,26 @@ impl MapWriter {
             .expect("KEEP map lock")
             .set(backend, until, 0)
             .with_context(|| format!("cannot write the keep deadline of backend {backend}"))
+    }
+
+    /// Records whether backend `backend` is drained by the operator. One map write.
+    pub fn set_drained(&self, backend: u32, drained: bool) -> Result<()> {
+        let flags = if drained { admin_flags::DRAINED } else { 0 };
+        self.admin
+            .lock()
+            .expect("ADMIN map lock")
+            .set(backend, flags, 0)
+            .with_context(|| format!("cannot record the drain of backend {backend}"))
+    }
+
+    /// Whether backend `backend` is drained by the operator, as the maps record it.
+    pub fn drained(&self, backend: u32) -> Result<bool> {
+        let flags = self
+            .admin
+            .lock()
+            .expect("ADMIN map lock")
+            .get(&backend, 0)
+            .with_context(|| format!("cannot read the drain of backend {backend}"))?;
+        Ok(flags & admin_flags::DRAINED != 0)
     }
 }

@@ -27,7 +27,7 @@ use crate::{
         BackendLabels, CheckLabels, CheckResultLabels, FailoverLabels, Metrics, ServiceLabels,
     },
     net::events::{CarrierEvent, NetEvent, NetEvents},
-    plan::{Plan, PlannedService},
+    plan::{Plan, PlannedBackend, PlannedService},
 };
 
 /// A change of a service's active backend.
@@ -172,6 +172,23 @@ fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64()
+}
+
+/// Whether the operator's drain of `backend` is recorded in the (pinned) maps: a drain
+/// outlives the agent that took it. Unreadable counts as not drained, with a warning.
+fn recorded_drain(maps: &MapWriter, service: &str, backend: &PlannedBackend) -> bool {
+    let drained = maps.drained(backend.index).unwrap_or_else(|e| {
+        tracing::warn!(service, backend = backend.name, error = %format!("{e:#}"), "cannot read whether the backend is drained; taking it as not");
+        false
+    });
+    if drained {
+        tracing::info!(
+            service,
+            backend = backend.name,
+            "backend drained by hand before this start: stays drained"
+        );
+    }
+    drained
 }
 
 impl ServiceRuntime {
@@ -521,6 +538,9 @@ impl ServiceRuntime {
     pub fn set_drained(self: &Arc<Self>, name: &str, drained: bool) -> Result<Change> {
         let position = self.position_of(name)?;
         let mut state = self.state.lock().expect("service state lock");
+        // Recorded first, in the pinned maps: a restarted agent finds it there.
+        self.maps
+            .set_drained(self.plan.backends[position].index, drained)?;
         let was = state.backends[position].drained;
         state.backends[position].drained = drained;
         let what = if drained { "drained" } else { "undrained" };
@@ -558,6 +578,10 @@ impl ServiceRuntime {
     pub fn activate(self: &Arc<Self>, name: &str) -> Result<Change> {
         let position = self.position_of(name)?;
         let mut state = self.state.lock().expect("service state lock");
+        if state.backends[position].drained {
+            self.maps
+                .set_drained(self.plan.backends[position].index, false)?;
+        }
         state.backends[position].drained = false;
         if state.active == Some(position) {
             let name = Some(name.to_string());
@@ -683,7 +707,7 @@ impl Engine {
                         up,
                         up_since: up.then(Instant::now),
                         last_cause,
-                        drained: false,
+                        drained: recorded_drain(&maps, &service.name, b),
                         keep_until: KEEP_FOREVER,
                         mac_known: b.mac_known,
                         last_checks: vec![None; b.health.checks.len()],
