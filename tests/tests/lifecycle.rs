@@ -63,6 +63,16 @@ fn summary(answers: &[Answer]) -> String {
     )
 }
 
+/// Asserts that every request was answered, and all by `backend`.
+fn assert_all_answered_by(answers: &[Answer], backend: &str) {
+    assert_eq!(unanswered(answers), 0, "{}", summary(answers));
+    assert!(
+        answers.iter().all(|a| a.by.as_deref() == Some(backend)),
+        "{}",
+        summary(answers)
+    );
+}
+
 #[test]
 fn a_killed_agent_costs_no_request_while_dead_nor_when_restarted() {
     let (mut bed, _turn) = testbed("lblc-kill");
@@ -144,13 +154,7 @@ fn a_restarted_agent_keeps_the_backend_in_use_and_checks_the_others_first() {
     let stream = bed.udp_stream(20_000, PERIOD).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let second = start_agent(&mut bed, &config(), LISTEN);
-    let answers = stream.join().unwrap().unwrap();
-    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
-    assert!(
-        answers.iter().all(|a| a.by.as_deref() == Some("slave")),
-        "{}",
-        summary(&answers)
-    );
+    assert_all_answered_by(&stream.join().unwrap().unwrap(), "slave");
     let status = bed.agent_status(LISTEN).unwrap();
     let echo = &status.services[0];
     assert_eq!(echo.active.as_deref(), Some("slave"));
@@ -179,13 +183,7 @@ fn a_drain_by_hand_outlives_the_agent_until_undrained() {
     std::thread::sleep(Duration::from_millis(300));
     assert!(bed.processes[agent].terminate().unwrap());
     let second = start_agent(&mut bed, &config(), LISTEN);
-    let answers = stream.join().unwrap().unwrap();
-    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
-    assert!(
-        answers.iter().all(|a| a.by.as_deref() == Some("slave")),
-        "{}",
-        summary(&answers)
-    );
+    assert_all_answered_by(&stream.join().unwrap().unwrap(), "slave");
     let status = bed.agent_status(LISTEN).unwrap();
     let master = &status.services[0].backends[0];
     assert!(master.drained && master.up, "{master:?}");
