@@ -9,5 +9,6 @@
 
 pub mod csum;
 pub mod maps;
+pub mod trafficgen;
 
 pub use maps::*;

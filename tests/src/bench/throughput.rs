@@ -6,6 +6,7 @@
 //! (`lbt-*` namespaces), and written to the `throughput` section of the report.
 
 pub mod generator;
+pub mod live;
 pub mod nat;
 pub mod overhead;
 pub mod progcost;
@@ -49,9 +50,12 @@ pub struct Args {
     /// Large frame length, bytes (Ethernet header included, FCS not).
     #[arg(long, default_value_t = 1500)]
     pub large: usize,
-    /// Frames per sendmmsg call of the generator.
-    #[arg(long, default_value_t = 64)]
-    pub batch: usize,
+    /// Client addresses the generator spreads its frames over (198.19.0.1 on).
+    #[arg(long, default_value_t = 256)]
+    pub client_addrs: u32,
+    /// Source ports per client address (40000 on).
+    #[arg(long, default_value_t = 16)]
+    pub client_ports: u32,
     /// CPU the generator is pinned to (-1: not pinned).
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub generator_cpu: i64,
@@ -163,6 +167,14 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     let mut bed = Testbed::new(PREFIX).context("cannot build the lbt testbed")?;
+    let flowtable = match nat::flowtable_refusal(&bed.switch) {
+        None => "nftables with a flowtable (`flow add @ft`) is not measured by this bench yet."
+            .to_string(),
+        Some(why) => format!(
+            "nftables with a flowtable (`flow add @ft`) cannot be measured on this kernel: \
+             `nft` refused the flowtable ({why}; the kernel has no `CONFIG_NF_FLOW_TABLE`)."
+        ),
+    };
     let (cases, xdp_mode) = if args.no_traffic {
         (Vec::new(), String::new())
     } else {
@@ -194,6 +206,7 @@ pub fn run(args: Args) -> Result<()> {
         &head,
         &cases,
         &xdp_mode,
+        &flowtable,
         costs.as_ref(),
         &overheads,
         started.elapsed(),
@@ -259,13 +272,27 @@ fn traffic_rounds(bed: &mut Testbed, args: &Args) -> Result<(Vec<Case>, String)>
             "permanent",
         ])?;
     }
+    bed.switch.ip(&[
+        "route",
+        "replace",
+        traffic::CLIENTS,
+        "via",
+        "198.18.1.2",
+        "dev",
+        "c0",
+    ])?;
     if !args.softirq {
-        nat::threaded_napi(&bed.switch)?;
+        // The switch's receive work on the other core than the generator.
+        let napi_cpu = usize::try_from(args.generator_cpu)
+            .ok()
+            .map(|cpu| if cpu == 0 { 1 } else { 0 });
+        nat::threaded_napi(&bed.switch, napi_cpu)?;
     }
     let timing = Timing {
         warmup: Duration::from_millis(args.warmup_ms),
         window: Duration::from_secs_f64(args.duration),
-        batch: args.batch.clamp(1, 1024),
+        addrs: args.client_addrs.clamp(1, 65_000),
+        ports: args.client_ports.clamp(1, 25_000),
         cpu: usize::try_from(args.generator_cpu).ok(),
     };
     let mut cases: Vec<Case> = [Way::Forward, Way::Return]
@@ -288,6 +315,9 @@ fn traffic_rounds(bed: &mut Testbed, args: &Args) -> Result<(Vec<Case>, String)>
             interrupt::check()?;
             progress(format!("round {round}/{}: {mode:?}", args.rounds));
             let agent = if mode == Mode::Xdp {
+                // A routed switch host, as with nftables: the program's reverse-path
+                // check of new clients then asks the FIB.
+                nat::forwarding(&bed.switch, true)?;
                 let index = bed.start_lb(&["run", "--config", &config])?;
                 bed.wait_for_agent(index, LISTEN)?;
                 xdp_mode = attach_modes(bed)?;
@@ -330,6 +360,7 @@ fn traffic_rounds(bed: &mut Testbed, args: &Args) -> Result<(Vec<Case>, String)>
             drop(_nat);
             if let Some(index) = agent {
                 bed.stop_lb_for_good(index)?;
+                nat::forwarding(&bed.switch, false)?;
             }
         }
     }
@@ -386,6 +417,7 @@ fn render(
     head: &str,
     cases: &[Case],
     xdp_mode: &str,
+    flowtable: &str,
     costs: Option<&progcost::Costs>,
     overheads: &[overhead::Overhead],
     elapsed: Duration,
@@ -407,24 +439,39 @@ fn render(
              peer and a masquerade would be a different job: conntrack's reverse NAT of the \
              replies is the SNAT half of this job), then \
              the generator alone (every frame dropped at the switch's ingress hook). Each \
-             measurement: {} ms warm-up, then {:.1} s counted. One UDP flow, client port {}.\n",
+             measurement: {} ms warm-up, then {:.1} s counted. {} UDP flows: {} client \
+             addresses from {} with {} source ports each from {} (the switch routes {} \
+             through the client host), each flow known to the switch before the count (one \
+             frame each way, then one more from the client). {}\n",
             args.rounds,
             args.warmup_ms,
             args.duration,
-            traffic::CLIENT_PORT
+            u64::from(args.client_addrs) * u64::from(args.client_ports),
+            args.client_addrs,
+            traffic::FIRST_CLIENT,
+            args.client_ports,
+            traffic::CLIENT_PORT,
+            traffic::CLIENTS,
+            flowtable,
         );
         let _ = writeln!(
             t,
-            "Generator: an `AF_PACKET` socket on the sending host's veth, qdisc bypassed, \
-             `sendmmsg` of {} copies of one pre-built frame per call{}; offered = frames the \
-             kernel accepted. Delivered = frames of the flow counted (then dropped) by an \
+            "Generator: an XDP program run by `BPF_PROG_TEST_RUN` in live-frames mode \
+             (`BPF_F_TEST_XDP_LIVE_FRAMES`, the method of xdp-trafficgen) on the sending \
+             host's veth: the kernel builds each frame from one template, the program gives \
+             it the next flow (address, port, checksums) and returns `XDP_TX`, and the frame \
+             leaves through the veth's `ndo_xdp_xmit`, in batches of 64, with no system call \
+             per frame{}; offered = frames the generator ran (frames the veth's ring could \
+             not take are dropped on the sending side and count as offered). Delivered = \
+             frames counted (then dropped) by an \
              nftables rule at the ingress of the receiving host's `eth0`, matching only the \
              rewritten addresses (forward: to the master; return: from the VIP); a second \
-             rule counts frames that arrive un-rewritten (\"not rewritten\"). \
+             rule counts frames that arrive un-rewritten (\"not rewritten\"). The receivers \
+             keep the pass-through XDP program (`lb_pass`) in every mode, which veth needs \
+             to deliver frames redirected by XDP. \
              The switch's ports poll {}. \
              Frame lengths include the Ethernet header, not the FCS; bit rates are frame \
              bits (add 24 bytes per frame for preamble, FCS and gap on a wire).\n",
-            args.batch,
             match usize::try_from(args.generator_cpu) {
                 Ok(cpu) => format!(", the sending thread pinned to CPU {cpu}"),
                 Err(_) => String::new(),

@@ -1,28 +1,14 @@
-//! The traffic generator and the counters read at both ends.
-//!
-//! The generator writes one pre-built Ethernet frame over and over through an `AF_PACKET`
-//! socket bound to the sending host's NIC, in batches of `sendmmsg`, with the qdisc
-//! bypassed: the cheapest way to offer frames from user space without pktgen. It runs on a
-//! thread inside the sending namespace, bounded in time, and counts the frames the kernel
-//! accepted (the offered load).
-//!
-//! Delivery is counted at the receiving host (see [`super::nat::RxCount`]).
+//! Frames and the ways to send them: test frames built to size, an `AF_PACKET` socket that
+//! sends whole frames past the qdisc (single frames and batches of `sendmmsg`, for the
+//! flood bench), and the NIC counters read at both ends. The throughput generator is
+//! [`super::live`].
 
 use std::{
     net::Ipv4Addr,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
-    },
-    thread::JoinHandle,
-    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
-use lb_user::testbed::netns::Netns;
-
-use crate::bench::interrupt;
 
 /// Addresses and ports of one UDP flow, as the frame carries them.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +47,17 @@ pub fn frame(flow: &Flow, len: usize) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The index of NIC `iface` in the calling thread's namespace.
+pub fn ifindex(iface: &str) -> Result<u32> {
+    let name = std::ffi::CString::new(iface)?;
+    // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if ifindex == 0 {
+        return Err(std::io::Error::last_os_error()).context(format!("no NIC {iface}"));
+    }
+    Ok(ifindex)
+}
+
 /// An `AF_PACKET` socket bound to one NIC, sending whole frames past the qdisc.
 pub struct PacketSocket {
     fd: OwnedFd,
@@ -69,12 +66,7 @@ pub struct PacketSocket {
 impl PacketSocket {
     /// Opens the socket on `iface` of the calling thread's namespace.
     pub fn open(iface: &str) -> Result<Self> {
-        let name = std::ffi::CString::new(iface)?;
-        // SAFETY: if_nametoindex reads a NUL-terminated string that outlives the call.
-        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-        if ifindex == 0 {
-            return Err(std::io::Error::last_os_error()).context(format!("no NIC {iface}"));
-        }
+        let ifindex = ifindex(iface)?;
         // Protocol 0: this socket only sends, it never receives a copy of the traffic.
         // SAFETY: plain socket(2) call; the result is checked before use.
         let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
@@ -192,89 +184,24 @@ impl PacketSocket {
     }
 }
 
-/// A generator running on its own thread.
-pub struct Generator {
-    stop: Arc<AtomicBool>,
-    sent: Arc<AtomicU64>,
-    thread: Option<JoinHandle<Result<()>>>,
-}
-
-impl Generator {
-    /// Starts sending `frame` out of `iface` of `ns` in batches of `batch`, for at most
-    /// `limit` (or until stopped), on a thread pinned to `cpu` when given.
-    pub fn start(
-        ns: &Netns,
-        iface: &str,
-        frame: Vec<u8>,
-        batch: usize,
-        limit: Duration,
-        cpu: Option<usize>,
-    ) -> Result<Self> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let sent = Arc::new(AtomicU64::new(0));
-        let (flag, counter, iface) = (stop.clone(), sent.clone(), iface.to_string());
-        let thread = ns.spawn(move || {
-            if let Some(cpu) = cpu {
-                pin_to(cpu)?;
-            }
-            let socket = PacketSocket::open(&iface)?;
-            let end = Instant::now() + limit;
-            while !flag.load(Ordering::Relaxed) && Instant::now() < end {
-                interrupt::check()?;
-                let n = socket.send_batch(&frame, batch)?;
-                counter.fetch_add(n as u64, Ordering::Relaxed);
-                if n == 0 {
-                    std::thread::yield_now();
-                }
-            }
-            Ok(())
-        })?;
-        Ok(Generator {
-            stop,
-            sent,
-            thread: Some(thread),
-        })
-    }
-
-    /// Frames the kernel has taken so far.
-    pub fn sent(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed)
-    }
-
-    /// Stops the generator and returns the frames sent, or its error.
-    pub fn stop(mut self) -> Result<u64> {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            match thread.join() {
-                Ok(result) => result?,
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        Ok(self.sent())
-    }
-}
-
-impl Drop for Generator {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
 /// Pins the calling thread to CPU `cpu`.
-fn pin_to(cpu: usize) -> Result<()> {
+pub fn pin_to(cpu: usize) -> Result<()> {
+    pin(0, cpu)
+}
+
+/// Pins thread `pid` (0: the calling thread) to CPU `cpu`.
+pub fn pin(pid: i32, cpu: usize) -> Result<()> {
     // SAFETY: cpu_set_t is plain old data; CPU_ZERO/CPU_SET only write into it, and
-    // sched_setaffinity(0, …) reads it for the calling thread.
+    // sched_setaffinity reads it.
     let rc = unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         libc::CPU_ZERO(&mut set);
         libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context(format!("pin to CPU {cpu}"));
+        return Err(std::io::Error::last_os_error())
+            .context(format!("pin thread {pid} to CPU {cpu}"));
     }
     Ok(())
 }

@@ -52,6 +52,37 @@ fn sysctl(ns: &str, key: &str, value: &str) -> Result<()> {
     ])
 }
 
+/// Turns IPv4 forwarding of `switch` on or off (a routed switch host has it on).
+pub fn forwarding(switch: &Netns, on: bool) -> Result<()> {
+    sysctl(
+        switch.name(),
+        "net.ipv4.ip_forward",
+        if on { "1" } else { "0" },
+    )
+}
+
+/// Whether nftables can offload flows to a flowtable on `switch`'s ports: `None` if it
+/// can, otherwise what refused it (a kernel built without `CONFIG_NF_FLOW_TABLE` refuses
+/// the flowtable).
+pub fn flowtable_refusal(switch: &Netns) -> Option<String> {
+    const TABLE: &str = "lbt_ft_probe";
+    let made = nft(
+        switch.name(),
+        &format!(
+            "table ip {TABLE} {{\n\tflowtable ft {{\n\t\thook ingress priority 0; devices = {{ c0, m0 }};\n\t}}\n}}\n"
+        ),
+    );
+    let _ = nft(switch.name(), &format!("delete table ip {TABLE}\n"));
+    made.err().map(|e| {
+        format!("{e:#}")
+            .lines()
+            .find(|l| l.contains("Error"))
+            .unwrap_or("refused")
+            .trim()
+            .to_string()
+    })
+}
+
 /// nftables DNAT of `VIP:port/udp` to the master on the switch, with routing on and the
 /// VIP answered (ARP) on the client port `c0`. Undone on drop.
 pub struct NftNat {
@@ -139,14 +170,20 @@ impl Drop for IngressDrop {
 
 /// Lets the switch poll its ports `c0` and `m0` from kernel threads (threaded NAPI, GRO
 /// on so that veth uses NAPI without XDP too): the switch's work can then run on the other
-/// core than the generator. Lasts as long as the namespace.
-pub fn threaded_napi(switch: &Netns) -> Result<()> {
+/// core than the generator; with `cpu`, their threads are pinned to it. Lasts as long as
+/// the namespace.
+pub fn threaded_napi(switch: &Netns, cpu: Option<usize>) -> Result<()> {
     for dev in ["c0", "m0"] {
         switch.exec("ethtool", &["-K", dev, "gro", "on"])?;
         switch.exec(
             "sh",
             &["-c", &format!("echo 1 > /sys/class/net/{dev}/threaded")],
         )?;
+    }
+    if let Some(cpu) = cpu {
+        for pid in napi_threads(&["c0", "m0"])? {
+            super::generator::pin(pid, cpu)?;
+        }
     }
     Ok(())
 }
@@ -219,4 +256,27 @@ impl Drop for RxCount {
             eprintln!("cleanup: {e:#}");
         }
     }
+}
+
+/// The kernel threads that poll NICs `devs` (threaded NAPI names them `napi/DEV-ID`).
+fn napi_threads(devs: &[&str]) -> Result<Vec<i32>> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").context("cannot read /proc")? {
+        let entry = entry?;
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if devs
+            .iter()
+            .any(|dev| comm.trim().starts_with(&format!("napi/{dev}-")))
+        {
+            pids.push(pid);
+        }
+    }
+    Ok(pids)
 }

@@ -1,16 +1,22 @@
-//! One throughput measurement: the generator offers one flow for a fixed time, the
-//! receiving host counts (and drops) at its NIC's ingress what arrived rewritten.
+//! One throughput measurement: the generator offers frames spread over many client flows
+//! for a fixed time, the receiving host counts (and drops) at its NIC's ingress what
+//! arrived rewritten.
 
-use std::time::{Duration, Instant};
+use std::{
+    net::Ipv4Addr,
+    time::{Duration, Instant},
+};
 
 use anyhow::Result;
+use lb_common::trafficgen::{spread_field, Spread, HEADER_LEN};
 use lb_user::testbed::{
-    topology::{CLIENT_IP, MASTER_IP, MASTER_MAC, UDP_PORT, VIP},
+    topology::{MASTER_IP, MASTER_MAC, UDP_PORT, VIP},
     Testbed,
 };
 
 use super::{
-    generator::{self, Flow, Generator, PacketSocket},
+    generator::{self, Flow},
+    live::{self, Generator},
     nat::RxCount,
 };
 use crate::bench::interrupt;
@@ -21,7 +27,12 @@ const CLIENT_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x02];
 const C0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x01];
 /// The switch's port towards the master.
 const M0_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x02, 0x01];
-/// The client's source port of the measured flow.
+/// The first client address of the measured flows; the switch routes
+/// [`CLIENTS`] through the client host.
+pub const FIRST_CLIENT: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 1);
+/// The clients' network.
+pub const CLIENTS: &str = "198.19.0.0/16";
+/// The first client source port of the measured flows.
 pub const CLIENT_PORT: u16 = 40_000;
 
 /// Which way the traffic goes.
@@ -50,8 +61,10 @@ pub struct Timing {
     pub warmup: Duration,
     /// The measured window.
     pub window: Duration,
-    /// Frames per `sendmmsg`.
-    pub batch: usize,
+    /// Client addresses the frames are spread over.
+    pub addrs: u32,
+    /// Source ports per client address.
+    pub ports: u32,
     /// CPU the generator is pinned to.
     pub cpu: Option<usize>,
 }
@@ -91,7 +104,7 @@ fn forward_flow() -> Flow {
     Flow {
         src_mac: CLIENT_MAC,
         dst_mac: C0_MAC,
-        src_ip: CLIENT_IP,
+        src_ip: FIRST_CLIENT,
         dst_ip: VIP,
         src_port: CLIENT_PORT,
         dst_port: UDP_PORT,
@@ -103,25 +116,48 @@ fn return_flow() -> Result<Flow> {
         src_mac: lb_user::net::parse_mac(MASTER_MAC)?,
         dst_mac: M0_MAC,
         src_ip: MASTER_IP,
-        dst_ip: CLIENT_IP,
+        dst_ip: FIRST_CLIENT,
         src_port: UDP_PORT,
         dst_port: CLIENT_PORT,
     })
 }
 
-/// Sends a few frames of the forward flow from the client, so that the switch knows the
-/// flow before replies come (the XDP program learns the client; conntrack creates the
-/// NAT binding).
-pub fn prime(bed: &Testbed) -> Result<()> {
-    let frame = generator::frame(&forward_flow(), 64)?;
-    bed.client.enter(move || -> Result<()> {
-        let socket = PacketSocket::open("eth0")?;
-        for _ in 0..4 {
-            socket.send(&frame)?;
-        }
-        Ok(())
-    })??;
-    interrupt::sleep(Duration::from_millis(100))
+/// The flows of the measurement, varied at the client's end of `way`, over frame `frame`.
+fn spread(way: Way, timing: &Timing, frame: &[u8]) -> Spread {
+    let mut header = [0u8; HEADER_LEN];
+    header.copy_from_slice(&frame[..HEADER_LEN]);
+    Spread {
+        header,
+        tail: [0; 2],
+        field: match way {
+            Way::Forward => spread_field::SOURCE,
+            Way::Return => spread_field::DESTINATION,
+        },
+        addrs: timing.addrs,
+        ports: timing.ports,
+        first_addr: FIRST_CLIENT.octets(),
+        first_port: CLIENT_PORT.to_be_bytes(),
+        pad: [0; 2],
+    }
+}
+
+/// Makes the switch know every flow before the measurement: one frame of each from the
+/// clients (the XDP program creates the flow; conntrack the NAT binding), one reply of each
+/// from the master (conntrack's entry becomes established, which a flowtable needs), and
+/// one more from the clients (which a flowtable's `flow add` offloads).
+pub fn prime(bed: &Testbed, timing: &Timing) -> Result<()> {
+    let flows = timing.addrs * timing.ports;
+    for (ns, flow, way) in [
+        (&bed.client, forward_flow(), Way::Forward),
+        (&bed.master, return_flow()?, Way::Return),
+        (&bed.client, forward_flow(), Way::Forward),
+    ] {
+        let frame = generator::frame(&flow, 64)?;
+        let spread = spread(way, timing, &frame);
+        live::send_paced(ns, "eth0", frame, spread, flows)?;
+        interrupt::sleep(Duration::from_millis(50))?;
+    }
+    Ok(())
 }
 
 /// Measures one way with frames of `len` bytes. `receive`: count arrivals (false when the
@@ -145,15 +181,11 @@ pub fn measure(
                 &format!("ip daddr {MASTER_IP} udp dport {UDP_PORT}"),
                 &format!("ip daddr {VIP} udp dport {UDP_PORT}"),
             )?,
-            Way::Return => {
-                let counter = RxCount::new(
-                    receiver,
-                    &format!("ip saddr {VIP} udp sport {UDP_PORT} udp dport {CLIENT_PORT}"),
-                    &format!("ip saddr {MASTER_IP} udp sport {UDP_PORT} udp dport {CLIENT_PORT}"),
-                )?;
-                prime(bed)?;
-                counter
-            }
+            Way::Return => RxCount::new(
+                receiver,
+                &format!("ip saddr {VIP} udp sport {UDP_PORT}"),
+                &format!("ip saddr {MASTER_IP} udp sport {UDP_PORT}"),
+            )?,
         })
     } else {
         None
@@ -161,7 +193,11 @@ pub fn measure(
     let read = || -> Result<(u64, u64)> { counter.as_ref().map_or(Ok((0, 0)), RxCount::read) };
     let frame = generator::frame(&flow, len)?;
     let limit = timing.warmup + timing.window + Duration::from_secs(5);
-    let generator = Generator::start(sender, "eth0", frame, timing.batch, limit, timing.cpu)?;
+    if receive {
+        prime(bed, &timing)?;
+    }
+    let spread = spread(way, &timing, &frame);
+    let generator = Generator::start(sender, "eth0", frame, spread, limit, timing.cpu)?;
     interrupt::sleep(timing.warmup)?;
     // Each counter reading runs nft (milliseconds): the arrivals' window runs from the
     // middle of one reading to the middle of the other.
