@@ -40,21 +40,6 @@ pub struct Spread {
 /// Length of [`Spread::header`].
 pub const HEADER_LEN: usize = 14 + 20 + 8;
 
-impl Default for Spread {
-    fn default() -> Self {
-        Spread {
-            field: 0,
-            addrs: 0,
-            ports: 0,
-            first_addr: [0; 4],
-            first_port: [0; 2],
-            pad: [0; 2],
-            header: [0; HEADER_LEN],
-            tail: [0; 2],
-        }
-    }
-}
-
 #[cfg(feature = "user")]
 // SAFETY: `#[repr(C)]`, `Copy`, no padding, valid for any bytes.
 unsafe impl aya::Pod for Spread {}

@@ -172,7 +172,7 @@ pub fn run(args: Args) -> Result<()> {
             .to_string(),
         Some(why) => format!(
             "nftables with a flowtable (`flow add @ft`) cannot be measured on this kernel: \
-             `nft` refused the flowtable ({why}; the kernel has no `CONFIG_NF_FLOW_TABLE`)."
+             `nft` refused the flowtable ({why}; as a kernel built without `CONFIG_NF_FLOW_TABLE` answers)."
         ),
     };
     let (cases, xdp_mode) = if args.no_traffic {

@@ -1,7 +1,5 @@
-//! Frames and the ways to send them: test frames built to size, an `AF_PACKET` socket that
-//! sends whole frames past the qdisc (single frames and batches of `sendmmsg`, for the
-//! flood bench), and the NIC counters read at both ends. The throughput generator is
-//! [`super::live`].
+//! Test frames built to size, an `AF_PACKET` socket that sends whole frames past the qdisc
+//! (for the flood bench), and thread pinning. The throughput generator is [`super::live`].
 
 use std::{
     net::Ipv4Addr,
@@ -108,23 +106,6 @@ impl PacketSocket {
         Ok(PacketSocket { fd })
     }
 
-    /// Sends `frame` `count` times with one `sendmmsg`; returns how many the kernel took
-    /// (`Ok(0)` when it took none because a queue was full).
-    pub fn send_batch(&self, frame: &[u8], count: usize) -> Result<usize> {
-        let mut iov = libc::iovec {
-            iov_base: frame.as_ptr() as *mut libc::c_void,
-            iov_len: frame.len(),
-        };
-        // SAFETY: mmsghdr is plain old data; all-zero is a valid (empty) header.
-        let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-        header.msg_hdr.msg_iov = &mut iov;
-        header.msg_hdr.msg_iovlen = 1;
-        let mut headers = vec![header; count];
-        // SAFETY: every header points at `iov`, which points at `frame`; both outlive the
-        // call.
-        unsafe { self.sendmmsg(&mut headers) }
-    }
-
     /// Sends the messages of `headers` with one `sendmmsg`; returns how many the kernel took
     /// (`Ok(0)` when a queue was full).
     ///
@@ -174,14 +155,6 @@ impl PacketSocket {
         // them outlive the call.
         unsafe { self.sendmmsg(&mut headers) }
     }
-
-    /// Sends `frame` once.
-    pub fn send(&self, frame: &[u8]) -> Result<()> {
-        if self.send_batch(frame, 1)? != 1 {
-            bail!("the kernel did not take the frame");
-        }
-        Ok(())
-    }
 }
 
 /// Pins the calling thread to CPU `cpu`.
@@ -204,45 +177,4 @@ pub fn pin(pid: i32, cpu: usize) -> Result<()> {
             .context(format!("pin thread {pid} to CPU {cpu}"));
     }
     Ok(())
-}
-
-/// Counters of one NIC from `/proc/net/dev` of the calling thread's namespace.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NicCounters {
-    /// Received packets.
-    pub rx_packets: u64,
-    /// Received packets dropped.
-    pub rx_dropped: u64,
-    /// Sent packets.
-    pub tx_packets: u64,
-    /// Sent packets dropped.
-    pub tx_dropped: u64,
-}
-
-/// Reads [`NicCounters`] of `iface`.
-pub fn nic_counters(iface: &str) -> Result<NicCounters> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/dev")
-        .context("cannot read /proc/thread-self/net/dev")?;
-    for line in text.lines() {
-        let Some((name, rest)) = line.split_once(':') else {
-            continue;
-        };
-        if name.trim() != iface {
-            continue;
-        }
-        let v: Vec<u64> = rest
-            .split_whitespace()
-            .map(|s| s.parse().unwrap_or(0))
-            .collect();
-        if v.len() < 12 {
-            bail!("short /proc/net/dev line for {iface}");
-        }
-        return Ok(NicCounters {
-            rx_packets: v[1],
-            rx_dropped: v[3],
-            tx_packets: v[9],
-            tx_dropped: v[11],
-        });
-    }
-    bail!("no NIC {iface} in /proc/net/dev")
 }
