@@ -96,6 +96,12 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
         let Some(wake) = schedules.iter().map(Schedule::next_wake).min() else {
             return std::future::pending().await;
         };
+        // A wake-up for a send goes on to the next sends of the same interval: on a healthy
+        // pool every wake-up is one, and the timer then needs no re-arming.
+        let period = schedules
+            .iter()
+            .find(|s| s.next_send == wake)
+            .map(|s| s.check.timing.interval);
         tokio::select! {
             biased;
             Some((index, number, result)) = in_flight.next(), if !in_flight.is_empty() => {
@@ -108,7 +114,7 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
                     schedule.read_answers(now);
                 }
             }
-            woke = timer.sleep_until(wake) => {
+            woke = timer.sleep_until(wake, period) => {
                 woke?;
                 let now = Instant::now();
                 for (index, schedule) in schedules.iter_mut().enumerate() {

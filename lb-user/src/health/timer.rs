@@ -4,7 +4,9 @@
 //! 1 ms checks doubles the time to detect a silent backend. This one is a `timerfd` on
 //! `CLOCK_MONOTONIC` (the clock of [`std::time::Instant`]) armed at an absolute time and
 //! watched by tokio's reactor: it fires within the kernel's timer slack (50 µs by default)
-//! and costs one `timerfd_settime` and one `read` per expiry, no thread.
+//! and costs one `read` per expiry, no thread. Armed periodic on the probe grid, it needs no
+//! `timerfd_settime` while the wake-ups stay on that grid, which at 1 ms checks is every
+//! wake-up of a healthy pool.
 
 use std::{
     os::fd::{AsFd, AsRawFd, RawFd},
@@ -33,9 +35,19 @@ pub struct PreciseTimer {
     /// The same instant on both clocks, to turn an [`Instant`] into a `CLOCK_MONOTONIC`
     /// time.
     origin: (Instant, TimeSpec),
-    /// The instant the timer is armed for and has not fired yet: waiting for it again
-    /// (after a wait that something else cut short) needs no new `timerfd_settime`.
-    armed: Option<Instant>,
+    /// The next expiry the timer is armed for: waiting for it (again, after a wait that
+    /// something else cut short, or as the next tick of a periodic arming) needs no new
+    /// `timerfd_settime`.
+    armed: Option<Armed>,
+}
+
+/// How the timerfd is armed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Armed {
+    /// Its next expiry.
+    next: Instant,
+    /// Its period, when it repeats.
+    period: Option<Duration>,
 }
 
 impl PreciseTimer {
@@ -76,22 +88,29 @@ impl PreciseTimer {
         now + Duration::from_nanos(u64::try_from(ahead).unwrap_or(u64::MAX))
     }
 
-    /// Waits until `deadline` (at once if it has passed).
-    pub async fn sleep_until(&mut self, deadline: Instant) -> Result<()> {
-        if self.armed != Some(deadline) {
+    /// Waits until `deadline` (at once if it has passed). With a `period`, the timer goes
+    /// on firing every `period` after it, so that waiting for those instants later costs no
+    /// re-arming.
+    pub async fn sleep_until(&mut self, deadline: Instant, period: Option<Duration>) -> Result<()> {
+        if self.armed.map(|a| a.next) != Some(deadline) {
             let (origin, origin_ts) = self.origin;
             let offset = deadline.saturating_duration_since(origin);
             // A deadline before the origin cannot be expressed; it has passed anyway.
             let at = origin_ts + TimeSpec::from(offset.max(Duration::from_nanos(1)));
+            let period = period.filter(|p| !p.is_zero());
+            let expiration = match period {
+                Some(p) => Expiration::IntervalDelayed(at, TimeSpec::from(p)),
+                None => Expiration::OneShot(at),
+            };
             self.fd
                 .get_ref()
                 .0
-                .set(
-                    Expiration::OneShot(at),
-                    TimerSetTimeFlags::TFD_TIMER_ABSTIME,
-                )
+                .set(expiration, TimerSetTimeFlags::TFD_TIMER_ABSTIME)
                 .context("cannot arm the probe schedule's timerfd")?;
-            self.armed = Some(deadline);
+            self.armed = Some(Armed {
+                next: deadline,
+                period,
+            });
         }
         loop {
             let mut guard = self
@@ -106,12 +125,71 @@ impl PreciseTimer {
             guard.clear_ready();
             match read {
                 Ok(_) => {
-                    self.armed = None;
+                    // The read returns how many expiries passed since the last one read.
+                    let fired = u32::try_from(u64::from_ne_bytes(expirations)).unwrap_or(u32::MAX);
+                    self.armed = self.armed.and_then(|armed| {
+                        let period = armed.period?;
+                        Some(Armed {
+                            next: armed.next.checked_add(period.checked_mul(fired)?)?,
+                            period: Some(period),
+                        })
+                    });
                     return Ok(());
                 }
                 Err(nix::errno::Errno::EAGAIN) => {}
                 Err(e) => return Err(e).context("cannot read the probe schedule's timerfd"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime")
+    }
+
+    #[test]
+    fn a_periodic_arming_fires_on_its_grid_and_counts_missed_expiries() {
+        runtime().block_on(async {
+            let mut timer = PreciseTimer::new().expect("a timerfd");
+            let ms = Duration::from_millis(1);
+            let first = Instant::now() + 2 * ms;
+            timer.sleep_until(first, Some(ms)).await.expect("first");
+            assert!(Instant::now() >= first);
+            let armed = timer.armed.expect("still armed");
+            assert_eq!(armed.next, first + ms, "the next tick of the period");
+            timer
+                .sleep_until(first + ms, Some(ms))
+                .await
+                .expect("second");
+            assert!(Instant::now() >= first + ms);
+            // Four periods go by unread: the next wait returns at once and the expiry after
+            // it is the one on the grid after those four.
+            std::thread::sleep(4 * ms + ms / 2);
+            timer
+                .sleep_until(first + 2 * ms, Some(ms))
+                .await
+                .expect("third");
+            let next = timer.armed.expect("still armed").next;
+            assert!(next > Instant::now() && next <= first + 7 * ms, "{next:?}");
+            assert_eq!((next - first).as_nanos() % ms.as_nanos(), 0, "on the grid");
+        });
+    }
+
+    #[test]
+    fn a_one_shot_arming_is_forgotten_once_it_fired() {
+        runtime().block_on(async {
+            let mut timer = PreciseTimer::new().expect("a timerfd");
+            let at = Instant::now() + Duration::from_millis(1);
+            timer.sleep_until(at, None).await.expect("one shot");
+            assert!(Instant::now() >= at);
+            assert!(timer.armed.is_none());
+        });
     }
 }

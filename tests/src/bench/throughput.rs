@@ -15,12 +15,14 @@ pub mod traffic;
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
 use anyhow::{bail, Context, Result};
+
 use lb_user::testbed::{
     topology::{MASTER_IP, MASTER_MAC, UDP_PORT, VIP},
     Host, Testbed,
 };
 
 use super::{interrupt, progress, report, stats::Summary};
+use overhead::Placement;
 use traffic::{Sample, Timing, Way};
 
 /// Namespace prefix of this bench.
@@ -189,11 +191,20 @@ pub fn run(args: Args) -> Result<()> {
         let settle = Duration::from_secs(2);
         let window = Duration::from_secs_f64(args.overhead_secs);
         let mut out = Vec::new();
-        for scenario in [
-            overhead::one_service_1ms(),
-            overhead::many_services(args.services.clamp(1, 1000)),
-        ] {
-            out.push(overhead::measure(&mut bed, scenario, settle, window)?);
+        let mut runs = vec![
+            (overhead::one_service_1ms(), Placement::Shared),
+            (
+                overhead::many_services(args.services.clamp(1, 1000)),
+                Placement::Shared,
+            ),
+        ];
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2 {
+            runs.push((overhead::one_service_1ms(), Placement::Apart));
+        }
+        for (scenario, placement) in runs {
+            out.push(overhead::measure(
+                &mut bed, scenario, placement, settle, window,
+            )?);
         }
         bed.stop_udp_responder(Host::Master);
         bed.stop_udp_responder(Host::Slave);
@@ -610,39 +621,7 @@ fn render(
         t.push_str(&c.breakdown.render(TARGET_FORWARD_NS));
     }
 
-    if !overheads.is_empty() {
-        let _ = writeln!(t, "### Agent overhead (`lb run`, idle dataplane)\n");
-        let _ = writeln!(
-            t,
-            "CPU = utime + stime of the agent process (`/proc/PID/stat`) over the window, in \
-             % of one core; memory from `/proc/PID/status` at the end of the window. UDP \
-             responders (threads of the bench) answer on both backends.\n"
-        );
-        let _ = writeln!(
-            t,
-            "| scenario | checks | window | probes/s | failed probes/s | backends up | CPU % of one core (user) | VmRSS MiB | VmHWM MiB | threads |"
-        );
-        let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|");
-        for o in overheads {
-            let _ = writeln!(
-                t,
-                "| {} | {} | {:.1} s | {:.0} | {:.1} | {}/{} | {:.2} ({:.2}) | {:.1} | {:.1} | {} |",
-                o.scenario.label,
-                o.scenario.checks,
-                o.secs,
-                o.probes_per_sec,
-                o.failed_per_sec,
-                o.backends_up.0,
-                o.backends_up.1,
-                o.cpu_percent,
-                o.user_percent,
-                o.rss_kib as f64 / 1024.0,
-                o.hwm_kib as f64 / 1024.0,
-                o.threads
-            );
-        }
-        t.push('\n');
-    }
+    t.push_str(&overhead::render(overheads));
 
     let _ = writeln!(t, "### Targets\n");
     if !cases.is_empty() {
@@ -715,6 +694,9 @@ fn render(
                 }
             );
         }
+    }
+    if let Some(line) = overhead::target_line(overheads) {
+        let _ = writeln!(t, "{line}");
     }
     let _ = writeln!(
         t,

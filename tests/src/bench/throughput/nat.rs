@@ -259,7 +259,7 @@ impl Drop for RxCount {
 }
 
 /// The kernel threads that poll NICs `devs` (threaded NAPI names them `napi/DEV-ID`).
-fn napi_threads(devs: &[&str]) -> Result<Vec<i32>> {
+pub fn napi_threads(devs: &[&str]) -> Result<Vec<i32>> {
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").context("cannot read /proc")? {
         let entry = entry?;
