@@ -80,6 +80,20 @@ pub mod map_names {
     pub const ACTIONS: &str = "ACTIONS";
     /// Per-CPU `u64` counts of dataplane decisions, indexed by [`Event`](super::Event).
     pub const EVENTS: &str = "EVENTS";
+    /// One `u32`: this switch host's [`host_role`](super::host_role) in a pair. Pinned, so
+    /// a restarted agent keeps the role keepalived gave it.
+    pub const ROLE: &str = "ROLE";
+}
+
+/// Values of the `ROLE` map: whether this switch host serves the VIPs.
+pub mod host_role {
+    /// Serves: answers ARP for the VIPs, forwards their traffic and the replies. The value
+    /// of a map never written, so a host not in a pair is always active.
+    pub const ACTIVE: u32 = 0;
+    /// The standby of a pair: answers no ARP for a VIP and forwards nothing of theirs
+    /// (dropped, counted as [`Event::Standby`](super::Event::Standby)); its connection
+    /// table is kept, ready for a takeover.
+    pub const STANDBY: u32 = 1;
 }
 
 /// An address, protocol and port: the key of services (the VIP and destination port).
@@ -379,10 +393,13 @@ pub enum Event {
     NoBackend,
     /// A rewritten frame whose egress NIC is missing from `TX_PORTS`: dropped.
     NoRedirectPort,
+    /// VIP traffic on the standby host of a pair (an ARP request for a VIP: passed, not
+    /// answered; a packet to a VIP, a backend's reply, an ICMP error about a flow: dropped).
+    Standby,
 }
 
 /// Number of [`Event`]s.
-pub const EVENTS: u32 = 17;
+pub const EVENTS: u32 = 18;
 
 /// Names of the [`Event`]s, as exported in metrics, indexed by event.
 pub const EVENT_NAMES: [&str; EVENTS as usize] = [
@@ -403,6 +420,7 @@ pub const EVENT_NAMES: [&str; EVENTS as usize] = [
     "unparsable",
     "no_backend",
     "no_redirect_port",
+    "standby",
 ];
 
 /// Packet and byte counters.
@@ -518,7 +536,8 @@ mod tests {
 
     #[test]
     fn every_event_has_a_name() {
-        assert_eq!(Event::NoRedirectPort as u32 + 1, EVENTS);
+        assert_eq!(Event::Standby as u32 + 1, EVENTS);
+        assert_eq!(EVENT_NAMES[Event::Standby as usize], "standby");
         assert_eq!(
             EVENT_NAMES[Event::ReplyWrongMac as usize],
             "reply_wrong_mac"

@@ -38,14 +38,9 @@ struct Quote {
 /// Handles ICMP error `packet`: carries it to the other end of the flow it is about.
 #[inline(always)]
 pub fn error(ctx: &XdpContext, l2: &L2, packet: &Ipv4) -> u32 {
-    let Some(quote) = quote(ctx, packet) else {
+    let Some((quote, mirrored)) = about(ctx, packet) else {
         return xdp_action::XDP_PASS;
     };
-    let q = &quote.key;
-    if packet.dst != q.src {
-        return xdp_action::XDP_PASS; // an error goes to the quoted packet's sender
-    }
-    let mirrored = FlowKey::new(q.proto, q.dst, q.dst_port, q.src, q.src_port);
     if let Some(flow) = maps::flow(&mirrored) {
         // About a reply the program sent to a client: goes to the flow's backend.
         return toward_backend(ctx, l2, packet, &quote, flow);
@@ -55,6 +50,28 @@ pub fn error(ctx: &XdpContext, l2: &L2, packet: &Ipv4) -> u32 {
         return toward_client(ctx, l2, packet, &quote, &reply);
     }
     xdp_action::XDP_PASS
+}
+
+/// Whether ICMP error `packet` is about a flow of the connection table (one [`error`] would
+/// carry), without touching it.
+#[inline(always)]
+pub fn error_is_ours(ctx: &XdpContext, packet: &Ipv4) -> bool {
+    about(ctx, packet).is_some_and(|(_, mirrored)| {
+        maps::flow(&mirrored).is_some() || maps::reply(&mirrored).is_some()
+    })
+}
+
+/// The quoted header of ICMP error `packet` and the key the flow it is about would be
+/// found under (the quoted packet's, mirrored), when it goes to the quoted packet's sender.
+#[inline(always)]
+fn about(ctx: &XdpContext, packet: &Ipv4) -> Option<(Quote, FlowKey)> {
+    let quote = quote(ctx, packet)?;
+    let q = &quote.key;
+    if packet.dst != q.src {
+        return None; // an error goes to the quoted packet's sender
+    }
+    let mirrored = FlowKey::new(q.proto, q.dst, q.dst_port, q.src, q.src_port);
+    Some((quote, mirrored))
 }
 
 /// The quoted header of ICMP error `packet`, if it is one the program could have sent:

@@ -13,7 +13,9 @@
 //!
 //! Only packets of flows the program created are rewritten. Anything else, or anything
 //! that cannot be parsed and checksummed completely, is handed to the kernel untouched
-//! (`XDP_PASS`); every refusal is counted in `EVENTS`.
+//! (`XDP_PASS`); every refusal is counted in `EVENTS`. The standby host of a pair (`ROLE`)
+//! serves nothing of the VIPs: it looks them up as the active host would, and drops what
+//! it would have served ([`standing_by`]).
 #![no_std]
 #![no_main]
 
@@ -82,21 +84,45 @@ fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
         return xdp_action::XDP_PASS;
     };
     if packet.is_icmp_error() {
+        if maps::standby() {
+            return standing_by(icmp::error_is_ours(ctx, &packet));
+        }
         return icmp::error(ctx, &l2, &packet);
     }
     let key = packet.key();
     if maps::may_be_vip(&packet.dst) {
         if let Some(flow) = maps::flow(&key) {
+            if maps::standby() {
+                return standing_by(true);
+            }
             return forward::known(ctx, &l2, &packet, &key, flow);
         }
         if maps::is_vip(&packet.dst) {
+            if maps::standby() {
+                return standing_by(true);
+            }
             return forward::new(ctx, &l2, &packet, &key);
         }
     }
     if let Some(reply) = maps::reply(&key) {
+        if maps::standby() {
+            return standing_by(true);
+        }
         return reverse::reply(ctx, &l2, &packet, &reply);
     }
     xdp_action::XDP_PASS
+}
+
+/// On the standby host: a frame the active host would serve (`ours`) is dropped and
+/// counted, for the kernel here does not own the VIP and would route it the wrong way;
+/// anything else goes to the kernel.
+#[inline(always)]
+fn standing_by(ours: bool) -> u32 {
+    if ours {
+        counted(Event::Standby, xdp_action::XDP_DROP)
+    } else {
+        xdp_action::XDP_PASS
+    }
 }
 
 #[cfg(not(test))]

@@ -80,6 +80,10 @@ pub static ACTIONS: PerCpuArray<u64> = PerCpuArray::with_max_entries(ACTIONS_ENT
 #[map]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT, 0);
 
+/// This host's role in a pair (`lb_common::host_role`; one entry).
+#[map]
+pub static ROLE: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Copies out the value a successful lookup pointed to.
 #[inline(always)]
 fn copy<T: Copy>(value: *const T) -> T {
@@ -93,6 +97,13 @@ fn copy<T: Copy>(value: *const T) -> T {
 pub fn iface(ifindex: u32) -> Option<Iface> {
     let iface = copy(IFACES.get_ptr(ifindex)?);
     (iface.flags != 0).then_some(iface)
+}
+
+/// Whether this host is the standby of a pair, which serves no VIP.
+#[inline(always)]
+pub fn standby() -> bool {
+    ROLE.get_ptr(0)
+        .is_some_and(|role| copy(role) == lb_common::host_role::STANDBY)
 }
 
 /// Whether `ip` is a configured VIP.

@@ -1,10 +1,11 @@
 //! The commands that talk to a running agent through its control socket: `lb status`,
-//! `lb flows`, `lb activate`, `lb drain`, `lb undrain`, `lb reload`.
+//! `lb flows`, `lb activate`, `lb drain`, `lb undrain`, `lb reload`, `lb role`, `lb notify`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use lb_user::{
+    config::HostRole,
     control::{Change, Status},
     flows::FlowView,
 };
@@ -30,10 +31,21 @@ impl Agent {
 
     /// Sends `request` for `path`; the body of a success, or the agent's refusal as error.
     async fn call(&self, method: reqwest::Method, path: &str) -> Result<String> {
+        self.call_with(method, path, &[]).await
+    }
+
+    /// [`Agent::call`] with a query string of `query`.
+    async fn call_with(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        query: &[(&str, &str)],
+    ) -> Result<String> {
         let url = format!("http://lb{path}");
         let response = self
             .client
             .request(method, &url)
+            .query(query)
             .send()
             .await
             .with_context(|| {
@@ -81,6 +93,19 @@ impl Agent {
         Ok(())
     }
 
+    /// `lb role ROLE` and `lb notify`: makes the agent's host `role`; `why` goes to its log.
+    pub async fn role(&self, role: HostRole, why: &str) -> Result<()> {
+        let text = self
+            .call_with(
+                reqwest::Method::POST,
+                &format!("/role/{role}"),
+                &[("why", why)],
+            )
+            .await?;
+        println!("{}", text.trim());
+        Ok(())
+    }
+
     /// `lb flows [--service S [--backend B]]`.
     pub async fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<()> {
         let filters: Vec<String> = [("service", service), ("backend", backend)]
@@ -117,6 +142,10 @@ impl Agent {
 }
 
 fn print_status(status: &Status) {
+    if let Some(role) = status.role {
+        let pair = if status.pair { " (pair mode)" } else { "" };
+        println!("host role {role}{pair}");
+    }
     for iface in &status.interfaces {
         let adopted = if iface.adopted { ", adopted" } else { "" };
         println!("interface {} ({}{adopted})", iface.name, iface.mode);

@@ -48,6 +48,61 @@ pub struct Config {
     /// How the thread that runs the health checks is scheduled.
     #[serde(default)]
     pub prober: ProberConfig,
+    /// Pair mode (`[pair]`): this host is one of two switch hosts, and keepalived decides
+    /// which one serves. Without it the host always serves.
+    pub pair: Option<PairConfig>,
+}
+
+/// Whether this switch host serves the VIPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum HostRole {
+    /// Answers ARP for the VIPs and forwards their traffic.
+    Active,
+    /// Serves nothing of the VIPs; keeps its dataplane ready for a takeover.
+    Standby,
+}
+
+impl std::fmt::Display for HostRole {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            HostRole::Active => "active",
+            HostRole::Standby => "standby",
+        })
+    }
+}
+
+/// Pair mode (`[pair]`): two switch hosts with the same services, keepalived on both
+/// deciding which is active; keepalived's notify script (`lb notify`) or `lb role` tells
+/// the agent. See `docs/pair.md`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairConfig {
+    /// The role at the first start, before keepalived said anything. Default `"standby"`:
+    /// two hosts starting together never both serve. A restarted agent keeps the role the
+    /// dataplane has (it is pinned), whatever this says.
+    #[serde(default = "default_initial_role")]
+    pub initial_role: HostRole,
+    /// Gratuitous ARP requests sent for every VIP on every client NIC when this host
+    /// becomes active (the first at once, the others `gratuitous_arp_interval` apart), so
+    /// that clients and routers move the VIPs to this host's MACs. Default 3.
+    #[serde(default = "default_gratuitous_arps")]
+    pub gratuitous_arps: u32,
+    /// Between two rounds of gratuitous ARP. Default `"100ms"`.
+    #[serde(default = "default_gratuitous_arp_interval", with = "humantime_serde")]
+    pub gratuitous_arp_interval: Duration,
+}
+
+fn default_initial_role() -> HostRole {
+    HostRole::Standby
+}
+
+fn default_gratuitous_arps() -> u32 {
+    3
+}
+
+fn default_gratuitous_arp_interval() -> Duration {
+    Duration::from_millis(100)
 }
 
 /// Scheduling of the prober thread (`[prober]`): the one thread that sends every health

@@ -4,7 +4,8 @@
 //!   `/flows` (the connection table) — [`read_router`];
 //! - the control socket (`control_socket`, a Unix socket only root may open): the same,
 //!   plus what changes state: `POST /services/{service}/activate/{backend}`,
-//!   `…/drain/{backend}`, `…/undrain/{backend}` and `POST /reload` — [`control_router`].
+//!   `…/drain/{backend}`, `…/undrain/{backend}`, `POST /reload` and `POST /role/{role}`
+//!   (pair mode) — [`control_router`].
 //!   Every `lb` command but `run`, `down` and `demo` talks to it.
 
 use std::{
@@ -26,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::failover::Change;
 use crate::{
+    config::HostRole,
     dataplane::MapWriter,
     failover::{engine::LastCheck, Engine},
     flows::{self, Census, FlowView},
@@ -216,6 +218,8 @@ impl AgentState {
             })
             .collect();
         Status {
+            role: self.maps.role().ok(),
+            pair: self.plan.get().pair.is_some(),
             services,
             interfaces: running.interfaces.clone(),
         }
@@ -225,6 +229,12 @@ impl AgentState {
 /// `/status` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Status {
+    /// This host's role (`active`, or `standby` in a pair), as the program reads it.
+    #[serde(default)]
+    pub role: Option<HostRole>,
+    /// Whether the agent runs in pair mode.
+    #[serde(default)]
+    pub pair: bool,
     /// Every service.
     pub services: Vec<ServiceStatus>,
     /// Every NIC the program is attached to.
@@ -319,6 +329,7 @@ pub fn control_router(state: Shared) -> Router {
         .route("/services/{service}/drain/{backend}", post(drain))
         .route("/services/{service}/undrain/{backend}", post(undrain))
         .route("/reload", post(reload))
+        .route("/role/{role}", post(set_role))
         .with_state(state)
 }
 
@@ -486,6 +497,38 @@ async fn metrics(State(state): State<Shared>, headers: HeaderMap) -> impl IntoRe
             )],
             state.metrics.encode_prometheus(),
         )
+    }
+}
+
+/// `?why=` of `POST /role/{role}`: who asked (keepalived's instance and state), for the log.
+#[derive(Deserialize)]
+struct RoleReason {
+    why: Option<String>,
+}
+
+async fn set_role(
+    State(state): State<Shared>,
+    Path(role): Path<String>,
+    Query(reason): Query<RoleReason>,
+) -> (StatusCode, String) {
+    let role = match role.as_str() {
+        "active" => HostRole::Active,
+        "standby" => HostRole::Standby,
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("unknown role {other:?}: active or standby\n"),
+            )
+        }
+    };
+    let plan = state.plan.get();
+    let why = reason
+        .why
+        .as_deref()
+        .unwrap_or("asked through the control socket");
+    match crate::pair::set(&state.maps, &plan, role, why) {
+        Ok(done) => (StatusCode::OK, format!("{done}\n")),
+        Err(e) => (StatusCode::CONFLICT, format!("{e:#}\n")),
     }
 }
 

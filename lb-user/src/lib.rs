@@ -21,5 +21,6 @@ pub mod flows;
 pub mod health;
 pub mod metrics;
 pub mod net;
+pub mod pair;
 pub mod plan;
 pub mod testbed;

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use lb_user::{
     agent::{self, RunOptions},
-    config::{Config, XdpModeSetting, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH},
+    config::{Config, HostRole, XdpModeSetting, DEFAULT_CONTROL_SOCKET, DEFAULT_PIN_PATH},
     plan::Plan,
 };
 
@@ -129,6 +129,31 @@ enum Command {
         #[command(flatten)]
         socket: Socket,
     },
+    /// Make this switch host the active or the standby host of its pair (pair mode): the
+    /// active one answers ARP for the VIPs and serves them, and announces them with
+    /// gratuitous ARP when it becomes active; the standby serves nothing of them.
+    Role {
+        /// The role.
+        #[arg(value_enum)]
+        role: HostRole,
+        #[command(flatten)]
+        socket: Socket,
+    },
+    /// keepalived's notify script: `notify "/usr/local/sbin/lb notify"` in a vrrp_instance
+    /// or vrrp_sync_group; keepalived appends TYPE NAME STATE PRIORITY. MASTER makes this
+    /// host active; BACKUP, FAULT and STOP make it standby.
+    Notify {
+        /// `INSTANCE` or `GROUP`.
+        kind: String,
+        /// The instance's or group's name.
+        name: String,
+        /// `MASTER`, `BACKUP`, `FAULT`, `STOP` (or `DELETED`, which changes nothing).
+        state: String,
+        /// The priority (keepalived passes it; unused).
+        priority: Option<String>,
+        #[command(flatten)]
+        socket: Socket,
+    },
     /// Make BACKEND the active backend of SERVICE now (manual failover).
     Activate {
         /// Service name.
@@ -219,6 +244,25 @@ fn main() -> Result<()> {
             } => {
                 let agent = client::Agent::new(&socket.path)?;
                 agent.act("undrain", &service, &backend).await
+            }
+            Command::Role { role, socket } => {
+                let agent = client::Agent::new(&socket.path)?;
+                agent.role(role, "lb role").await
+            }
+            Command::Notify {
+                kind,
+                name,
+                state,
+                priority: _,
+                socket,
+            } => {
+                let Some(role) = lb_user::pair::keepalived::role_for(&state)? else {
+                    println!("keepalived {kind} {name} {state}: nothing to do");
+                    return Ok(());
+                };
+                let agent = client::Agent::new(&socket.path)?;
+                let why = format!("keepalived {kind} {name} {state}");
+                agent.role(role, &why).await
             }
             Command::Flows {
                 service,

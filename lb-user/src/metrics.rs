@@ -13,6 +13,7 @@
 //! | `lb_dataplane_events_total` | counter | event |
 //! | `lb_flows` | gauge | service, backend, protocol |
 //! | `lb_flow_table_entries` | gauge | |
+//! | `lb_host_role` | gauge (1 for the role in force) | role (`active`, `standby`) |
 //!
 //! `lb_packets_total`, `lb_bytes_total`, `lb_xdp_actions_total` and
 //! `lb_dataplane_events_total` are read from the XDP program's per-CPU maps at scrape time;
@@ -34,6 +35,7 @@ use prometheus_client::{
 };
 
 use crate::{
+    config::HostRole,
     dataplane::{counters::ACTION_NAMES, MapWriter},
     flows::Census,
     plan::CurrentPlan,
@@ -341,6 +343,20 @@ impl Collector for DataplaneCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(entries as i64).encode(table)?;
+        if let Ok(role) = self.maps.role() {
+            let mut roles = encoder.encode_descriptor(
+                "lb_host_role",
+                "This switch host's role, as the XDP program reads it: 1 for the role in force \
+                 (always active outside pair mode)",
+                None,
+                MetricType::Gauge,
+            )?;
+            for candidate in [HostRole::Active, HostRole::Standby] {
+                let labels = [("role", candidate.to_string())];
+                ConstGauge::new(i64::from(candidate == role))
+                    .encode(roles.encode_family(&labels)?)?;
+            }
+        }
         Ok(())
     }
 }

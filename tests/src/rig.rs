@@ -246,6 +246,18 @@ pub fn udp(
     frame
 }
 
+/// A broadcast ARP request for `target_ip` from `sender_ip` at `sender_mac`.
+pub fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
+    let mut frame = vec![0xff; 6];
+    frame.extend_from_slice(&sender_mac);
+    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
+    frame.extend_from_slice(&sender_mac);
+    frame.extend_from_slice(&sender_ip);
+    frame.extend_from_slice(&[0; 6]);
+    frame.extend_from_slice(&target_ip);
+    frame
+}
+
 /// An ICMP echo request (identifier 7) from the client's MAC.
 pub fn echo_request(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let mut frame = Vec::new();

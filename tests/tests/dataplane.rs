@@ -218,17 +218,6 @@ fn vip_port_without_a_service_goes_to_the_kernel() {
     })
 }
 
-fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) -> Vec<u8> {
-    let mut frame = vec![0xff; 6];
-    frame.extend_from_slice(&sender_mac);
-    frame.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0x00, 6, 4, 0, 1]);
-    frame.extend_from_slice(&sender_mac);
-    frame.extend_from_slice(&sender_ip);
-    frame.extend_from_slice(&[0; 6]);
-    frame.extend_from_slice(&target_ip);
-    frame
-}
-
 #[test]
 fn arp_request_for_the_vip_is_answered_on_the_client_nic() {
     with_rig("lbt-arp", |b| {

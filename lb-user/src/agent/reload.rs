@@ -93,6 +93,7 @@ async fn apply(
     .await?;
     state.plan.set(plan.clone());
     state.replace_running(Running { engine, interfaces });
+    crate::pair::after_reload(&state.maps, plan)?;
     if applied.flows_removed > 0 {
         tracing::info!(
             flows = applied.flows_removed,

@@ -59,6 +59,8 @@ pub async fn start(
         .apply_plan(&plan, &previous, adopting)
         .context("cannot write the plan into the maps")?;
     report_adoption(&plan, &adoption, &applied, &config.pin_path);
+    // Before the program is attached anywhere: a standby never serves, not for a packet.
+    crate::pair::start(&maps, &plan, adoption.kept(map_names::ROLE))?;
     let interfaces = attach_all(&mut dataplane, &plan, mode, options.force).await?;
     let maps = Arc::new(maps);
     let census = Arc::new(Mutex::new(Census::default()));

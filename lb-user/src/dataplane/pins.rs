@@ -43,6 +43,7 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::TRAFFIC,
     map_names::ACTIONS,
     map_names::EVENTS,
+    map_names::ROLE,
 ];
 
 /// `f_type` of a bpf filesystem (`BPF_FS_MAGIC`).

@@ -7,6 +7,8 @@
 //! keeps its TCP connections (graceful failback and drain).
 //! [`MapWriter::set_drained`] records the operator's drain in `ADMIN`, which only the agent
 //! reads: pinned with the rest, it tells a restarted agent what the operator decided.
+//! [`MapWriter::set_role`] makes this host the active or the standby host of a pair: one
+//! write of one `u32` into `ROLE`.
 
 use std::sync::Mutex;
 
@@ -16,11 +18,11 @@ use aya::{
     Ebpf,
 };
 use lb_common::{
-    admin_flags, map_names, Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply,
-    ServiceValue, Traffic, VipInfo,
+    admin_flags, host_role, map_names, Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface,
+    Reply, ServiceValue, Traffic, VipInfo,
 };
 
-use crate::config::FlowsConfig;
+use crate::config::{FlowsConfig, HostRole};
 
 /// Owned handles on every map of the program.
 ///
@@ -44,6 +46,8 @@ pub struct MapWriter {
     pub actions: PerCpuArray<MapData, u64>,
     /// Counted dataplane decisions, indexed by `lb_common::Event`.
     pub events: PerCpuArray<MapData, u64>,
+    /// This host's role in a pair.
+    pub(super) role: Mutex<Array<MapData, u32>>,
 }
 
 /// The maps that change only when a plan is written: under one lock, so that a reload's
@@ -119,6 +123,7 @@ impl MapWriter {
             traffic: take(ebpf, map_names::TRAFFIC)?,
             actions: take(ebpf, map_names::ACTIONS)?,
             events: take(ebpf, map_names::EVENTS)?,
+            role: Mutex::new(take(ebpf, map_names::ROLE)?),
         })
     }
 
@@ -171,5 +176,34 @@ impl MapWriter {
             .get(&backend, 0)
             .with_context(|| format!("cannot read the drain of backend {backend}"))?;
         Ok(flags & admin_flags::DRAINED != 0)
+    }
+
+    /// Makes this host `role` in its pair: the next packet is served (active) or not
+    /// (standby). One map write.
+    pub fn set_role(&self, role: HostRole) -> Result<()> {
+        let value = match role {
+            HostRole::Active => host_role::ACTIVE,
+            HostRole::Standby => host_role::STANDBY,
+        };
+        self.role
+            .lock()
+            .expect("ROLE map lock")
+            .set(0, value, 0)
+            .context("cannot write this host's role")
+    }
+
+    /// This host's role as the program reads it.
+    pub fn role(&self) -> Result<HostRole> {
+        let value = self
+            .role
+            .lock()
+            .expect("ROLE map lock")
+            .get(&0, 0)
+            .context("cannot read this host's role")?;
+        Ok(if value == host_role::STANDBY {
+            HostRole::Standby
+        } else {
+            HostRole::Active
+        })
     }
 }

@@ -20,8 +20,8 @@ pub use numbering::Numbering;
 
 use crate::{
     config::{
-        CheckConfig, Config, Failback, FlowsConfig, HealthConfig, ProberConfig, Protocol, Role,
-        ServiceConfig,
+        CheckConfig, Config, Failback, FlowsConfig, HealthConfig, PairConfig, ProberConfig,
+        Protocol, Role, ServiceConfig,
     },
     failover::policy::Policy,
     net::{self, Link, Netlink},
@@ -224,6 +224,8 @@ pub struct Plan {
     pub local_addresses: Vec<Ipv4Addr>,
     /// Scheduling of the thread that runs the checks.
     pub prober: ProberConfig,
+    /// Pair mode, when this host is one of a pair.
+    pub pair: Option<PairConfig>,
 }
 
 /// The plan in force, shared by the readers that outlive a reload (the metrics collector,
@@ -284,6 +286,21 @@ fn validate_prober(prober: &ProberConfig) -> Result<()> {
     Ok(())
 }
 
+/// Checks the `[pair]` table.
+fn validate_pair(pair: &PairConfig) -> Result<()> {
+    if pair.gratuitous_arps > 100 {
+        bail!(
+            "pair.gratuitous_arps = {}: must be 0 to 100",
+            pair.gratuitous_arps
+        );
+    }
+    let interval = pair.gratuitous_arp_interval;
+    if interval < Duration::from_millis(1) || interval > Duration::from_secs(10) {
+        bail!("pair.gratuitous_arp_interval = {interval:?}: must be 1ms to 10s");
+    }
+    Ok(())
+}
+
 /// The smallest connection table `flows.max` allows.
 pub const MIN_FLOWS: u32 = 1024;
 /// The largest connection table `flows.max` allows (about 1.3 GiB with the reply index).
@@ -305,6 +322,9 @@ pub fn validate(config: &Config) -> Result<()> {
     }
     validate_flows(&config.flows)?;
     validate_prober(&config.prober)?;
+    if let Some(pair) = &config.pair {
+        validate_pair(pair)?;
+    }
     if config.services.len() > MAX_SERVICES as usize {
         bail!(
             "{} services configured, at most {MAX_SERVICES} are supported",
@@ -595,6 +615,7 @@ impl Plan {
             flows: config.flows.clone(),
             local_addresses,
             prober: config.prober.clone(),
+            pair: config.pair.clone(),
         })
     }
 

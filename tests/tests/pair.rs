@@ -1,0 +1,204 @@
+//! Pair mode: the standby host serves nothing of the VIPs (no ARP answer, no forwarding,
+//! no reply rewritten, every frame counted) while it keeps its connection table; keepalived's
+//! notify script (`lb notify`) and `lb role` move the role, which is pinned with the
+//! dataplane; becoming active announces the VIPs with gratuitous ARP.
+
+use std::time::{Duration, Instant};
+
+use lb_user::{
+    config::HostRole,
+    testbed::{
+        topology::{Testbed, UDP_PORT, VIP as TESTBED_VIP},
+        Host,
+    },
+};
+use tests::{
+    agent::{metrics, sample, start_agent},
+    rig::*,
+    testrun::{
+        BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
+    },
+};
+
+const LISTEN: &str = "127.0.0.1:9100";
+const HEALTH: &str =
+    r#"{ checks = [{ type = "link" }, { type = "udp", send = "health" }], interval = "10ms" }"#;
+
+#[test]
+fn the_standby_serves_nothing_of_the_vips_and_keeps_its_flows() {
+    with_rig("lbt-pair-standby", |b| {
+        let syn = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
+        let reply = tcp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 80, 40_000);
+        assert_eq!(b.run(b.client_if, &syn)?.0, XDP_REDIRECT);
+
+        b.maps.set_role(HostRole::Standby)?;
+        let arp = arp_request(CLIENT_MAC, CLIENT, VIP);
+        assert_eq!(
+            b.run(b.client_if, &arp)?,
+            (XDP_PASS, arp.clone()),
+            "ARP not answered"
+        );
+        assert_eq!(b.run(b.client_if, &syn)?.0, XDP_DROP, "known flow");
+        let other = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_001, 80);
+        assert_eq!(b.run(b.client_if, &other)?.0, XDP_DROP, "new flow");
+        assert_eq!(b.run(b.backend_if, &reply)?.0, XDP_DROP, "backend's reply");
+        let not_vip = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, OTHER, 40_000, 80);
+        assert_eq!(b.run(b.client_if, &not_vip)?, (XDP_PASS, not_vip.clone()));
+        assert_eq!(b.event("standby")?, 4);
+        assert_eq!(
+            b.flows().len(),
+            1,
+            "the table is kept, and nothing was added"
+        );
+
+        b.maps.set_role(HostRole::Active)?;
+        assert_eq!(b.run(b.client_if, &syn)?.0, XDP_REDIRECT);
+        assert_eq!(b.run(b.backend_if, &reply)?.0, XDP_REDIRECT);
+        assert_eq!(b.event("standby")?, 4);
+        Ok(())
+    })
+}
+
+fn pair_config() -> String {
+    format!(
+        "{}{}\n[pair]\ngratuitous_arps = 2\ngratuitous_arp_interval = \"50ms\"\n",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("echo", "udp", UDP_PORT, HEALTH)
+    )
+}
+
+/// Runs `lb ARGS…` on the switch: (success, stdout, stderr).
+fn lb(bed: &Testbed, args: &[&str]) -> (bool, String, String) {
+    let out = bed.lb_command().unwrap().args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn role(bed: &Testbed) -> Option<HostRole> {
+    bed.agent_status(LISTEN).unwrap().role
+}
+
+/// Whether a UDP request to the VIP is answered by the master.
+fn served(bed: &Testbed) -> bool {
+    matches!(bed.udp_request_vip("pair"), Ok((answer, _)) if answer == "master pair")
+}
+
+/// The MAC the client's ARP cache has for the VIP, if any.
+fn client_neighbour(bed: &Testbed) -> Option<String> {
+    let (_, text, _) = bed
+        .output(
+            Host::Client,
+            "ip",
+            &["neigh", "show", &TESTBED_VIP.to_string(), "dev", "eth0"],
+        )
+        .unwrap();
+    text.split("lladdr ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .map(str::to_string)
+}
+
+fn switch_mac(bed: &Testbed, dev: &str) -> String {
+    let (_, text, _) = bed
+        .output(Host::Switch, "ip", &["-o", "link", "show", dev])
+        .unwrap();
+    text.split("link/ether ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no MAC for {dev}: {text}"))
+        .to_string()
+}
+
+/// Stops the agent started as process `agent` (SIGTERM: the dataplane stays) and starts a
+/// new one with the pair config; returns its process index.
+fn restart(bed: &mut Testbed, agent: usize) -> usize {
+    let mut old = bed.processes.remove(agent);
+    assert!(old.terminate().unwrap(), "lb did not exit cleanly");
+    start_agent(bed, &pair_config(), LISTEN)
+}
+
+#[test]
+fn keepalived_moves_the_role_the_new_active_announces_the_vips_and_a_restart_keeps_it() {
+    let mut bed = Testbed::new("lbpr-role").expect("testbed");
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    let agent = start_agent(&mut bed, &pair_config(), LISTEN);
+
+    // A pair's host starts standby: the VIP is not answered, and that is counted.
+    assert_eq!(role(&bed), Some(HostRole::Standby));
+    assert!(!served(&bed), "a standby host served the VIP");
+    let text = metrics(&bed, LISTEN);
+    assert!(
+        sample(&text, "lb_dataplane_events_total{event=\"standby\"}").unwrap_or(0.0) >= 1.0,
+        "{text}"
+    );
+    assert_eq!(sample(&text, "lb_host_role{role=\"standby\"}"), Some(1.0));
+
+    // keepalived becomes MASTER: the client learns the VIP from the gratuitous ARP alone
+    // (it accepts unsolicited ARP, and its cache was emptied), then is served.
+    bed.output(
+        Host::Client,
+        "sysctl",
+        &["-qw", "net.ipv4.conf.eth0.arp_accept=1"],
+    )
+    .unwrap();
+    bed.output(Host::Client, "ip", &["neigh", "flush", "dev", "eth0"])
+        .unwrap();
+    let (ok, out, err) = lb(&bed, &["notify", "INSTANCE", "VI_LB", "MASTER", "150"]);
+    assert!(ok, "lb notify MASTER failed: {out}{err}");
+    assert!(out.contains("active"), "{out}");
+    let mac = switch_mac(&bed, "c0");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while client_neighbour(&bed).as_deref() != Some(mac.as_str()) {
+        assert!(
+            Instant::now() < deadline,
+            "no gratuitous ARP for the VIP reached the client ({}; the client has {:?}, not {mac})",
+            out.trim(),
+            client_neighbour(&bed)
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(role(&bed), Some(HostRole::Active));
+    assert!(served(&bed), "the active host did not serve the VIP");
+
+    // BACKUP (and FAULT, STOP) make it standby again; an unknown state is refused.
+    let (ok, out, err) = lb(&bed, &["notify", "INSTANCE", "VI_LB", "BACKUP", "150"]);
+    assert!(ok, "lb notify BACKUP failed: {out}{err}");
+    assert!(!served(&bed), "a standby host served the VIP");
+    let (ok, _, err) = lb(&bed, &["notify", "INSTANCE", "VI_LB", "PRIMARY", "150"]);
+    assert!(!ok && err.contains("unknown keepalived state"), "{err}");
+    assert_eq!(role(&bed), Some(HostRole::Standby));
+
+    // The role is the dataplane's: a restarted agent keeps it, whatever initial_role says.
+    let agent = restart(&mut bed, agent);
+    assert_eq!(role(&bed), Some(HostRole::Standby));
+    let (ok, out, err) = lb(&bed, &["role", "active"]);
+    assert!(ok, "lb role active failed: {out}{err}");
+    assert!(served(&bed), "the active host did not serve the VIP");
+    let agent = restart(&mut bed, agent);
+    assert_eq!(role(&bed), Some(HostRole::Active));
+    assert!(
+        served(&bed),
+        "the restarted active host did not serve the VIP"
+    );
+    bed.stop_lb_for_good(agent).unwrap();
+}
+
+#[test]
+fn a_host_not_in_a_pair_always_serves_and_refuses_to_stand_by() {
+    let mut bed = Testbed::new("lbpr-solo").expect("testbed");
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    let config = format!(
+        "{}{}",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("echo", "udp", UDP_PORT, HEALTH)
+    );
+    let agent = start_agent(&mut bed, &config, LISTEN);
+    assert_eq!(role(&bed), Some(HostRole::Active));
+    let (ok, _, err) = lb(&bed, &["role", "standby"]);
+    assert!(!ok && err.contains("not in pair mode"), "{err}");
+    assert!(served(&bed), "a host not in a pair stopped serving");
+    bed.stop_lb_for_good(agent).unwrap();
+}
