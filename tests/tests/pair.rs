@@ -8,12 +8,16 @@ use std::time::{Duration, Instant};
 use lb_user::{
     config::HostRole,
     testbed::{
-        topology::{Testbed, UDP_PORT, VIP as TESTBED_VIP},
+        topology::{
+            describe_gap, describe_unanswered, longest_gap, unanswered, Testbed, UDP_PORT,
+            VIP as TESTBED_VIP,
+        },
         Host,
     },
 };
 use tests::{
     agent::{metrics, sample, start_agent},
+    bench::keepalived,
     rig::*,
     testrun::{
         BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
@@ -201,4 +205,82 @@ fn a_host_not_in_a_pair_always_serves_and_refuses_to_stand_by() {
     assert!(!ok && err.contains("not in pair mode"), "{err}");
     assert!(served(&bed), "a host not in a pair stopped serving");
     bed.stop_lb_for_good(agent).unwrap();
+}
+
+/// `lb notify` on `switch` as keepalived runs it.
+fn notify_command(bed: &Testbed, switch: Host) -> String {
+    format!(
+        "{} notify --socket {}",
+        lb_user::testbed::topology::lb_binary().unwrap(),
+        bed.control_socket_of(switch).display()
+    )
+}
+
+/// Waits (10 s at most) until the agent on `switch` has `role`.
+fn wait_role(bed: &Testbed, switch: Host, role: HostRole) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = bed.agent_status_on(switch, LISTEN).unwrap().role;
+        if now == Some(role) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{switch:?} is {now:?}, not {role:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn keepalived_hands_the_vips_to_the_peer_when_the_active_switch_host_dies() {
+    let mut bed = Testbed::pair("lbpr-take").expect("pair testbed");
+    bed.start_udp_responder(Host::Master, "master").unwrap();
+    bed.start_udp_responder(Host::Slave, "slave").unwrap();
+    let path = bed.write_file("lb.toml", &pair_config()).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    for switch in [Host::Switch, Host::Peer] {
+        let agent = bed
+            .start_lb_on(switch, &["run", "--config", &path])
+            .unwrap();
+        bed.wait_for_agent_on(switch, agent, LISTEN).unwrap();
+    }
+    let advert = Duration::from_millis(10);
+    for (switch, priority) in [(Host::Switch, 150), (Host::Peer, 100)] {
+        let name = format!("{switch:?}").to_lowercase();
+        let config =
+            keepalived::pair_config(&name, priority, advert, &notify_command(&bed, switch));
+        let daemon = keepalived::start(&bed, switch, bed.dir(), &config).unwrap();
+        bed.processes.push(daemon);
+    }
+    wait_role(&bed, Host::Switch, HostRole::Active);
+    wait_role(&bed, Host::Peer, HostRole::Standby);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !served(&bed) {
+        assert!(
+            Instant::now() < deadline,
+            "the active switch host does not serve the VIP"
+        );
+    }
+
+    // 1 000 requests a second for 3 s; the active switch host loses every link after 1 s.
+    let stream = bed.udp_stream(3000, Duration::from_millis(1)).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    bed.set_switch_links(Host::Switch, false).unwrap();
+    let answers = stream.join().unwrap().unwrap();
+    wait_role(&bed, Host::Peer, HostRole::Active);
+    let lost = unanswered(&answers);
+    let gap = longest_gap(&answers);
+    eprintln!(
+        "switch-host takeover, 10 ms adverts: {lost} of {} requests unanswered, longest gap {gap:?}",
+        answers.len()
+    );
+    assert!(
+        answers[2000..]
+            .iter()
+            .all(|a| a.by.as_deref() == Some("master")),
+        "the peer does not serve the VIP a second after the takeover: {}",
+        describe_unanswered(&answers)
+    );
+    assert!(gap < Duration::from_secs(1), "{}", describe_gap(&answers));
 }

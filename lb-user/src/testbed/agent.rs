@@ -17,28 +17,50 @@ impl Testbed {
     /// The bpffs directory the testbed's agents pin their dataplane in (given to every `lb`
     /// started on the switch through `LB_PIN_PATH`), removed with the testbed.
     pub fn pin_path(&self) -> PathBuf {
-        PathBuf::from(format!("/sys/fs/bpf/{}", self.switch.name()))
+        self.pin_path_of(Host::Switch)
+    }
+
+    /// The pin directory of the agent on switch host `switch` (the switch, or the peer of a
+    /// pair testbed).
+    pub fn pin_path_of(&self, switch: Host) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{}", self.host(switch).name()))
     }
 
     /// The control socket of the testbed's agent (given to every `lb` started on the
     /// switch through `LB_SOCKET`).
     pub fn control_socket(&self) -> PathBuf {
-        PathBuf::from(format!("/run/lb/{}.sock", self.switch.name()))
+        self.control_socket_of(Host::Switch)
+    }
+
+    /// The control socket of the agent on switch host `switch`.
+    pub fn control_socket_of(&self, switch: Host) -> PathBuf {
+        PathBuf::from(format!("/run/lb/{}.sock", self.host(switch).name()))
     }
 
     /// A command running `lb` on the switch, with the testbed's pin directory and control
     /// socket.
     pub fn lb_command(&self) -> Result<std::process::Command> {
-        let mut command = self.switch.command(&lb_binary()?);
+        self.lb_command_on(Host::Switch)
+    }
+
+    /// A command running `lb` on switch host `switch`, with its pin directory and control
+    /// socket.
+    pub fn lb_command_on(&self, switch: Host) -> Result<std::process::Command> {
+        let mut command = self.host(switch).command(&lb_binary()?);
         command
-            .env(PIN_PATH_ENV, self.pin_path())
-            .env(SOCKET_ENV, self.control_socket());
+            .env(PIN_PATH_ENV, self.pin_path_of(switch))
+            .env(SOCKET_ENV, self.control_socket_of(switch));
         Ok(command)
     }
 
     /// Starts `lb ARGS…` on the switch.
     pub fn start_lb(&mut self, args: &[&str]) -> Result<usize> {
-        let mut command = self.lb_command()?;
+        self.start_lb_on(Host::Switch, args)
+    }
+
+    /// Starts `lb ARGS…` on switch host `switch`.
+    pub fn start_lb_on(&mut self, switch: Host, args: &[&str]) -> Result<usize> {
+        let mut command = self.lb_command_on(switch)?;
         command.args(args);
         self.processes.push(Process::spawn(command, "lb")?);
         Ok(self.processes.len() - 1)
@@ -65,13 +87,18 @@ impl Testbed {
 
     /// Waits until the agent on the switch answers on `listen`.
     pub fn wait_for_agent(&mut self, index: usize, listen: &str) -> Result<()> {
+        self.wait_for_agent_on(Host::Switch, index, listen)
+    }
+
+    /// Waits until the agent on switch host `switch` answers on `listen`.
+    pub fn wait_for_agent_on(&mut self, switch: Host, index: usize, listen: &str) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if !self.processes[index].is_running() {
                 bail!("lb exited before it was ready");
             }
             let (ok, _, _) = self.output(
-                Host::Switch,
+                switch,
                 "curl",
                 &[
                     "-sf",
@@ -90,8 +117,13 @@ impl Testbed {
 
     /// The state of the agent listening on `listen` in the switch, from its `/status`.
     pub fn agent_status(&self, listen: &str) -> Result<crate::control::Status> {
+        self.agent_status_on(Host::Switch, listen)
+    }
+
+    /// The state of the agent listening on `listen` in switch host `switch`.
+    pub fn agent_status_on(&self, switch: Host, listen: &str) -> Result<crate::control::Status> {
         let (ok, text, err) = self.output(
-            Host::Switch,
+            switch,
             "curl",
             &["-sf", "--max-time", "2", &format!("http://{listen}/status")],
         )?;

@@ -7,6 +7,7 @@
 
 pub mod agent;
 pub mod netns;
+pub mod pair;
 pub mod process;
 pub mod tcp_responder;
 pub mod topology;

@@ -59,7 +59,9 @@ pub struct Testbed {
     pub processes: Vec<Process>,
     pub(super) responders: Vec<(Host, super::udp::UdpResponder)>,
     tcp_responders: Vec<TcpResponder>,
-    veth_peers: Vec<(Host, crate::dataplane::PassProgram)>,
+    pub(super) veth_peers: Vec<(Host, crate::dataplane::PassProgram)>,
+    /// The pass-through program on the fabric's bridge ports, in a pair testbed.
+    pub(super) fabric_ports: Vec<crate::dataplane::PassProgram>,
     /// The client host.
     pub client: Netns,
     /// The switch host, where `lb` runs.
@@ -70,6 +72,10 @@ pub struct Testbed {
     pub slave: Netns,
     /// The third backend, if built.
     pub backup: Option<Netns>,
+    /// The second switch host of a pair testbed ([`Testbed::pair`]).
+    pub peer: Option<Netns>,
+    /// The segments' bridges of a pair testbed, in a namespace of their own.
+    pub fabric: Option<Netns>,
     web_servers: Vec<(Host, usize)>,
     /// Private directory for configs and web roots, removed on drop.
     files: tempfile::TempDir,
@@ -78,20 +84,37 @@ pub struct Testbed {
 impl Testbed {
     /// Builds the topology with namespaces named `PREFIX-client` … `PREFIX-slave`.
     pub fn new(prefix: &str) -> Result<Self> {
-        Self::build(prefix, false)
+        Self::build(prefix, false, false)
     }
 
     /// The same with a third backend, `PREFIX-backup`.
     pub fn with_backup(prefix: &str) -> Result<Self> {
-        Self::build(prefix, true)
+        Self::build(prefix, true, false)
     }
 
-    fn build(prefix: &str, backup: bool) -> Result<Self> {
+    /// Two switch hosts, `PREFIX-switch` and `PREFIX-peer`, on shared segments (bridges in
+    /// `PREFIX-fabric`); see [`super::pair`].
+    pub fn pair(prefix: &str) -> Result<Self> {
+        Self::build(prefix, false, true)
+    }
+
+    fn build(prefix: &str, backup: bool, pair: bool) -> Result<Self> {
         let mut testbed = Testbed {
             processes: Vec::new(),
             responders: Vec::new(),
             tcp_responders: Vec::new(),
             veth_peers: Vec::new(),
+            fabric_ports: Vec::new(),
+            peer: if pair {
+                Some(Netns::new(&format!("{prefix}-peer"))?)
+            } else {
+                None
+            },
+            fabric: if pair {
+                Some(Netns::new(&format!("{prefix}-fabric"))?)
+            } else {
+                None
+            },
             client: Netns::new(&format!("{prefix}-client"))?,
             switch: Netns::new(&format!("{prefix}-switch"))?,
             master: Netns::new(&format!("{prefix}-master"))?,
@@ -112,7 +135,11 @@ impl Testbed {
             hosts.push(Host::Backup);
         }
         for host in hosts {
-            testbed.wire(host)?;
+            if pair {
+                testbed.wire_bridged(host)?;
+            } else {
+                testbed.wire(host)?;
+            }
         }
         Ok(testbed)
     }
@@ -121,6 +148,9 @@ impl Testbed {
     /// switch) with fixed MACs, addresses on the host's /24, the host's default route via
     /// the switch, checksum offload off, and the pass-through program on `eth0`.
     fn wire(&mut self, host: Host) -> Result<()> {
+        if self.fabric.is_some() {
+            return self.wire_bridged(host);
+        }
         let port = Port::of(host)?;
         let (ns, switch) = (self.host(host), &self.switch);
         veth(
@@ -343,6 +373,7 @@ backends = [
                 .backup
                 .as_ref()
                 .expect("testbed built without a backup"),
+            Host::Peer => self.peer.as_ref().expect("testbed built without a peer"),
         }
     }
 
@@ -370,10 +401,10 @@ backends = [
         args: &[&str],
     ) -> Result<(bool, String, String)> {
         let mut command = self.host(host).command(program);
-        if host == Host::Switch {
+        if matches!(host, Host::Switch | Host::Peer) {
             command
-                .env(PIN_PATH_ENV, self.pin_path())
-                .env(SOCKET_ENV, self.control_socket());
+                .env(PIN_PATH_ENV, self.pin_path_of(host))
+                .env(SOCKET_ENV, self.control_socket_of(host));
         }
         let output: std::process::Output = command.args(args).output()?;
         Ok((
@@ -385,25 +416,25 @@ backends = [
 }
 
 /// A host's link to the switch.
-struct Port {
+pub(super) struct Port {
     /// The switch's end.
-    name: &'static str,
+    pub(super) name: &'static str,
     /// The MAC of the host's end.
-    host_mac: &'static str,
+    pub(super) host_mac: &'static str,
     /// The MAC of the switch's end.
-    switch_mac: &'static str,
+    pub(super) switch_mac: &'static str,
     /// The third octet of the link's 198.18.N.0/24 (switch .1, host .2).
-    subnet: u8,
+    pub(super) subnet: u8,
 }
 
 impl Port {
-    fn of(host: Host) -> Result<Port> {
+    pub(super) fn of(host: Host) -> Result<Port> {
         let (name, host_mac, switch_mac, subnet) = match host {
             Host::Client => ("c0", "02:00:00:00:01:02", "02:00:00:00:01:01", 1),
             Host::Master => ("m0", MASTER_MAC, "02:00:00:00:02:01", 2),
             Host::Slave => ("s0", SLAVE_MAC, "02:00:00:00:03:01", 3),
             Host::Backup => ("b0", BACKUP_MAC, "02:00:00:00:04:01", 4),
-            Host::Switch => bail!("the switch has no switch port"),
+            Host::Switch | Host::Peer => bail!("a switch has no switch port"),
         };
         Ok(Port {
             name,
@@ -427,6 +458,8 @@ pub enum Host {
     Slave,
     /// The third backend.
     Backup,
+    /// The second switch host of a pair testbed.
+    Peer,
 }
 
 impl Drop for Testbed {
@@ -434,12 +467,20 @@ impl Drop for Testbed {
         self.processes.clear();
         // The agents are gone; what they pinned goes too (the namespaces, and the NICs the
         // program was attached to, go with the fields below).
-        if let Err(e) = crate::dataplane::pins::remove(&self.pin_path()) {
-            eprintln!("cleanup: {e:#}");
+        let switches: &[Host] = if self.peer.is_some() {
+            &[Host::Switch, Host::Peer]
+        } else {
+            &[Host::Switch]
+        };
+        for switch in switches {
+            if let Err(e) = crate::dataplane::pins::remove(&self.pin_path_of(*switch)) {
+                eprintln!("cleanup: {e:#}");
+            }
+            let _ = std::fs::remove_file(self.control_socket_of(*switch));
         }
-        let _ = std::fs::remove_file(self.control_socket());
         self.responders.clear();
         self.tcp_responders.clear();
         self.veth_peers.clear();
+        self.fabric_ports.clear();
     }
 }

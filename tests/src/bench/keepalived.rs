@@ -76,6 +76,22 @@ pub fn config(router_id: &str, priority: u8, advert_int: Duration, check: Option
     text
 }
 
+/// A keepalived.conf for a switch host of an lb pair (`docs/pair.md`): one VRRP instance
+/// advertising on the client segment (`c0`), holding the gateway `.1` of every segment, and
+/// running `notify` (`lb notify …`) on every change of state.
+pub fn pair_config(router_id: &str, priority: u8, advert_int: Duration, notify: &str) -> String {
+    let seconds = advert_int.as_secs_f64();
+    let version = if seconds < 1.0 { 3 } else { 2 };
+    format!(
+        "global_defs {{\n  router_id {router_id}\n  vrrp_version {version}\n  \
+         script_user root\n  enable_script_security\n}}\n\
+         vrrp_instance LB {{\n  state BACKUP\n  interface c0\n  virtual_router_id 52\n  \
+         priority {priority}\n  advert_int {seconds}\n  virtual_ipaddress {{\n    \
+         198.18.1.1/24 dev c0\n    198.18.2.1/24 dev m0\n    198.18.3.1/24 dev s0\n  }}\n  \
+         notify \"{notify}\"\n}}\n"
+    )
+}
+
 /// Starts keepalived (VRRP only, in the foreground) in `host` with `config`; its files live
 /// in `dir`.
 pub fn start(testbed: &Testbed, host: Host, dir: &Path, config: &str) -> Result<Process> {
