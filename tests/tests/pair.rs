@@ -218,18 +218,8 @@ fn notify_command(bed: &Testbed, switch: Host) -> String {
 
 /// Waits (10 s at most) until the agent on `switch` has `role`.
 fn wait_role(bed: &Testbed, switch: Host, role: HostRole) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let now = bed.agent_status_on(switch, LISTEN).unwrap().role;
-        if now == Some(role) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{switch:?} is {now:?}, not {role:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    bed.wait_role(switch, LISTEN, role, Duration::from_secs(10))
+        .unwrap();
 }
 
 #[test]

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use lb_user::testbed::{
-    topology::{unanswered, Testbed, MASTER_MAC, UDP_PORT},
+    topology::{answer_runs, describe_unanswered, unanswered, Testbed, MASTER_MAC, UDP_PORT},
     Host,
 };
 use tests::agent::{metrics, sample, start_agent, wait_active};
@@ -104,6 +104,21 @@ fn a_nic_made_again_is_attached_again_and_serves() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Then healthy through it: the kernel reports a new NIC's carrier up to a second late
+    // (linkwatch), and the link check waits for it.
+    let slave_up = |bed: &Testbed| {
+        bed.agent_status(LISTEN).unwrap().services[0]
+            .backends
+            .iter()
+            .any(|b| b.name == "slave" && b.up)
+    };
+    while !slave_up(&bed) {
+        assert!(
+            Instant::now() < deadline,
+            "the slave is not healthy through its new NIC"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // The slave, reached through the new NIC, takes over when the master goes.
     let stream = bed.udp_stream(10_000, PERIOD).unwrap();
@@ -114,8 +129,10 @@ fn a_nic_made_again_is_attached_again_and_serves() {
     let tail = &answers[answers.len() - 2_000..];
     assert!(
         tail.iter().all(|a| a.by.as_deref() == Some("slave")),
-        "the slave does not answer through its new NIC: {} of the last 2000 unanswered",
-        unanswered(tail)
+        "the slave does not answer through its new NIC: {} of the last 2000 unanswered ({}; {})",
+        unanswered(tail),
+        describe_unanswered(&answers),
+        answer_runs(&answers).join(", ")
     );
     let status = bed.agent_status(LISTEN).unwrap();
     assert!(

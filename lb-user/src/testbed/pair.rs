@@ -13,7 +13,11 @@
 //! pass-through program: veth delivers frames a switch sends with `XDP_REDIRECT` only to a
 //! peer that runs XDP.
 
-use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::config::HostRole;
 
 use super::{
     netns::veth,
@@ -99,5 +103,27 @@ impl Testbed {
                 .ip(&["link", "set", port, if up { "up" } else { "down" }])?;
         }
         Ok(())
+    }
+
+    /// Waits (`within` at most) until the agent on switch host `switch`, listening on
+    /// `listen`, reports `role`.
+    pub fn wait_role(
+        &self,
+        switch: Host,
+        listen: &str,
+        role: HostRole,
+        within: Duration,
+    ) -> Result<()> {
+        let deadline = Instant::now() + within;
+        loop {
+            let now = self.agent_status_on(switch, listen)?.role;
+            if now == Some(role) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("{switch:?} is {now:?}, not {role:?}, after {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }

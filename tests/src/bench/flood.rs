@@ -91,18 +91,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.sources > 1 << 24 || args.settle_secs > 60 {
         bail!("--sources is at most 16777216 (198.19.0.0/16 × 256 ports), --settle-secs 60");
     }
-    if std::env::var_os("RUST_LOG").is_none() {
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    let started = Instant::now();
-    let command = format!(
-        "cargo xtask bench flood{}",
-        std::env::args()
-            .skip(2)
-            .map(|a| format!(" {a}"))
-            .collect::<String>()
-    );
-    let head = report::machine(&command);
+    let (started, head) = report::begin("flood");
     let mut bed = Testbed::new(PREFIX).context("cannot build the lbfl testbed")?;
     bed.start_udp_responder(Host::Master, "master")?;
     let config = format!(
@@ -168,13 +157,7 @@ pub fn run(args: Args) -> Result<()> {
     let body = render(
         &args, &head, &view, &flood, survived, listed, &events, started,
     );
-    report::update(&args.report, "flood", &body)?;
-    println!("{body}");
-    progress(format!(
-        "wrote the flood section of {} in {:.0} s",
-        args.report.display(),
-        started.elapsed().as_secs_f64()
-    ));
+    report::publish(&args.report, "flood", &body, started)?;
     Ok(())
 }
 

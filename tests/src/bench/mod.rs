@@ -7,6 +7,7 @@ pub mod failover;
 pub mod flood;
 pub mod interrupt;
 pub mod keepalived;
+pub mod pair;
 pub mod plot;
 pub mod report;
 pub mod responder;

@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use super::stats::Summary;
 
 const TITLE: &str = "# Benchmarks\n\n\
-Written by `cargo xtask bench failover`, `cargo xtask bench throughput` and `cargo xtask \
-bench flood`; each run replaces its own section below. Every figure was measured on the machine its section \
+Written by `cargo xtask bench failover`, `cargo xtask bench throughput`, `cargo xtask \
+bench flood` and `cargo xtask bench pair`; each run replaces its own section below. Every figure was measured on the machine its section \
 names, in network namespaces on that machine (veth links, no physical NIC).\n";
 
 /// Replaces (or appends) section `name` of the report at `path` with `body`.
@@ -40,6 +40,38 @@ pub fn update(path: &Path, name: &str, body: &str) -> Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The start of bench `name`: the agents it starts log warnings only (unless `RUST_LOG`
+/// says otherwise); returns when it started and its section's head ([`machine`]).
+pub fn begin(name: &str) -> (std::time::Instant, String) {
+    if std::env::var_os("RUST_LOG").is_none() {
+        std::env::set_var("RUST_LOG", "warn");
+    }
+    (std::time::Instant::now(), machine(&command_line(name)))
+}
+
+/// The command line of bench `name` as the operator typed it (`cargo xtask bench NAME …`).
+pub fn command_line(name: &str) -> String {
+    format!(
+        "cargo xtask bench {name}{}",
+        std::env::args()
+            .skip(2)
+            .map(|a| format!(" {a}"))
+            .collect::<String>()
+    )
+}
+
+/// Writes `body` as section `name` of the report at `path`, prints it, and says so.
+pub fn publish(path: &Path, name: &str, body: &str, started: std::time::Instant) -> Result<()> {
+    update(path, name, body)?;
+    println!("{body}");
+    super::progress(format!(
+        "wrote the {name} section of {} in {:.0} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(())
 }
 
 /// A few lines naming the machine, kernel, date and command of a run, for a section's head.

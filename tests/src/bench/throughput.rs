@@ -139,19 +139,7 @@ pub fn run(args: Args) -> Result<()> {
     if !(args.overhead_secs > 0.0 && args.overhead_secs <= 120.0) {
         bail!("--overhead-secs must be in (0, 120]");
     }
-    if std::env::var_os("RUST_LOG").is_none() {
-        // The agents this bench starts log to its terminal: warnings only.
-        std::env::set_var("RUST_LOG", "warn");
-    }
-    let started = std::time::Instant::now();
-    let command = format!(
-        "cargo xtask bench throughput{}",
-        std::env::args()
-            .skip(2)
-            .map(|a| format!(" {a}"))
-            .collect::<String>()
-    );
-    let head = report::machine(&command);
+    let (started, head) = report::begin("throughput");
 
     let costs = if args.no_cost {
         None
@@ -222,13 +210,7 @@ pub fn run(args: Args) -> Result<()> {
         &overheads,
         started.elapsed(),
     );
-    report::update(&args.report, "throughput", &body)?;
-    println!("{body}");
-    progress(format!(
-        "wrote the throughput section of {} in {:.0} s",
-        args.report.display(),
-        started.elapsed().as_secs_f64()
-    ));
+    report::publish(&args.report, "throughput", &body, started)?;
     Ok(())
 }
 

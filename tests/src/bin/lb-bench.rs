@@ -1,5 +1,5 @@
 //! `lb-bench`: the benchmarks of the XDP failover load balancer. Run it through
-//! `cargo xtask bench failover|throughput|flood`, which builds `lb` and this binary in release mode
+//! `cargo xtask bench failover|throughput|flood|pair`, which builds `lb` and this binary in release mode
 //! and runs them as root.
 
 use anyhow::Result;
@@ -23,6 +23,9 @@ enum Bench {
     /// The connection table under a flood of spoofed new flows: established flows' answers
     /// and table entries.
     Flood(bench::flood::Args),
+    /// A switch-host takeover in an lb pair under keepalived: downtime, requests lost, TCP
+    /// connections surviving.
+    Pair(bench::pair::Args),
     /// A benchmark server (started by the failover bench inside a backend's namespace).
     #[command(hide = true)]
     Responder(bench::responder::Args),
@@ -41,6 +44,10 @@ fn main() -> Result<()> {
         Bench::Flood(args) => {
             bench::interrupt::install()?;
             bench::flood::run(args)
+        }
+        Bench::Pair(args) => {
+            bench::interrupt::install()?;
+            bench::pair::run(args)
         }
         Bench::Responder(args) => bench::responder::run(args),
     }
