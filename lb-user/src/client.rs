@@ -106,6 +106,35 @@ impl Agent {
         Ok(())
     }
 
+    /// `lb notify`: [`Agent::role`], waiting up to `patience` for an agent that cannot be
+    /// reached (starting, or restarting): keepalived runs its notify script once per change
+    /// of state and never again, so a change the agent missed would stay missed.
+    pub async fn role_when_reachable(
+        &self,
+        role: HostRole,
+        why: &str,
+        patience: std::time::Duration,
+    ) -> Result<()> {
+        let deadline = std::time::Instant::now() + patience;
+        let mut said = false;
+        loop {
+            match self.role(role, why).await {
+                // No HTTP error inside: the agent answered (and refused).
+                Err(e)
+                    if e.chain().any(|c| c.is::<reqwest::Error>())
+                        && std::time::Instant::now() < deadline =>
+                {
+                    if !said {
+                        eprintln!("{e:#}; trying again for up to {patience:?}");
+                        said = true;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// `lb flows [--service S [--backend B]]`.
     pub async fn flows(&self, service: Option<String>, backend: Option<String>) -> Result<()> {
         let filters: Vec<String> = [("service", service), ("backend", backend)]

@@ -13,6 +13,10 @@ use lb_user::{
     plan::Plan,
 };
 
+/// How long `lb notify` waits for an agent that cannot be reached (one starting or
+/// restarting) before it gives up.
+const NOTIFY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Where the agent's control socket is, for the commands that talk to it.
 #[derive(clap::Args)]
 struct Socket {
@@ -139,9 +143,10 @@ enum Command {
         #[command(flatten)]
         socket: Socket,
     },
-    /// keepalived's notify script: `notify "/usr/local/sbin/lb notify"` in a vrrp_instance
+    /// keepalived's notify script: `notify "/usr/local/bin/lb notify"` in a vrrp_instance
     /// or vrrp_sync_group; keepalived appends TYPE NAME STATE PRIORITY. MASTER makes this
-    /// host active; BACKUP, FAULT and STOP make it standby.
+    /// host active; BACKUP, FAULT and STOP make it standby. An agent that cannot be reached
+    /// (starting, restarting) is waited for up to 10 s.
     Notify {
         /// `INSTANCE` or `GROUP`.
         kind: String,
@@ -262,7 +267,7 @@ fn main() -> Result<()> {
                 };
                 let agent = client::Agent::new(&socket.path)?;
                 let why = format!("keepalived {kind} {name} {state}");
-                agent.role(role, &why).await
+                agent.role_when_reachable(role, &why, NOTIFY_PATIENCE).await
             }
             Command::Flows {
                 service,

@@ -187,6 +187,22 @@ fn keepalived_moves_the_role_the_new_active_announces_the_vips_and_a_restart_kee
         served(&bed),
         "the restarted active host did not serve the VIP"
     );
+
+    // keepalived notifies once: a change that comes while the agent is down (restarting)
+    // waits for it, and is applied when it is back.
+    let mut stopped = bed.processes.remove(agent);
+    assert!(stopped.terminate().unwrap(), "lb did not exit cleanly");
+    let mut notify = bed
+        .lb_command()
+        .unwrap()
+        .args(["notify", "INSTANCE", "VI_LB", "BACKUP", "150"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let agent = start_agent(&mut bed, &pair_config(), LISTEN);
+    assert!(notify.wait().unwrap().success(), "lb notify gave up");
+    assert_eq!(role(&bed), Some(HostRole::Standby));
+    assert!(!served(&bed), "a standby host served the VIP");
     bed.stop_lb_for_good(agent).unwrap();
 }
 

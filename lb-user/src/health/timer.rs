@@ -29,7 +29,7 @@ impl AsRawFd for Fd {
     }
 }
 
-/// A one-shot timer that can be re-armed to any instant.
+/// A timer that can be armed to any instant, once or from there on every period.
 pub struct PreciseTimer {
     fd: AsyncFd<Fd>,
     /// The same instant on both clocks, to turn an [`Instant`] into a `CLOCK_MONOTONIC`

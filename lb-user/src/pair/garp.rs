@@ -71,8 +71,15 @@ pub fn targets(plan: &Plan) -> Targets {
 }
 
 /// Sends one gratuitous ARP per VIP and NIC at once, and `rounds - 1` more rounds
-/// `interval` apart in the background (a frame lost on a busy segment is made up for).
-pub fn announce(targets: &Targets, rounds: u32, interval: Duration) -> Result<Announced> {
+/// `interval` apart in the background (a frame lost on a busy segment is made up for),
+/// each only while `still_active` says so: a host that became standby meanwhile must not
+/// point the clients back at itself.
+pub fn announce(
+    targets: &Targets,
+    rounds: u32,
+    interval: Duration,
+    still_active: impl Fn() -> bool + Send + 'static,
+) -> Result<Announced> {
     let announced = Announced {
         vips: targets.vips.len(),
         nics: targets.nics.len(),
@@ -87,6 +94,9 @@ pub fn announce(targets: &Targets, rounds: u32, interval: Duration) -> Result<An
         tokio::spawn(async move {
             for _ in 1..rounds {
                 tokio::time::sleep(interval).await;
+                if !still_active() {
+                    return;
+                }
                 if let Err(e) = send_round(&socket, &targets) {
                     tracing::warn!("gratuitous ARP: {e:#}");
                     return;

@@ -10,7 +10,9 @@
 pub mod garp;
 pub mod keepalived;
 
-use anyhow::{bail, Result};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
 
 use crate::{config::HostRole, dataplane::MapWriter, plan::Plan};
 
@@ -37,10 +39,10 @@ pub fn start(maps: &MapWriter, plan: &Plan, pinned: bool) -> Result<HostRole> {
 }
 
 /// Makes this host `role` on the running dataplane, as keepalived or the operator asked;
-/// becoming active announces the VIPs of `plan` (see [`garp::announce`]). Returns what was
-/// done, for the caller to show. Refused outside pair mode for a standby: a single host
-/// that stopped serving would take every VIP down.
-pub fn set(maps: &MapWriter, plan: &Plan, role: HostRole, why: &str) -> Result<String> {
+/// becoming active announces the VIPs of `plan` (see [`garp::announce`]), for as long as the
+/// host stays active. Returns what was done, for the caller to show. Refused outside pair
+/// mode for a standby: a single host that stopped serving would take every VIP down.
+pub fn set(maps: &Arc<MapWriter>, plan: &Plan, role: HostRole, why: &str) -> Result<String> {
     let Some(pair) = &plan.pair else {
         if role == HostRole::Standby {
             bail!(
@@ -57,7 +59,17 @@ pub fn set(maps: &MapWriter, plan: &Plan, role: HostRole, why: &str) -> Result<S
     }
     if role == HostRole::Active {
         let targets = garp::targets(plan);
-        let sent = garp::announce(&targets, pair.gratuitous_arps, pair.gratuitous_arp_interval)?;
+        let watched = maps.clone();
+        let still_active = move || watched.role().is_ok_and(|r| r == HostRole::Active);
+        let sent = garp::announce(
+            &targets,
+            pair.gratuitous_arps,
+            pair.gratuitous_arp_interval,
+            still_active,
+        )
+        .with_context(|| {
+            format!("this host is active now (was {before}), but announcing its VIPs failed")
+        })?;
         return Ok(format!(
             "active (was {before}); announced {} VIP(s) on {} NIC(s) with gratuitous ARP",
             sent.vips, sent.nics
