@@ -91,6 +91,10 @@ pub struct PairConfig {
     /// Between two rounds of gratuitous ARP. Default `"100ms"`.
     #[serde(default = "default_gratuitous_arp_interval", with = "humantime_serde")]
     pub gratuitous_arp_interval: Duration,
+    /// keepalived's notify FIFO (`vrrp_notify_fifo` in its `global_defs`), read by the agent:
+    /// every state change in order, without a process per change (faster than `lb notify`,
+    /// and never reordered). Made (mode 0600) if missing. None by default.
+    pub keepalived_fifo: Option<std::path::PathBuf>,
 }
 
 fn default_initial_role() -> HostRole {

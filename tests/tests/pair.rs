@@ -17,7 +17,7 @@ use lb_user::{
 };
 use tests::{
     agent::{metrics, sample, start_agent},
-    bench::keepalived,
+    bench::pair::{start_pair, NotifyMode},
     rig::*,
     testrun::{
         BACKEND_IF_MAC, CLIENT_IF_MAC, CLIENT_MAC, MASTER_MAC, XDP_DROP, XDP_PASS, XDP_REDIRECT,
@@ -223,62 +223,35 @@ fn a_host_not_in_a_pair_always_serves_and_refuses_to_stand_by() {
     bed.stop_lb_for_good(agent).unwrap();
 }
 
-/// `lb notify` on `switch` as keepalived runs it.
-fn notify_command(bed: &Testbed, switch: Host) -> String {
-    format!(
-        "{} notify --socket {}",
-        lb_user::testbed::topology::lb_binary().unwrap(),
-        bed.control_socket_of(switch).display()
-    )
-}
-
-/// Waits (10 s at most) until the agent on `switch` has `role`.
-fn wait_role(bed: &Testbed, switch: Host, role: HostRole) {
-    bed.wait_role(switch, LISTEN, role, Duration::from_secs(10))
-        .unwrap();
-}
-
-#[test]
-fn keepalived_hands_the_vips_to_the_peer_when_the_active_switch_host_dies() {
-    let mut bed = Testbed::pair("lbpr-take").expect("pair testbed");
+/// Both switch hosts with keepalived at 10 ms adverts telling `lb` by `mode`; the active
+/// switch host loses every link under a stream of requests, and the peer takes over.
+fn takeover(prefix: &str, mode: NotifyMode) {
+    let mut bed = Testbed::pair(prefix).expect("pair testbed");
     bed.start_udp_responder(Host::Master, "master").unwrap();
     bed.start_udp_responder(Host::Slave, "slave").unwrap();
-    let path = bed.write_file("lb.toml", &pair_config()).unwrap();
-    let path = path.to_str().unwrap().to_string();
-    for switch in [Host::Switch, Host::Peer] {
-        let agent = bed
-            .start_lb_on(switch, &["run", "--config", &path])
-            .unwrap();
-        bed.wait_for_agent_on(switch, agent, LISTEN).unwrap();
-    }
-    let advert = Duration::from_millis(10);
-    for (switch, priority) in [(Host::Switch, 150), (Host::Peer, 100)] {
-        let name = format!("{switch:?}").to_lowercase();
-        let config =
-            keepalived::pair_config(&name, priority, advert, &notify_command(&bed, switch));
-        let daemon = keepalived::start(&bed, switch, bed.dir(), &config).unwrap();
-        bed.processes.push(daemon);
-    }
-    wait_role(&bed, Host::Switch, HostRole::Active);
-    wait_role(&bed, Host::Peer, HostRole::Standby);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !served(&bed) {
-        assert!(
-            Instant::now() < deadline,
-            "the active switch host does not serve the VIP"
-        );
-    }
+    let services = format!(
+        "{}{}",
+        Testbed::config_head(LISTEN),
+        Testbed::service_toml("echo", "udp", UDP_PORT, HEALTH)
+    );
+    start_pair(&mut bed, &services, Duration::from_millis(10), mode).unwrap();
 
     // 1 000 requests a second for 3 s; the active switch host loses every link after 1 s.
     let stream = bed.udp_stream(3000, Duration::from_millis(1)).unwrap();
     std::thread::sleep(Duration::from_secs(1));
     bed.set_switch_links(Host::Switch, false).unwrap();
     let answers = stream.join().unwrap().unwrap();
-    wait_role(&bed, Host::Peer, HostRole::Active);
+    bed.wait_role(
+        Host::Peer,
+        LISTEN,
+        HostRole::Active,
+        Duration::from_secs(10),
+    )
+    .unwrap();
     let lost = unanswered(&answers);
     let gap = longest_gap(&answers);
     eprintln!(
-        "switch-host takeover, 10 ms adverts: {lost} of {} requests unanswered, longest gap {gap:?}",
+        "switch-host takeover, 10 ms adverts, {mode:?}: {lost} of {} requests unanswered, longest gap {gap:?}",
         answers.len()
     );
     assert!(
@@ -289,4 +262,14 @@ fn keepalived_hands_the_vips_to_the_peer_when_the_active_switch_host_dies() {
         describe_unanswered(&answers)
     );
     assert!(gap < Duration::from_secs(1), "{}", describe_gap(&answers));
+}
+
+#[test]
+fn keepalived_hands_the_vips_to_the_peer_through_lb_notify_when_the_active_host_dies() {
+    takeover("lbpr-tscr", NotifyMode::Script);
+}
+
+#[test]
+fn keepalived_hands_the_vips_to_the_peer_through_its_fifo_when_the_active_host_dies() {
+    takeover("lbpr-tfif", NotifyMode::Fifo);
 }

@@ -114,6 +114,13 @@ pub async fn run(options: RunOptions) -> Result<()> {
         control_socket = %config.control_socket.display(),
         "ready: /metrics /status /flows /healthz; actions on the control socket"
     );
+    let keepalived_fifo = state
+        .plan
+        .get()
+        .pair
+        .as_ref()
+        .and_then(|pair| pair.keepalived_fifo.clone())
+        .map(|path| tokio::spawn(follow_keepalived(path, state.clone())));
     notify::ready();
     let watchdog_interval = notify::watchdog_interval();
     // Without a watchdog the tick is never fed to anyone: a day apart costs nothing.
@@ -168,6 +175,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let _ = std::fs::remove_file(&config.control_socket);
     sweeper.abort();
+    if let Some(follower) = keepalived_fifo {
+        follower.abort();
+    }
     drop(state);
     drop(dataplane);
     tracing::info!(
@@ -195,5 +205,24 @@ pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
             _ = term.recv() => tracing::info!("SIGTERM received, shutting down"),
             _ = int.recv() => tracing::info!("SIGINT received, shutting down"),
         }
+    }
+}
+
+/// Applies the state changes keepalived writes to its notify FIFO at `path`, in order, for
+/// as long as the agent runs.
+async fn follow_keepalived(path: PathBuf, state: control::Shared) {
+    let followed = crate::pair::fifo::follow(&path, |role, why| {
+        let plan = state.plan.get();
+        match crate::pair::set(&state.maps, &plan, role, why) {
+            Ok(done) => tracing::info!(why, "{done}"),
+            Err(e) => tracing::error!(why, "{e:#}"),
+        }
+    })
+    .await;
+    if let Err(e) = followed {
+        tracing::error!(
+            "keepalived's notify FIFO is no longer followed: {e:#}; `lb notify` and `lb role` \
+             still work"
+        );
     }
 }

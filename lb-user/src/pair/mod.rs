@@ -4,9 +4,10 @@
 //! The role lives in the dataplane (the pinned `ROLE` map), so the standby serves nothing
 //! of the VIPs even while its agent is down, and a restarted agent keeps the role keepalived
 //! gave. The agent changes it when told (`lb role`, or keepalived's notify script through
-//! `lb notify`, [`keepalived`]); becoming active also announces every VIP with gratuitous
+//! `lb notify`, [`keepalived`], or its notify FIFO, [`fifo`]); becoming active also announces every VIP with gratuitous
 //! ARP ([`garp`]), so that clients and routers send to this host's MACs at once.
 
+pub mod fifo;
 pub mod garp;
 pub mod keepalived;
 

@@ -76,19 +76,35 @@ pub fn config(router_id: &str, priority: u8, advert_int: Duration, check: Option
     text
 }
 
+/// How keepalived tells `lb` of its state changes.
+#[derive(Debug, Clone)]
+pub enum Notify {
+    /// A notify script: `lb notify …`, this command line.
+    Script(String),
+    /// The notify FIFO at this path, which the agent reads (`[pair] keepalived_fifo`).
+    Fifo(std::path::PathBuf),
+}
+
 /// A keepalived.conf for a switch host of an lb pair (`docs/pair.md`): one VRRP instance
 /// advertising on the client segment (`c0`), holding the gateway `.1` of every segment, and
-/// running `notify` (`lb notify …`) on every change of state.
-pub fn pair_config(router_id: &str, priority: u8, advert_int: Duration, notify: &str) -> String {
+/// telling `lb` of every change of state as `notify` says.
+pub fn pair_config(router_id: &str, priority: u8, advert_int: Duration, notify: &Notify) -> String {
     let seconds = advert_int.as_secs_f64();
     let version = if seconds < 1.0 { 3 } else { 2 };
+    let (fifo, script) = match notify {
+        Notify::Fifo(path) => (
+            format!("  vrrp_notify_fifo {}\n", path.display()),
+            String::new(),
+        ),
+        Notify::Script(command) => (String::new(), format!("  notify \"{command}\"\n")),
+    };
     format!(
         "global_defs {{\n  router_id {router_id}\n  vrrp_version {version}\n  \
-         script_user root\n  enable_script_security\n}}\n\
+         script_user root\n  enable_script_security\n{fifo}}}\n\
          vrrp_instance LB {{\n  state BACKUP\n  interface c0\n  virtual_router_id 52\n  \
          priority {priority}\n  advert_int {seconds}\n  virtual_ipaddress {{\n    \
-         198.18.1.1/24 dev c0\n    198.18.2.1/24 dev m0\n    198.18.3.1/24 dev s0\n  }}\n  \
-         notify \"{notify}\"\n}}\n"
+         198.18.1.1/24 dev c0\n    198.18.2.1/24 dev m0\n    198.18.3.1/24 dev s0\n  }}\n\
+         {script}}}\n"
     )
 }
 

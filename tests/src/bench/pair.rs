@@ -2,7 +2,8 @@
 //! keepalived, and the failback when the host comes back.
 //!
 //! On the pair testbed (`Testbed::pair`: two switch hosts on bridged segments, keepalived on
-//! both holding the segments' gateways and running `lb notify`), per keepalived advert
+//! both holding the segments' gateways and telling `lb` through its notify FIFO, or with
+//! `--notify script` through `lb notify`), per keepalived advert
 //! interval and trial: `--connections` TCP connections are opened through the VIP and a
 //! client sends `--rate` UDP requests a second through it; one second in, the active switch
 //! host loses every link (as when it loses power); the stream goes on until the peer has
@@ -47,6 +48,9 @@ pub struct Args {
     /// TCP connections held through the VIP across each event.
     #[arg(long, default_value_t = 20)]
     pub connections: usize,
+    /// How keepalived tells `lb` of its state changes.
+    #[arg(long, value_enum, default_value_t = NotifyMode::Fifo)]
+    pub notify: NotifyMode,
     /// keepalived advert intervals to measure, in milliseconds (VRRPv3 below 1000).
     #[arg(long, value_delimiter = ',', default_values_t = [10u64, 1000])]
     pub advert_ms: Vec<u64>,
@@ -96,44 +100,76 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The agents' config: a UDP and a TCP service on the VIP, checks every 10 ms, pair mode.
-fn config() -> String {
+/// The agents' services: a UDP and a TCP service on the VIP, checks every 10 ms.
+fn services() -> String {
     let health = format!(
         "{{ checks = [{{ type = \"link\" }}, {{ type = \"udp\", port = {UDP_PORT}, send = \"health\" }}], interval = \"10ms\" }}"
     );
     format!(
-        "{}{}{}\n[pair]\n",
+        "{}{}{}",
         Testbed::config_head(LISTEN),
         Testbed::service_toml("echo", "udp", UDP_PORT, &health),
         Testbed::service_toml("hold", "tcp", TCP_PORT, &health)
     )
 }
 
-/// A pair testbed with both agents and keepalived at `advert`, the switch host active.
-fn start(advert: Duration) -> Result<Testbed> {
+/// How keepalived tells `lb` of its state changes in a run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotifyMode {
+    /// keepalived's notify FIFO, read by the agent (`[pair] keepalived_fifo`).
+    Fifo,
+    /// A notify script running `lb notify`.
+    Script,
+}
+
+/// Starts `lb` (with `services`, a config without `[pair]`, in pair mode) and keepalived at
+/// `advert` on both switch hosts of the pair testbed `bed`, keepalived telling `lb` by
+/// `mode`; the switch host (priority 150) becomes active, the peer (100) standby. Waits
+/// until the switch host serves the VIP.
+pub fn start_pair(
+    bed: &mut Testbed,
+    services: &str,
+    advert: Duration,
+    mode: NotifyMode,
+) -> Result<()> {
+    let lb = lb_user::testbed::topology::lb_binary()?;
+    for (switch, priority) in [(Host::Switch, 150), (Host::Peer, 100)] {
+        let name = format!("{switch:?}").to_lowercase();
+        let fifo = bed.dir().join(format!("keepalived-{name}.fifo"));
+        let (pair, notify) = match mode {
+            NotifyMode::Fifo => (
+                format!("keepalived_fifo = \"{}\"\n", fifo.display()),
+                keepalived::Notify::Fifo(fifo),
+            ),
+            NotifyMode::Script => (
+                String::new(),
+                keepalived::Notify::Script(format!(
+                    "{lb} notify --socket {}",
+                    bed.control_socket_of(switch).display()
+                )),
+            ),
+        };
+        let config = format!("{services}\n[pair]\n{pair}");
+        let path = bed.write_file(&format!("lb-{name}.toml"), &config)?;
+        let path = path.to_str().context("config path")?.to_string();
+        let agent = bed.start_lb_on(switch, &["run", "--config", &path])?;
+        bed.wait_for_agent_on(switch, agent, LISTEN)?;
+        let config = keepalived::pair_config(&name, priority, advert, &notify);
+        let daemon = keepalived::start(bed, switch, bed.dir(), &config)?;
+        bed.processes.push(daemon);
+    }
+    settle(bed, advert)
+}
+
+/// A pair testbed with responders on both backends, both agents and keepalived at
+/// `advert`, the switch host active.
+fn start(advert: Duration, mode: NotifyMode) -> Result<Testbed> {
     let mut bed = Testbed::pair(PREFIX).context("cannot build the pair testbed")?;
     for (host, name) in [(Host::Master, "master"), (Host::Slave, "slave")] {
         bed.start_udp_responder(host, name)?;
         bed.start_tcp_responder(host, name)?;
     }
-    let path = bed.write_file("lb.toml", &config())?;
-    let path = path.to_str().context("config path")?.to_string();
-    for switch in [Host::Switch, Host::Peer] {
-        let agent = bed.start_lb_on(switch, &["run", "--config", &path])?;
-        bed.wait_for_agent_on(switch, agent, LISTEN)?;
-    }
-    let lb = lb_user::testbed::topology::lb_binary()?;
-    for (switch, priority) in [(Host::Switch, 150), (Host::Peer, 100)] {
-        let name = format!("{switch:?}").to_lowercase();
-        let notify = format!(
-            "{lb} notify --socket {}",
-            bed.control_socket_of(switch).display()
-        );
-        let config = keepalived::pair_config(&name, priority, advert, &notify);
-        let daemon = keepalived::start(&bed, switch, bed.dir(), &config)?;
-        bed.processes.push(daemon);
-    }
-    settle(&bed, advert)?;
+    start_pair(&mut bed, &services(), advert, mode)?;
     Ok(bed)
 }
 
@@ -160,7 +196,7 @@ fn measure(args: &Args, advert: Duration) -> Result<Series> {
         "advert {advert:?}: {} takeovers and failbacks, {} requests/s, {} TCP connections",
         args.trials, args.rate, args.connections
     ));
-    let bed = start(advert)?;
+    let bed = start(advert, args.notify)?;
     let period = Duration::from_secs(1) / args.rate;
     // keepalived's master-down interval is 3 adverts plus skew; the stream covers it twice.
     let outage = advert * 8 + Duration::from_millis(500);
@@ -257,7 +293,7 @@ fn render(args: &Args, head: &str, series: &[Series], elapsed: Duration) -> Stri
         t,
         "Two switch hosts on bridged segments (`Testbed::pair`), both running `lb` in pair \
          mode and keepalived (one VRRP instance on the client segment holding every \
-         segment's gateway, `notify` running `lb notify`). A client sends {} UDP requests a \
+         segment's gateway, telling `lb` of its state {}). A client sends {} UDP requests a \
          second through the VIP and holds {} TCP connections through it; one second in, \
          every link of the active switch host goes down (takeover by the peer), and in the \
          next run comes back (keepalived's higher priority takes the VIPs back: failback). \
@@ -265,7 +301,13 @@ fn render(args: &Args, head: &str, series: &[Series], elapsed: Duration) -> Stri
          a TCP connection survived when it still answers afterwards. The connection tables \
          are not synchronised: connections survive by the mid-stream pick-up on the same \
          active backend (see `docs/pair.md`).\n",
-        args.rate, args.connections
+        match args.notify {
+            NotifyMode::Fifo =>
+                "through its notify FIFO (`vrrp_notify_fifo`), which the agent reads",
+            NotifyMode::Script => "with a notify script running `lb notify`",
+        },
+        args.rate,
+        args.connections
     );
     let _ = writeln!(
         t,

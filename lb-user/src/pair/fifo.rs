@@ -1,0 +1,89 @@
+//! keepalived's notify FIFO (`vrrp_notify_fifo` in `global_defs`): keepalived writes one line
+//! per state change, `INSTANCE "name" STATE priority` (or `GROUP …`), in order, to a FIFO
+//! the agent reads. Unlike a notify script, no process is started per change, and two
+//! changes cannot reach the agent in the other order.
+
+use std::{os::unix::fs::FileTypeExt, path::Path};
+
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncBufReadExt;
+
+use crate::config::HostRole;
+
+/// The role a FIFO line asks for, with the line for the log; `None` for lines about
+/// anything but a VRRP instance or sync group, and for `DELETED`.
+pub fn parse(line: &str) -> Result<Option<(HostRole, String)>> {
+    let mut words = line.split_whitespace();
+    let (Some(kind), Some(name), Some(state)) = (words.next(), words.next(), words.next()) else {
+        return Ok(None);
+    };
+    if kind != "INSTANCE" && kind != "GROUP" {
+        return Ok(None);
+    }
+    let why = format!("keepalived {kind} {} {state}", name.trim_matches('"'));
+    Ok(super::keepalived::role_for(state)?.map(|role| (role, why)))
+}
+
+/// Makes the FIFO at `path` if there is none (mode 0600: only root writes to it).
+pub fn ensure(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.file_type().is_fifo() => Ok(()),
+        Ok(_) => bail!(
+            "{} exists and is not a FIFO: remove it or name another pair.keepalived_fifo",
+            path.display()
+        ),
+        Err(_) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+            }
+            nix::unistd::mkfifo(
+                path,
+                nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+            )
+            .with_context(|| format!("cannot make the FIFO {}", path.display()))
+        }
+    }
+}
+
+/// Reads the FIFO at `path` for ever and calls `apply` with each role it asks for, in
+/// order. Opened for reading and writing, it never sees an end of file when keepalived
+/// restarts.
+pub async fn follow(path: &Path, mut apply: impl FnMut(HostRole, &str)) -> Result<()> {
+    ensure(path)?;
+    let receiver = tokio::net::unix::pipe::OpenOptions::new()
+        .read_write(true)
+        .open_receiver(path)
+        .with_context(|| format!("cannot open the keepalived FIFO {}", path.display()))?;
+    let mut lines = tokio::io::BufReader::new(receiver).lines();
+    while let Some(line) = lines
+        .next_line()
+        .await
+        .with_context(|| format!("cannot read the keepalived FIFO {}", path.display()))?
+    {
+        match parse(&line) {
+            Ok(Some((role, why))) => apply(role, &why),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("keepalived FIFO: {e:#} in {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fifo_lines_map_to_roles() {
+        let (role, why) = parse("INSTANCE \"LB\" MASTER 150").unwrap().unwrap();
+        assert_eq!(role, HostRole::Active);
+        assert_eq!(why, "keepalived INSTANCE LB MASTER");
+        let (role, _) = parse("GROUP \"G\" BACKUP").unwrap().unwrap();
+        assert_eq!(role, HostRole::Standby);
+        assert!(parse("RS 198.18.2.2:80 UP").unwrap().is_none());
+        assert!(parse("INSTANCE \"LB\" DELETED 0").unwrap().is_none());
+        assert!(parse("").unwrap().is_none());
+        assert!(parse("INSTANCE \"LB\" SIDEWAYS 1").is_err());
+    }
+}
