@@ -35,30 +35,37 @@ struct Quote {
     key: FlowKey,
 }
 
-/// Handles ICMP error `packet`: carries it to the other end of the flow it is about.
+/// Handles ICMP error `packet`: carries it to the other end of the flow it is about; on the
+/// standby host of a pair, drops it (counted) instead.
 #[inline(always)]
 pub fn error(ctx: &XdpContext, l2: &L2, packet: &Ipv4) -> u32 {
     let Some((quote, mirrored)) = about(ctx, packet) else {
         return xdp_action::XDP_PASS;
     };
-    if let Some(flow) = maps::flow(&mirrored) {
-        // About a reply the program sent to a client: goes to the flow's backend.
-        return toward_backend(ctx, l2, packet, &quote, flow);
+    // About a reply the program sent to a client: goes to the flow's backend. About a
+    // packet the program sent to a backend: goes to the flow's client.
+    let toward = match maps::flow(&mirrored) {
+        Some(flow) => Toward::Backend(flow),
+        None => match maps::reply(&mirrored) {
+            Some(reply) => Toward::Client(reply),
+            None => return xdp_action::XDP_PASS,
+        },
+    };
+    if maps::standby() {
+        return counted(Event::Standby, xdp_action::XDP_DROP);
     }
-    if let Some(reply) = maps::reply(&mirrored) {
-        // About a packet the program sent to a backend: goes to the flow's client.
-        return toward_client(ctx, l2, packet, &quote, &reply);
+    match toward {
+        Toward::Backend(flow) => toward_backend(ctx, l2, packet, &quote, flow),
+        Toward::Client(reply) => toward_client(ctx, l2, packet, &quote, &reply),
     }
-    xdp_action::XDP_PASS
 }
 
-/// Whether ICMP error `packet` is about a flow of the connection table (one [`error`] would
-/// carry), without touching it.
-#[inline(always)]
-pub fn error_is_ours(ctx: &XdpContext, packet: &Ipv4) -> bool {
-    about(ctx, packet).is_some_and(|(_, mirrored)| {
-        maps::flow(&mirrored).is_some() || maps::reply(&mirrored).is_some()
-    })
+/// Where an ICMP error about a flow goes.
+enum Toward {
+    /// To the backend of the flow at this pointer.
+    Backend(*mut Flow),
+    /// To the client of this reply index entry's flow.
+    Client(Reply),
 }
 
 /// The quoted header of ICMP error `packet` and the key the flow it is about would be

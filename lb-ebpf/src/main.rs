@@ -14,8 +14,8 @@
 //! Only packets of flows the program created are rewritten. Anything else, or anything
 //! that cannot be parsed and checksummed completely, is handed to the kernel untouched
 //! (`XDP_PASS`); every refusal is counted in `EVENTS`. The standby host of a pair (`ROLE`)
-//! serves nothing of the VIPs: it looks them up as the active host would, and drops what
-//! it would have served ([`standing_by`]).
+//! serves nothing of the VIPs: it looks each frame up as the active host would, and drops
+//! (counts) what it would have served.
 #![no_std]
 #![no_main]
 
@@ -84,45 +84,46 @@ fn process(ctx: &XdpContext, iface: &lb_common::Iface) -> u32 {
         return xdp_action::XDP_PASS;
     };
     if packet.is_icmp_error() {
-        if maps::standby() {
-            return standing_by(icmp::error_is_ours(ctx, &packet));
-        }
         return icmp::error(ctx, &l2, &packet);
     }
     let key = packet.key();
-    if maps::may_be_vip(&packet.dst) {
-        if let Some(flow) = maps::flow(&key) {
-            if maps::standby() {
-                return standing_by(true);
-            }
-            return forward::known(ctx, &l2, &packet, &key, flow);
-        }
-        if maps::is_vip(&packet.dst) {
-            if maps::standby() {
-                return standing_by(true);
-            }
-            return forward::new(ctx, &l2, &packet, &key);
-        }
+    let Some(found) = look_up(&packet, &key) else {
+        return xdp_action::XDP_PASS;
+    };
+    if maps::standby() {
+        // The kernel here does not own the VIP and would route the frame the wrong way.
+        return counted(Event::Standby, xdp_action::XDP_DROP);
     }
-    if let Some(reply) = maps::reply(&key) {
-        if maps::standby() {
-            return standing_by(true);
-        }
-        return reverse::reply(ctx, &l2, &packet, &reply);
+    match found {
+        Found::Flow(flow) => forward::known(ctx, &l2, &packet, &key, flow),
+        Found::Vip => forward::new(ctx, &l2, &packet, &key),
+        Found::Reply(reply) => reverse::reply(ctx, &l2, &packet, &reply),
     }
-    xdp_action::XDP_PASS
 }
 
-/// On the standby host: a frame the active host would serve (`ours`) is dropped and
-/// counted, for the kernel here does not own the VIP and would route it the wrong way;
-/// anything else goes to the kernel.
+/// What the connection table and the VIPs make of a packet the program may serve.
+enum Found {
+    /// A packet of the flow at this pointer (client → VIP).
+    Flow(*mut lb_common::Flow),
+    /// A packet to a VIP without a flow.
+    Vip,
+    /// A backend's answer to a flow, with its reply index entry.
+    Reply(lb_common::Reply),
+}
+
+/// Looks `packet` (with flow key `key`) up: as a client's packet of a flow, a packet to a
+/// VIP, or a backend's reply; `None` for anything else.
 #[inline(always)]
-fn standing_by(ours: bool) -> u32 {
-    if ours {
-        counted(Event::Standby, xdp_action::XDP_DROP)
-    } else {
-        xdp_action::XDP_PASS
+fn look_up(packet: &parse::Ipv4, key: &lb_common::FlowKey) -> Option<Found> {
+    if maps::may_be_vip(&packet.dst) {
+        if let Some(flow) = maps::flow(key) {
+            return Some(Found::Flow(flow));
+        }
+        if maps::is_vip(&packet.dst) {
+            return Some(Found::Vip);
+        }
     }
+    maps::reply(key).map(Found::Reply)
 }
 
 #[cfg(not(test))]

@@ -511,15 +511,11 @@ async fn set_role(
     Path(role): Path<String>,
     Query(reason): Query<RoleReason>,
 ) -> (StatusCode, String) {
-    let role = match role.as_str() {
-        "active" => HostRole::Active,
-        "standby" => HostRole::Standby,
-        other => {
-            return (
-                StatusCode::NOT_FOUND,
-                format!("unknown role {other:?}: active or standby\n"),
-            )
-        }
+    let Ok(role) = <HostRole as clap::ValueEnum>::from_str(&role, false) else {
+        return (
+            StatusCode::NOT_FOUND,
+            format!("unknown role {role:?}: active or standby\n"),
+        );
     };
     let plan = state.plan.get();
     let why = reason

@@ -258,6 +258,24 @@ pub fn arp_request(sender_mac: [u8; 6], sender_ip: [u8; 4], target_ip: [u8; 4]) 
     frame
 }
 
+/// An ICMP error of `kind` from `src` to `dst` quoting `quoted`, sent from `mac` (source,
+/// destination).
+pub fn icmp_error(
+    mac: ([u8; 6], [u8; 6]),
+    src: [u8; 4],
+    dst: [u8; 4],
+    kind: etherparse::Icmpv4Type,
+    quoted: &[u8],
+) -> Vec<u8> {
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(mac.0, mac.1)
+        .ipv4(src, dst, 64)
+        .icmpv4(kind)
+        .write(&mut frame, quoted)
+        .unwrap();
+    frame
+}
+
 /// An ICMP echo request (identifier 7) from the client's MAC.
 pub fn echo_request(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
     let mut frame = Vec::new();

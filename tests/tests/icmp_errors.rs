@@ -3,7 +3,7 @@
 //! and quoted TCP/UDP) verified with etherparse; errors about no flow, or from the wrong
 //! place, are left alone.
 
-use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
 use tests::{
     checks::{verify_checksums, verify_quoted},
     rig::*,
@@ -17,23 +17,6 @@ const BACKEND_ROUTER: [u8; 4] = [198, 18, 2, 254];
 /// The IPv4 packet (without Ethernet) of `frame`.
 fn ip_of(frame: &[u8]) -> Vec<u8> {
     frame[14..].to_vec()
-}
-
-/// An ICMP error of `kind` from `src` to `dst` quoting `quoted`, sent from `mac`.
-fn icmp_error(
-    mac: ([u8; 6], [u8; 6]),
-    src: [u8; 4],
-    dst: [u8; 4],
-    kind: Icmpv4Type,
-    quoted: &[u8],
-) -> Vec<u8> {
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(mac.0, mac.1)
-        .ipv4(src, dst, 64)
-        .icmpv4(kind)
-        .write(&mut frame, quoted)
-        .unwrap();
-    frame
 }
 
 fn frag_needed() -> Icmpv4Type {

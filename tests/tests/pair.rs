@@ -5,6 +5,9 @@
 
 use std::time::{Duration, Instant};
 
+use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type};
+use lb_common::Direction;
+
 use lb_user::{
     config::HostRole,
     testbed::{
@@ -33,32 +36,95 @@ fn the_standby_serves_nothing_of_the_vips_and_keeps_its_flows() {
     with_rig("lbt-pair-standby", |b| {
         let syn = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_000, 80);
         let reply = tcp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 80, 40_000);
-        assert_eq!(b.run(b.client_if, &syn)?.0, XDP_REDIRECT);
+        let (action, sent) = b.run(b.client_if, &syn)?;
+        assert_eq!(action, XDP_REDIRECT);
+        let other = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_001, 80);
+        // The master's "fragmentation needed" about the packet `about` (a frame).
+        let frag_needed = |about: &[u8]| {
+            let kind =
+                Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded {
+                    next_hop_mtu: 1400,
+                });
+            icmp_error(
+                (MASTER_MAC, BACKEND_IF_MAC),
+                MASTER,
+                CLIENT,
+                kind,
+                &about[14..],
+            )
+        };
+        let traffic = |b: &Rig| -> anyhow::Result<(u64, u64)> {
+            Ok((
+                b.maps.traffic_of(0, Direction::Forward)?.packets,
+                b.maps.traffic_of(0, Direction::Reverse)?.packets,
+            ))
+        };
+        let (flows, counted) = (b.flows(), traffic(b)?);
 
         b.maps.set_role(HostRole::Standby)?;
+        // What the active host would serve: dropped, untouched, counted, nothing learned.
+        let served = [
+            ("a known flow's packet", b.client_if, syn.clone()),
+            ("a new flow's packet", b.client_if, other.clone()),
+            ("the backend's reply", b.backend_if, reply.clone()),
+            (
+                "a reply from another MAC",
+                b.backend_if,
+                tcp(SLAVE_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 80, 40_000),
+            ),
+            (
+                "an ICMP error about the flow",
+                b.backend_if,
+                frag_needed(&sent),
+            ),
+        ];
+        for (what, ifindex, frame) in &served {
+            assert_eq!(b.run(*ifindex, frame)?, (XDP_DROP, frame.clone()), "{what}");
+        }
+        // An ARP request for the VIP: to the kernel unanswered, counted.
         let arp = arp_request(CLIENT_MAC, CLIENT, VIP);
-        assert_eq!(
-            b.run(b.client_if, &arp)?,
-            (XDP_PASS, arp.clone()),
-            "ARP not answered"
-        );
-        assert_eq!(b.run(b.client_if, &syn)?.0, XDP_DROP, "known flow");
-        let other = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 40_001, 80);
-        assert_eq!(b.run(b.client_if, &other)?.0, XDP_DROP, "new flow");
-        assert_eq!(b.run(b.backend_if, &reply)?.0, XDP_DROP, "backend's reply");
-        let not_vip = tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, OTHER, 40_000, 80);
-        assert_eq!(b.run(b.client_if, &not_vip)?, (XDP_PASS, not_vip.clone()));
-        assert_eq!(b.event("standby")?, 4);
-        assert_eq!(
-            b.flows().len(),
-            1,
-            "the table is kept, and nothing was added"
-        );
+        assert_eq!(b.run(b.client_if, &arp)?, (XDP_PASS, arp.clone()), "ARP");
+        assert_eq!(b.event("standby")?, served.len() as u64 + 1);
+        // What the active host would not serve either: to the kernel untouched, not counted
+        // as standby.
+        let mut bad_checksum = other.clone();
+        bad_checksum[24] ^= 0xff;
+        let untouched = [
+            (
+                "a gratuitous ARP for the VIP",
+                b.client_if,
+                arp_request(CLIENT_MAC, VIP, VIP),
+            ),
+            (
+                "traffic to another address",
+                b.client_if,
+                tcp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, OTHER, 40_000, 80),
+            ),
+            (
+                "a packet to the VIP with a bad IP checksum",
+                b.client_if,
+                bad_checksum,
+            ),
+            (
+                "an ICMP error about no flow",
+                b.backend_if,
+                frag_needed(&other),
+            ),
+        ];
+        let unparsable = b.event("unparsable")?;
+        for (what, ifindex, frame) in &untouched {
+            assert_eq!(b.run(*ifindex, frame)?, (XDP_PASS, frame.clone()), "{what}");
+        }
+        assert_eq!(b.event("standby")?, served.len() as u64 + 1);
+        assert_eq!(b.event("unparsable")?, unparsable + 1, "the bad checksum");
+        // The table and the counters are as the active host left them.
+        assert_eq!(b.flows(), flows);
+        assert_eq!(traffic(b)?, counted);
 
         b.maps.set_role(HostRole::Active)?;
         assert_eq!(b.run(b.client_if, &syn)?.0, XDP_REDIRECT);
         assert_eq!(b.run(b.backend_if, &reply)?.0, XDP_REDIRECT);
-        assert_eq!(b.event("standby")?, 4);
+        assert_eq!(b.event("standby")?, served.len() as u64 + 1);
         Ok(())
     })
 }

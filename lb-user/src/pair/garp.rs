@@ -138,7 +138,7 @@ fn send_round(socket: &OwnedFd, targets: &Targets) -> Result<()> {
 }
 
 /// The gratuitous ARP request for `vip` at `mac`.
-pub fn frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; FRAME_LEN] {
+fn frame(mac: [u8; 6], vip: Ipv4Addr) -> [u8; FRAME_LEN] {
     let mut buf = [0u8; FRAME_LEN];
     let mut eth = MutableEthernetPacket::new(&mut buf).expect("frame holds an Ethernet header");
     eth.set_destination([0xff; 6].into());

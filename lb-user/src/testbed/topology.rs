@@ -135,11 +135,7 @@ impl Testbed {
             hosts.push(Host::Backup);
         }
         for host in hosts {
-            if pair {
-                testbed.wire_bridged(host)?;
-            } else {
-                testbed.wire(host)?;
-            }
+            testbed.wire(host)?;
         }
         Ok(testbed)
     }
