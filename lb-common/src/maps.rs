@@ -83,6 +83,8 @@ pub mod map_names {
     /// One `u32`: this switch host's [`host_role`](super::host_role) in a pair. Pinned, so
     /// a restarted agent keeps the role keepalived gave it.
     pub const ROLE: &str = "ROLE";
+    /// Ring buffer: every flow the program writes, for the agent to stream to its pair peer.
+    pub const FLOW_SYNC: &str = "FLOW_SYNC";
 }
 
 /// Values of the `ROLE` map: whether this switch host serves the VIPs.
@@ -333,6 +335,9 @@ pub struct FlowSettings {
     pub udp_ns: u64,
     /// ICMP echo.
     pub icmp_ns: u64,
+    /// Nonzero when the program reports every flow it writes on `FLOW_SYNC` (pair mode
+    /// with a peer to stream the connection table to); zero costs nothing per packet.
+    pub sync: u64,
 }
 
 impl FlowSettings {
@@ -396,10 +401,13 @@ pub enum Event {
     /// VIP traffic on the standby host of a pair (an ARP request for a VIP: passed, not
     /// answered; a packet to a VIP, a backend's reply, an ICMP error about a flow: dropped).
     Standby,
+    /// A written flow could not be reported on `FLOW_SYNC` (the ring was full: the agent
+    /// fell behind); the pair peer learns of it at the flow's next write.
+    FlowSyncLost,
 }
 
 /// Number of [`Event`]s.
-pub const EVENTS: u32 = 18;
+pub const EVENTS: u32 = 19;
 
 /// Names of the [`Event`]s, as exported in metrics, indexed by event.
 pub const EVENT_NAMES: [&str; EVENTS as usize] = [
@@ -421,7 +429,21 @@ pub const EVENT_NAMES: [&str; EVENTS as usize] = [
     "no_backend",
     "no_redirect_port",
     "standby",
+    "flow_sync_lost",
 ];
+
+/// One flow as the program wrote it, reported on `FLOW_SYNC`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowUpdate {
+    /// The flow's key, as the client sends.
+    pub key: FlowKey,
+    /// The flow, after the write.
+    pub flow: Flow,
+}
+
+/// Size in bytes of the `FLOW_SYNC` ring (a power of two, pages): about 18 000 updates.
+pub const FLOW_SYNC_BYTES: u32 = 1 << 20;
 
 /// Packet and byte counters.
 #[repr(C)]
@@ -498,6 +520,8 @@ mod pod {
     unsafe impl aya::Pod for FlowSettings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Traffic {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowUpdate {}
 }
 
 #[cfg(test)]
@@ -514,7 +538,8 @@ mod tests {
         assert_eq!(size_of::<FlowKey>(), 16);
         assert_eq!(size_of::<Flow>(), 40);
         assert_eq!(size_of::<Reply>(), 20);
-        assert_eq!(size_of::<FlowSettings>(), 40);
+        assert_eq!(size_of::<FlowSettings>(), 48);
+        assert_eq!(size_of::<FlowUpdate>(), 56);
         assert_eq!(size_of::<Traffic>(), 16);
     }
 
@@ -536,7 +561,7 @@ mod tests {
 
     #[test]
     fn every_event_has_a_name() {
-        assert_eq!(Event::Standby as u32 + 1, EVENTS);
+        assert_eq!(Event::FlowSyncLost as u32 + 1, EVENTS);
         assert_eq!(EVENT_NAMES[Event::Standby as usize], "standby");
         assert_eq!(
             EVENT_NAMES[Event::ReplyWrongMac as usize],

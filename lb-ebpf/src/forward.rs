@@ -19,6 +19,7 @@ use crate::{
     route,
     state::{self, Side},
     stats::{self, counted},
+    sync,
 };
 
 /// Handles a packet of the flow at `flow` (its key is `key`).
@@ -79,6 +80,7 @@ pub fn known(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey, flow: *mut
         {
             stats::count(Event::FlowTableError);
         }
+        sync::report(key, flow);
     }
     send(ctx, l2, packet, flow.backend, &backend)
 }
@@ -135,6 +137,7 @@ pub fn new(ctx: &XdpContext, l2: &L2, packet: &Ipv4, key: &FlowKey) -> u32 {
     if maps::insert_flow(key, &flow, backend.ip).is_err() {
         return counted(Event::FlowTableError, xdp_action::XDP_DROP);
     }
+    sync::report(key, &flow);
     if packet.protocol == proto::TCP && !packet.has(tcp_flags::SYN) {
         stats::count(Event::FlowPickedUp);
     } else {

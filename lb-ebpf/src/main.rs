@@ -11,6 +11,9 @@
 //!    about a flow's packets), [`rewrite`];
 //! 5. **forward** with `XDP_TX` or `XDP_REDIRECT` — [`rewrite::transmit`].
 //!
+//! In pair mode every flow written is also reported to the agent ([`sync`]), which streams
+//! the connection table to the standby host.
+//!
 //! Only packets of flows the program created are rewritten. Anything else, or anything
 //! that cannot be parsed and checksummed completely, is handed to the kernel untouched
 //! (`XDP_PASS`); every refusal is counted in `EVENTS`. The standby host of a pair (`ROLE`)
@@ -30,6 +33,7 @@ mod rewrite;
 mod route;
 mod state;
 mod stats;
+mod sync;
 
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use lb_common::{iface_flags, Event};

@@ -6,12 +6,13 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_coarse_ns,
     macros::map,
-    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, DevMap, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use lb_common::{
     Backend, EndpointKey, Flow, FlowKey, FlowSettings, Iface, Reply, ServiceValue, Traffic,
-    VipInfo, ACTIONS_ENTRIES, DEFAULT_MAX_FLOWS, EVENTS as EVENT_COUNT, MAX_BACKENDS, MAX_IFINDEX,
-    MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES, VIP_BITS_ENTRIES,
+    VipInfo, ACTIONS_ENTRIES, DEFAULT_MAX_FLOWS, EVENTS as EVENT_COUNT, FLOW_SYNC_BYTES,
+    MAX_BACKENDS, MAX_IFINDEX, MAX_LOCAL_ADDRS, MAX_SERVICES, NO_BACKEND, TRAFFIC_ENTRIES,
+    VIP_BITS_ENTRIES,
 };
 
 /// Service key → service id and flags (each service's own key, plus echo keys).
@@ -83,6 +84,11 @@ pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_COUNT,
 /// This host's role in a pair (`lb_common::host_role`; one entry).
 #[map]
 pub static ROLE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Every flow the program writes (`lb_common::FlowUpdate`), while `SETTINGS` asks for it:
+/// the agent streams them to its pair peer.
+#[map]
+pub static FLOW_SYNC: RingBuf = RingBuf::with_byte_size(FLOW_SYNC_BYTES, 0);
 
 /// Copies out the value a successful lookup pointed to.
 #[inline(always)]

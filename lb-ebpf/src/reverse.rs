@@ -15,6 +15,7 @@ use crate::{
     rewrite::{self, Address},
     state::{self, Side},
     stats::{self, counted},
+    sync,
 };
 
 /// Handles `packet`, whose addresses and ports match the reply index entry `reply`.
@@ -41,6 +42,7 @@ pub fn reply(ctx: &XdpContext, l2: &L2, packet: &Ipv4, reply: &Reply) -> u32 {
     }
     if state::advance(flow, packet, Side::Backend) || refresh {
         flow.seen_ns = now;
+        sync::report(&reply.flow, flow);
     }
     let Some(client_iface) = maps::iface(flow.ifindex) else {
         return xdp_action::XDP_PASS;

@@ -95,6 +95,13 @@ pub struct PairConfig {
     /// every state change in order, without a process per change (faster than `lb notify`,
     /// and never reordered). Made (mode 0600) if missing. None by default.
     pub keepalived_fifo: Option<std::path::PathBuf>,
+    /// Where this agent accepts its peer's connection (TCP), over which the peer streams
+    /// its connection table and its role; the pair link's address, e.g.
+    /// `"198.18.9.11:7470"`. Set with `peer`, or neither (no flow is copied then).
+    pub sync_listen: Option<std::net::SocketAddr>,
+    /// The peer agent's `sync_listen`: where this agent streams its own connection table
+    /// and role. Only a connection from the peer's address is accepted on `sync_listen`.
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 fn default_initial_role() -> HostRole {

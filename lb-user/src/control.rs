@@ -51,6 +51,8 @@ pub struct AgentState {
     running: RwLock<Arc<Running>>,
     /// Where `POST /reload` hands a reload to the agent's main loop.
     reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// What is known of the pair peer.
+    pub peer: Arc<crate::pair::sync::PeerView>,
 }
 
 /// What a reload replaces: the failover engine and the list of attachments.
@@ -77,6 +79,7 @@ impl AgentState {
         census: Arc<std::sync::Mutex<Census>>,
         running: Running,
         reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+        peer: Arc<crate::pair::sync::PeerView>,
     ) -> Self {
         AgentState {
             plan,
@@ -85,6 +88,7 @@ impl AgentState {
             census,
             running: RwLock::new(Arc::new(running)),
             reloads,
+            peer,
         }
     }
 
@@ -220,6 +224,7 @@ impl AgentState {
         Status {
             role: self.maps.role().ok(),
             pair: self.plan.get().pair.is_some(),
+            peer: self.peer.status(),
             services,
             interfaces: running.interfaces.clone(),
         }
@@ -235,6 +240,9 @@ pub struct Status {
     /// Whether the agent runs in pair mode.
     #[serde(default)]
     pub pair: bool,
+    /// The pair peer, when one is named (`[pair] peer`).
+    #[serde(default)]
+    pub peer: Option<crate::pair::sync::PeerStatus>,
     /// Every service.
     pub services: Vec<ServiceStatus>,
     /// Every NIC the program is attached to.

@@ -14,6 +14,10 @@
 //! | `lb_flows` | gauge | service, backend, protocol |
 //! | `lb_flow_table_entries` | gauge | |
 //! | `lb_host_role` | gauge (1 for the role in force) | role (`active`, `standby`) |
+//! | `lb_pair_flows_sent_total` | counter | |
+//! | `lb_pair_flows_received_total` | counter | outcome (`applied`, `kept`, `unmapped`, `failed`) |
+//! | `lb_pair_table_sends_total` | counter | |
+//! | `lb_pair_stream_up`, `lb_pair_peer_heard`, `lb_pair_split_brain` | gauge | |
 //!
 //! `lb_packets_total`, `lb_bytes_total`, `lb_xdp_actions_total` and
 //! `lb_dataplane_events_total` are read from the XDP program's per-CPU maps at scrape time;
@@ -92,6 +96,26 @@ pub struct CheckResultLabels {
     pub result: String,
 }
 
+/// Labels of `lb_pair_flows_received_total`: what became of flows the peer sent.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PairOutcome {
+    /// `applied`, `kept`, `unmapped` or `failed`.
+    pub outcome: &'static str,
+}
+
+impl PairOutcome {
+    /// Written into this (standby) host's table.
+    pub const APPLIED: Self = PairOutcome { outcome: "applied" };
+    /// Not written: this host is active and has a flow of its own with that key.
+    pub const KEPT: Self = PairOutcome { outcome: "kept" };
+    /// Not written: this host has no such service, backend or client NIC.
+    pub const UNMAPPED: Self = PairOutcome {
+        outcome: "unmapped",
+    };
+    /// The map write failed.
+    pub const FAILED: Self = PairOutcome { outcome: "failed" };
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn flip_histogram() -> Histogram {
@@ -125,6 +149,18 @@ pub struct Metrics {
     pub checks: Family<CheckResultLabels, Counter>,
     /// `lb_netlink_resyncs_total`.
     pub netlink_resyncs: Counter,
+    /// `lb_pair_flows_sent_total`.
+    pub pair_flows_sent: Counter,
+    /// `lb_pair_flows_received_total`.
+    pub pair_flows_received: Family<PairOutcome, Counter>,
+    /// `lb_pair_table_sends_total`.
+    pub pair_table_sends: Counter,
+    /// `lb_pair_stream_up`.
+    pub pair_stream_up: Gauge,
+    /// `lb_pair_peer_heard`.
+    pub pair_peer_heard: Gauge,
+    /// `lb_pair_split_brain`.
+    pub pair_split_brain: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,8 +218,50 @@ impl Metrics {
             "Health-check probes by result",
             checks.clone(),
         );
+        let pair_flows_sent = Counter::default();
+        let pair_flows_received = Family::<PairOutcome, Counter>::default();
+        let pair_table_sends = Counter::default();
+        let (pair_stream_up, pair_peer_heard, pair_split_brain) =
+            (Gauge::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "lb_pair_flows_sent",
+            "Flows streamed to the pair peer (each write the program reported, and the whole \
+             table on each connection)",
+            pair_flows_sent.clone(),
+        );
+        registry.register(
+            "lb_pair_flows_received",
+            "Flows the pair peer streamed, by what became of them",
+            pair_flows_received.clone(),
+        );
+        registry.register(
+            "lb_pair_table_sends",
+            "Whole connection tables sent to the pair peer (one per connection)",
+            pair_table_sends.clone(),
+        );
+        registry.register(
+            "lb_pair_stream_up",
+            "Whether this agent's stream to its pair peer is connected",
+            pair_stream_up.clone(),
+        );
+        registry.register(
+            "lb_pair_peer_heard",
+            "Whether the pair peer's hello arrived within the last second",
+            pair_peer_heard.clone(),
+        );
+        registry.register(
+            "lb_pair_split_brain",
+            "Whether this host and its pair peer are both active",
+            pair_split_brain.clone(),
+        );
         registry.register_collector(Box::new(DataplaneCollector { plan, maps, census }));
         Metrics {
+            pair_flows_sent,
+            pair_flows_received,
+            pair_table_sends,
+            pair_stream_up,
+            pair_peer_heard,
+            pair_split_brain,
             registry,
             backend_up,
             backend_active,

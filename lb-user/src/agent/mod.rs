@@ -94,6 +94,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         mut dataplane,
         state,
         sweeper,
+        pair_link,
     } = started;
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let until_stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
@@ -175,6 +176,9 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let _ = std::fs::remove_file(&config.control_socket);
     sweeper.abort();
+    for half in pair_link {
+        half.abort();
+    }
     if let Some(follower) = keepalived_fifo {
         follower.abort();
     }

@@ -26,6 +26,8 @@ pub async fn reload(
     running: &Config,
 ) -> Result<(Config, String)> {
     let config = options.load_config()?;
+    let link = |c: &Config| c.pair.as_ref().map(|p| (p.sync_listen, p.peer));
+    let fifo = |c: &Config| c.pair.as_ref().and_then(|p| p.keepalived_fifo.clone());
     for (key, same) in [
         ("pin_path", config.pin_path == running.pin_path),
         (
@@ -37,6 +39,11 @@ pub async fn reload(
             config.control_socket == running.control_socket,
         ),
         ("flows.max", config.flows.max == running.flows.max),
+        (
+            "pair.sync_listen and pair.peer",
+            link(&config).unwrap_or_default() == link(running).unwrap_or_default(),
+        ),
+        ("pair.keepalived_fifo", fifo(&config) == fifo(running)),
     ] {
         if !same {
             bail!("{key} changes only with a restart of the agent (which loses no packet)");

@@ -20,6 +20,7 @@ use crate::{
     flows::{self, Census},
     metrics::Metrics,
     net::{self, events::NetEvents, Netlink, XdpAttachment},
+    pair::sync::{PairLink, PeerView},
     plan::{CurrentPlan, Numbering, Plan},
 };
 
@@ -31,6 +32,8 @@ pub struct Started {
     pub state: Arc<AgentState>,
     /// The connection-table census.
     pub sweeper: tokio::task::JoinHandle<()>,
+    /// The pair link's halves (none without a peer).
+    pub pair_link: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Loads the program on the pinned maps (adopting what is there), writes the plan,
@@ -45,6 +48,7 @@ pub async fn start(
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
     let (mut dataplane, maps, adoption) = Dataplane::load_pinned(plan.flows.max, pins)?;
     dataplane.forward_logs()?;
+    let flow_reports = dataplane.take_flow_reports()?;
     let adopting = adoption.state_kept();
     let previous = if adopting {
         maps.numbering()?
@@ -73,12 +77,26 @@ pub async fn start(
     let metrics = Arc::new(Metrics::new(current.clone(), maps.clone(), census.clone()));
     let engine = start_engine(&plan, &maps, &metrics, &applied, None, reloads.clone()).await?;
     log_backends(&plan);
+    let peer = Arc::new(PeerView::default());
+    let pair_link = match &plan.pair {
+        Some(pair) => {
+            let link = PairLink {
+                maps: maps.clone(),
+                plan: current.clone(),
+                metrics: metrics.clone(),
+                peer: peer.clone(),
+            };
+            crate::pair::sync::start(pair, flow_reports, link).await?
+        }
+        None => Vec::new(),
+    };
     let running = Running { engine, interfaces };
-    let state = AgentState::new(current, maps, metrics, census, running, reloads);
+    let state = AgentState::new(current, maps, metrics, census, running, reloads, peer);
     Ok(Started {
         dataplane,
         state: Arc::new(state),
         sweeper,
+        pair_link,
     })
 }
 

@@ -100,7 +100,11 @@ impl MapWriter {
         let mut applied = Applied::default();
         let mut maps = self.plan_maps.lock().expect("plan maps lock");
         maps.settings
-            .set(0, super::writer::flow_settings(&plan.flows), 0)
+            .set(
+                0,
+                super::writer::flow_settings(&plan.flows, plan.syncs_flows()),
+                0,
+            )
             .context("cannot write the connection table's timeouts")?;
         maps.write_local_addresses(plan)?;
 

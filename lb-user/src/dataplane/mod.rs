@@ -136,6 +136,17 @@ impl Dataplane {
         Ok((dataplane, maps))
     }
 
+    /// The ring on which the program reports every flow it writes (when `SETTINGS` asks
+    /// it to), for the pair peer. Not pinned: each agent reads its own program's ring, and a
+    /// peer that reconnects gets the whole table anyway. Can be taken once.
+    pub fn take_flow_reports(&mut self) -> Result<aya::maps::RingBuf<aya::maps::MapData>> {
+        let map = self
+            .ebpf
+            .take_map(map_names::FLOW_SYNC)
+            .ok_or_else(|| anyhow!("map {} already taken or missing", map_names::FLOW_SYNC))?;
+        aya::maps::RingBuf::try_from(map).context("FLOW_SYNC is not a ring buffer")
+    }
+
     /// The pin directory, when the dataplane is pinned.
     pub fn pins(&self) -> Option<&Pins> {
         self.pins.as_ref()

@@ -25,7 +25,8 @@ use aya::{
 use lb_common::map_names;
 
 /// The maps that are pinned, and so kept across agent restarts and upgrades: every map of
-/// the program but its log buffer.
+/// the program but its log buffer and its flow reports (`FLOW_SYNC`), which each agent
+/// reads from the program it loaded.
 pub const PINNED_MAPS: &[&str] = &[
     map_names::SERVICES,
     map_names::ACTIVE,

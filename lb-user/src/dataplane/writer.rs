@@ -78,8 +78,9 @@ where
     T::try_from(map).with_context(|| format!("map {name} has an unexpected type"))
 }
 
-/// The timeouts of `[flows]` as the program reads them.
-pub fn flow_settings(flows: &FlowsConfig) -> FlowSettings {
+/// The timeouts of `[flows]` as the program reads them; `sync`: whether the program
+/// reports every flow it writes, for the pair peer.
+pub fn flow_settings(flows: &FlowsConfig, sync: bool) -> FlowSettings {
     let ns = |d: std::time::Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     FlowSettings {
         tcp_established_ns: ns(flows.tcp_established),
@@ -87,6 +88,7 @@ pub fn flow_settings(flows: &FlowsConfig) -> FlowSettings {
         tcp_closing_ns: ns(flows.tcp_closing),
         udp_ns: ns(flows.udp),
         icmp_ns: ns(flows.icmp),
+        sync: u64::from(sync),
     }
 }
 

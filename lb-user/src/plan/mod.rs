@@ -228,6 +228,14 @@ pub struct Plan {
     pub pair: Option<PairConfig>,
 }
 
+impl Plan {
+    /// Whether this host streams its connection table to a pair peer (and so the program
+    /// reports the flows it writes).
+    pub fn syncs_flows(&self) -> bool {
+        self.pair.as_ref().is_some_and(|pair| pair.peer.is_some())
+    }
+}
+
 /// The plan in force, shared by the readers that outlive a reload (the metrics collector,
 /// the connection-table sweep, the endpoint): a reload swaps it here, in one place.
 #[derive(Debug, Clone)]
@@ -297,6 +305,21 @@ fn validate_pair(pair: &PairConfig) -> Result<()> {
     let interval = pair.gratuitous_arp_interval;
     if interval < Duration::from_millis(1) || interval > Duration::from_secs(10) {
         bail!("pair.gratuitous_arp_interval = {interval:?}: must be 1ms to 10s");
+    }
+    match (pair.sync_listen, pair.peer) {
+        (Some(listen), Some(peer)) => {
+            if listen == peer {
+                bail!("pair.peer = {peer} is this agent's own pair.sync_listen: give the other host's");
+            }
+            if listen.is_ipv4() != peer.is_ipv4() {
+                bail!("pair.sync_listen ({listen}) and pair.peer ({peer}) must be of one address family");
+            }
+        }
+        (None, None) => {}
+        _ => bail!(
+            "pair.sync_listen and pair.peer go together: set both (the connection table is \
+             copied to the peer) or neither"
+        ),
     }
     Ok(())
 }
@@ -777,5 +800,22 @@ mod tests {
     fn no_service_is_refused() {
         let e = error_of("metrics_listen = \"127.0.0.1:9100\"\n");
         assert!(e.contains("no service"), "{e}");
+    }
+
+    #[test]
+    fn the_pair_link_needs_both_ends() {
+        let pair = |lines: &str| format!("{GOOD}\n[pair]\n{lines}");
+        let both = "sync_listen = \"198.18.9.11:7470\"\npeer = \"198.18.9.12:7470\"\n";
+        validate(&Config::parse(&pair(both)).unwrap()).unwrap();
+        let e = error_of(&pair("peer = \"198.18.9.12:7470\"\n"));
+        assert!(e.contains("go together"), "{e}");
+        let e = error_of(&pair(
+            "sync_listen = \"198.18.9.11:7470\"\npeer = \"198.18.9.11:7470\"\n",
+        ));
+        assert!(e.contains("own pair.sync_listen"), "{e}");
+        let e = error_of(&pair(
+            "peer = \"somewhere\"\nsync_listen = \"198.18.9.11:1\"\n",
+        ));
+        assert!(e.contains("invalid socket address"), "{e}");
     }
 }

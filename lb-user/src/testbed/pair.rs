@@ -8,6 +8,8 @@
 //!
 //! Each segment 198.18.N.0/24 is a bridge in the `PREFIX-fabric` namespace; the client and
 //! the backends sit on theirs with `.2`, the switch with `.11`, the peer with `.12`. The
+//! two switch hosts also have a link of their own, the pair link (`pl0`, 198.18.9.0/24,
+//! `.11` and `.12`), over which their agents stream their connection tables. The
 //! segment's gateway `.1`, the hosts' default route, belongs to whichever switch host is
 //! active (keepalived moves it). The fabric's ports toward the switches run the
 //! pass-through program: veth delivers frames a switch sends with `XDP_REDIRECT` only to a
@@ -30,6 +32,28 @@ pub fn switch_port_mac(switch: Host, subnet: u8) -> String {
         Host::Peer => format!("02:00:00:01:{subnet:02x}:01"),
         _ => format!("02:00:00:00:{subnet:02x}:01"),
     }
+}
+
+/// The pair link's segment.
+pub const PAIR_SUBNET: u8 = 9;
+/// The pair link's NIC on both switch hosts.
+pub const PAIR_LINK: &str = "pl0";
+/// The port on which the testbed's agents accept their peer's stream (`[pair] sync_listen`).
+pub const SYNC_PORT: u16 = 7470;
+
+/// `[pair]` lines that make the agent on `switch` stream its table to the other one over
+/// the pair link.
+pub fn sync_toml(switch: Host) -> String {
+    let other = if switch == Host::Peer {
+        Host::Switch
+    } else {
+        Host::Peer
+    };
+    format!(
+        "sync_listen = \"{}:{SYNC_PORT}\"\npeer = \"{}:{SYNC_PORT}\"\n",
+        switch_address(switch, PAIR_SUBNET),
+        switch_address(other, PAIR_SUBNET)
+    )
 }
 
 /// The address of `switch` on segment `subnet`.
@@ -94,15 +118,34 @@ impl Testbed {
         Ok(())
     }
 
-    /// Takes every link of switch host `switch` down (or up again): the host is gone for
-    /// the segments, as when it loses power.
-    pub fn set_switch_links(&self, switch: Host, up: bool) -> Result<()> {
-        for host in [Host::Client, Host::Master, Host::Slave] {
-            let port = Port::of(host)?.name;
-            self.host(switch)
-                .ip(&["link", "set", port, if up { "up" } else { "down" }])?;
+    /// Links the two switch hosts directly: the pair link.
+    pub(super) fn wire_pair_link(&mut self) -> Result<()> {
+        let (switch, peer) = (self.host(Host::Switch), self.host(Host::Peer));
+        veth(
+            switch,
+            PAIR_LINK,
+            "02:00:00:00:09:01",
+            peer,
+            PAIR_LINK,
+            "02:00:00:01:09:01",
+        )?;
+        for host in [Host::Switch, Host::Peer] {
+            let address = format!("{}/24", switch_address(host, PAIR_SUBNET));
+            self.host(host)
+                .ip(&["addr", "add", &address, "dev", PAIR_LINK])?;
         }
         Ok(())
+    }
+
+    /// Takes every link of switch host `switch` down (or up again), the pair link too: the
+    /// host is gone, as when it loses power.
+    pub fn set_switch_links(&self, switch: Host, up: bool) -> Result<()> {
+        let state = if up { "up" } else { "down" };
+        for host in [Host::Client, Host::Master, Host::Slave] {
+            let port = Port::of(host)?.name;
+            self.host(switch).ip(&["link", "set", port, state])?;
+        }
+        self.host(switch).ip(&["link", "set", PAIR_LINK, state])
     }
 
     /// Waits (`within` at most) until the agent on switch host `switch`, listening on

@@ -137,6 +137,9 @@ impl Testbed {
         for host in hosts {
             testbed.wire(host)?;
         }
+        if pair {
+            testbed.wire_pair_link()?;
+        }
         Ok(testbed)
     }
 

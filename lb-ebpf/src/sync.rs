@@ -1,0 +1,23 @@
+//! Flow reports for the pair peer: every flow the program writes is put on `FLOW_SYNC`,
+//! when the agent asked for it (`FlowSettings::sync`), so that the standby host holds the
+//! active host's connection table.
+
+use lb_common::{Event, Flow, FlowKey, FlowUpdate};
+
+use crate::{maps, stats};
+
+/// Reports flow `key` as just written (`flow`). A full ring is counted
+/// (`FlowSyncLost`); the flow's next write reports it again.
+#[inline(always)]
+pub fn report(key: &FlowKey, flow: &Flow) {
+    if !maps::settings().is_some_and(|s| s.sync != 0) {
+        return;
+    }
+    let update = FlowUpdate {
+        key: *key,
+        flow: *flow,
+    };
+    if maps::FLOW_SYNC.output::<FlowUpdate>(&update, 0).is_err() {
+        stats::count(Event::FlowSyncLost);
+    }
+}

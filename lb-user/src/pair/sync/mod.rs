@@ -1,0 +1,225 @@
+//! The connection table across the pair: each agent streams the flows its program writes
+//! to its peer, and the standby writes what it receives into its own table, so that the
+//! flows of the active host carry on, on the same backend, after a takeover.
+//!
+//! - [`send`]: reads the program's flow reports (`FLOW_SYNC`) and streams them to the
+//!   peer's `sync_listen` in batches; on each (re)connection the whole live table first,
+//!   for what the stream missed; a hello with this host's role every [`HELLO_INTERVAL`];
+//! - [`receive`]: accepts the peer's connection (from the peer's address only) and writes
+//!   its flows (a standby over anything, an active host only where it has no flow of its
+//!   own), and watches the peer's role: both hosts active is a split brain, logged and
+//!   exported;
+//! - [`wire`]: the frames.
+//!
+//! Both hosts run both halves: whichever is active streams, the other applies.
+
+pub mod receive;
+pub mod send;
+pub mod wire;
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use lb_common::{Flow, FlowUpdate};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    config::{HostRole, PairConfig},
+    dataplane::{writer::monotonic_ns, MapWriter},
+    metrics::Metrics,
+    plan::{CurrentPlan, Plan},
+};
+use wire::Record;
+
+/// Between two hellos on the pair link, and between two attempts to reach the peer.
+pub const HELLO_INTERVAL: Duration = Duration::from_millis(100);
+/// A peer not heard for this long is taken as gone (its role unknown).
+pub const PEER_SILENT: Duration = Duration::from_secs(1);
+
+/// What the agent knows of its peer, for `/status`.
+#[derive(Debug, Default)]
+pub struct PeerView {
+    state: Mutex<PeerState>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct PeerState {
+    address: Option<SocketAddr>,
+    streaming: bool,
+    /// The peer's role, and when its hello said so.
+    role: Option<(HostRole, Instant)>,
+    /// This host's role, and since when (as first seen by the split-brain check).
+    own: Option<(HostRole, Instant)>,
+    split_brain: bool,
+}
+
+/// The peer in `/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerStatus {
+    /// The peer agent's `sync_listen`.
+    pub address: String,
+    /// Whether this agent's stream to the peer is connected.
+    pub streaming: bool,
+    /// The peer's role, as its last hello (within a second) said; `None` when not heard.
+    pub role: Option<HostRole>,
+    /// Whether both hosts are active.
+    pub split_brain: bool,
+}
+
+impl PeerView {
+    /// The peer's state now; `None` outside pair mode with a peer.
+    pub fn status(&self) -> Option<PeerStatus> {
+        let state = self.state.lock().expect("peer view lock").clone();
+        Some(PeerStatus {
+            address: state.address?.to_string(),
+            streaming: state.streaming,
+            role: heard(&state),
+            split_brain: state.split_brain,
+        })
+    }
+
+    fn update(&self, change: impl FnOnce(&mut PeerState)) {
+        change(&mut self.state.lock().expect("peer view lock"));
+    }
+}
+
+/// The peer's role, when heard within [`PEER_SILENT`].
+fn heard(state: &PeerState) -> Option<HostRole> {
+    state
+        .role
+        .filter(|(_, at)| at.elapsed() < PEER_SILENT)
+        .map(|(role, _)| role)
+}
+
+/// What both halves share.
+#[derive(Clone)]
+pub struct PairLink {
+    /// The program's maps.
+    pub maps: Arc<MapWriter>,
+    /// The plan in force (services, backends and NICs, to translate records).
+    pub plan: CurrentPlan,
+    /// Counters on `/metrics`.
+    pub metrics: Arc<Metrics>,
+    /// What is known of the peer.
+    pub peer: Arc<PeerView>,
+}
+
+/// Starts both halves when `pair` names a peer: the stream of the program's reports
+/// (`reports`, the `FLOW_SYNC` ring) to it, and the listener for its stream. Returns the
+/// tasks, to abort when the agent stops.
+pub async fn start(
+    pair: &PairConfig,
+    reports: aya::maps::RingBuf<aya::maps::MapData>,
+    link: PairLink,
+) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+    let (Some(listen), Some(peer)) = (pair.sync_listen, pair.peer) else {
+        return Ok(Vec::new());
+    };
+    link.peer.update(|state| state.address = Some(peer));
+    let listener = receive::bind(listen).await?;
+    tracing::info!(%listen, %peer, "pair link: streaming the connection table to the peer, accepting its own");
+    Ok(vec![
+        tokio::spawn(send::stream(reports, peer, link.clone())),
+        tokio::spawn(receive::serve(listener, peer, link)),
+    ])
+}
+
+/// Translates flows between a host's own numbering and the pair link's records.
+struct Translator {
+    backend_ips: HashMap<u32, Ipv4Addr>,
+    nic_names: HashMap<u32, String>,
+}
+
+impl Translator {
+    fn new(plan: &Plan) -> Self {
+        Translator {
+            backend_ips: plan
+                .services
+                .iter()
+                .flat_map(|s| &s.backends)
+                .map(|b| (b.index, b.ip))
+                .collect(),
+            nic_names: plan
+                .interfaces
+                .iter()
+                .map(|i| (i.ifindex, i.name.clone()))
+                .collect(),
+        }
+    }
+
+    /// `update` as a record, at `now` on the program's clock; `None` when its backend or
+    /// NIC is not in the plan (a reload removed it).
+    fn record(&self, update: &FlowUpdate, now: u64) -> Option<Record> {
+        let flow = &update.flow;
+        Some(Record {
+            key: update.key,
+            backend_ip: self.backend_ips.get(&flow.backend)?.octets(),
+            client_mac: flow.client_mac,
+            state: flow.state,
+            flags: flow.flags,
+            nic: Record::nic_field(self.nic_names.get(&flow.ifindex)?),
+            idle_ns: now.saturating_sub(flow.seen_ns),
+            age_ns: now.saturating_sub(flow.created_ns),
+        })
+    }
+}
+
+/// `record` as a flow of this host (its service, backend and NIC numbers, its clock at
+/// `now`), with its backend's address; `None` when this host has no such service, backend
+/// or client NIC.
+fn local_flow(record: &Record, plan: &Plan, maps: &MapWriter, now: u64) -> Option<Flow> {
+    if usize::from(record.state) >= lb_common::flow_state::NAMES.len() {
+        return None;
+    }
+    let service = maps.service_of(&record.key)?;
+    let backend = plan
+        .services
+        .iter()
+        .find(|s| s.id == service.id)?
+        .backends
+        .iter()
+        .find(|b| b.ip.octets() == record.backend_ip)?;
+    let clients: Vec<_> = plan
+        .interfaces
+        .iter()
+        .filter(|i| i.role != crate::config::Role::Backend)
+        .collect();
+    let name = record.nic_name();
+    let nic = match clients.iter().find(|i| i.name == name) {
+        Some(nic) => nic,
+        // NICs named otherwise on the two hosts: the only client NIC is the one.
+        None if clients.len() == 1 => clients[0],
+        None => return None,
+    };
+    Some(Flow {
+        created_ns: now.saturating_sub(record.age_ns),
+        seen_ns: now.saturating_sub(record.idle_ns),
+        backend: backend.index,
+        service: service.id,
+        ifindex: nic.ifindex,
+        client_mac: record.client_mac,
+        state: record.state,
+        flags: record.flags,
+        pad: 0,
+    })
+}
+
+/// The flow update in one item of the program's `FLOW_SYNC` ring; `None` for an item of
+/// another size.
+pub fn parse_report(item: &[u8]) -> Option<FlowUpdate> {
+    (item.len() == std::mem::size_of::<FlowUpdate>()).then(|| {
+        // SAFETY: the item holds exactly one `FlowUpdate` as the program wrote it (plain
+        // data, valid for any bytes); read unaligned, since the bytes are borrowed.
+        unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowUpdate>()) }
+    })
+}
+
+/// Now on the program's clock.
+fn now() -> u64 {
+    monotonic_ns()
+}
