@@ -175,6 +175,19 @@ fn print_status(status: &Status) {
         let pair = if status.pair { " (pair mode)" } else { "" };
         println!("host role {role}{pair}");
     }
+    if let Some(peer) = &status.peer {
+        let role = peer.role.map_or("not heard".to_string(), |r| r.to_string());
+        let stream = if peer.streaming { "up" } else { "down" };
+        let split = if peer.split_brain {
+            "; SPLIT BRAIN: both hosts active"
+        } else {
+            ""
+        };
+        println!(
+            "pair peer {}: {role}, flow stream {stream}{split}",
+            peer.address
+        );
+    }
     for iface in &status.interfaces {
         let adopted = if iface.adopted { ", adopted" } else { "" };
         println!("interface {} ({}{adopted})", iface.name, iface.mode);
