@@ -168,6 +168,13 @@ pub fn settings() -> Option<FlowSettings> {
     SETTINGS.get_ptr(0).map(copy)
 }
 
+/// Whether the agent asked for every flow the program writes (`FlowSettings::sync`): one
+/// field read, not a copy of the settings.
+#[inline(always)]
+pub fn reporting_flows() -> bool {
+    SETTINGS.get(0).is_some_and(|settings| settings.sync != 0)
+}
+
 /// The flow `key` belongs to, for reading and updating in place.
 #[inline(always)]
 pub fn flow(key: &FlowKey) -> Option<*mut Flow> {

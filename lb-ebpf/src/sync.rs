@@ -10,7 +10,7 @@ use crate::{maps, stats};
 /// (`FlowSyncLost`); the flow's next write reports it again.
 #[inline(always)]
 pub fn report(key: &FlowKey, flow: &Flow) {
-    if !maps::settings().is_some_and(|s| s.sync != 0) {
+    if !maps::reporting_flows() {
         return;
     }
     let update = FlowUpdate {

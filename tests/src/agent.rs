@@ -19,11 +19,16 @@ pub fn start_agent(bed: &mut Testbed, config: &str, listen: &str) -> usize {
 
 /// The agent's `/metrics` text.
 pub fn metrics(bed: &Testbed, listen: &str) -> String {
+    metrics_on(bed, listen, Host::Switch)
+}
+
+/// The `/metrics` text of the agent on switch host `switch`.
+pub fn metrics_on(bed: &Testbed, listen: &str, switch: Host) -> String {
     let url = format!("http://{listen}/metrics");
     let (ok, text, err) = bed
-        .output(Host::Switch, "curl", &["-sSf", "--max-time", "3", &url])
+        .output(switch, "curl", &["-sSf", "--max-time", "3", &url])
         .unwrap();
-    assert!(ok, "GET /metrics failed: {err}");
+    assert!(ok, "GET /metrics on {switch:?} failed: {err}");
     text
 }
 

@@ -26,7 +26,7 @@ use lb_user::{
     },
 };
 use tests::{
-    agent::{metrics, sample, start_agent},
+    agent::{metrics, metrics_on, sample, start_agent},
     bench::pair::{start_pair, NotifyMode},
     rig::*,
     testrun::{
@@ -35,6 +35,8 @@ use tests::{
 };
 
 const LISTEN: &str = "127.0.0.1:9100";
+/// Another host's MAC on the client segment.
+const CLIENT_B_MAC: [u8; 6] = [0x02, 0, 0, 0, 0x01, 0x03];
 const HEALTH: &str =
     r#"{ checks = [{ type = "link" }, { type = "udp", send = "health" }], interval = "10ms" }"#;
 
@@ -146,12 +148,7 @@ fn pair_config() -> String {
 
 /// Runs `lb ARGS…` on the switch: (success, stdout, stderr).
 fn lb(bed: &Testbed, args: &[&str]) -> (bool, String, String) {
-    let out = bed.lb_command().unwrap().args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    lb_on(bed, Host::Switch, args)
 }
 
 fn role(bed: &Testbed) -> Option<HostRole> {
@@ -347,30 +344,19 @@ fn keepalived_hands_the_vips_to_the_peer_through_its_fifo_when_the_active_host_d
     takeover("lbpr-tfif", NotifyMode::Fifo);
 }
 
-/// Runs `lb ARGS…` on switch host `switch`: (success, stdout and stderr).
-fn lb_on(bed: &Testbed, switch: Host, args: &[&str]) -> (bool, String) {
+/// Runs `lb ARGS…` on switch host `switch`: (success, stdout, stderr).
+fn lb_on(bed: &Testbed, switch: Host, args: &[&str]) -> (bool, String, String) {
     let out = bed
         .lb_command_on(switch)
         .unwrap()
         .args(args)
         .output()
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-/// The metrics of the agent on switch host `switch`.
-fn metrics_on(bed: &Testbed, switch: Host) -> String {
-    let url = format!("http://{LISTEN}/metrics");
-    let (ok, text, err) = bed
-        .output(switch, "curl", &["-sf", "--max-time", "2", &url])
-        .unwrap();
-    assert!(ok, "cannot read the metrics of {switch:?}: {err}");
-    text
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Waits (5 s at most) until `lb flows` on `switch` lists `count` flows of service `hold`
@@ -379,7 +365,7 @@ fn wait_flows(bed: &Testbed, switch: Host, backend: &str, count: usize) {
     let wanted = format!("{count} flows");
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let (ok, listing) = lb_on(
+        let (ok, listing, _) = lb_on(
             bed,
             switch,
             &["flows", "--service", "hold", "--backend", backend],
@@ -433,8 +419,8 @@ fn the_standby_holds_the_active_hosts_flows_and_carries_them_on_after_a_takeover
         assert_eq!(connection.ask().unwrap(), "master");
     }
     // Drained, the master keeps its connections; new ones go to the slave.
-    let (ok, out) = lb_on(&bed, Host::Switch, &["drain", "hold", "master"]);
-    assert!(ok && out.contains("master -> slave"), "{out}");
+    let (ok, out, err) = lb_on(&bed, Host::Switch, &["drain", "hold", "master"]);
+    assert!(ok && out.contains("master -> slave"), "{out}{err}");
     let mut after = open(&bed).unwrap();
     assert_eq!(after.ask().unwrap(), "slave");
 
@@ -447,8 +433,8 @@ fn the_standby_holds_the_active_hosts_flows_and_carries_them_on_after_a_takeover
         )
         .unwrap();
     bed.wait_for_agent_on(Host::Peer, agent, LISTEN).unwrap();
-    let (ok, out) = lb_on(&bed, Host::Peer, &["drain", "hold", "master"]);
-    assert!(ok, "{out}");
+    let (ok, out, err) = lb_on(&bed, Host::Peer, &["drain", "hold", "master"]);
+    assert!(ok, "{out}{err}");
     wait_flows(&bed, Host::Peer, "master", 10);
     wait_flows(&bed, Host::Peer, "slave", 1);
     let status = bed.agent_status_on(Host::Peer, LISTEN).unwrap();
@@ -469,7 +455,7 @@ fn the_standby_holds_the_active_hosts_flows_and_carries_them_on_after_a_takeover
         );
     }
     assert_eq!(after.ask().unwrap(), "slave");
-    let text = metrics_on(&bed, Host::Peer);
+    let text = metrics_on(&bed, LISTEN, Host::Peer);
     let received = |outcome: &str| {
         sample(
             &text,
@@ -489,7 +475,7 @@ fn the_standby_holds_the_active_hosts_flows_and_carries_them_on_after_a_takeover
         Some(0.0),
         "a takeover from a dead host is no split brain: {text}"
     );
-    let switch_text = metrics_on(&bed, Host::Switch);
+    let switch_text = metrics_on(&bed, LISTEN, Host::Switch);
     assert!(
         sample(&switch_text, "lb_pair_table_sends_total").unwrap_or(0.0) >= 1.0,
         "{switch_text}"
@@ -532,22 +518,22 @@ fn both_hosts_active_is_a_split_brain_that_each_reports_and_neither_loses_its_ow
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    let (ok, out) = lb_on(&bed, Host::Switch, &["role", "active"]);
-    assert!(ok, "{out}");
+    let (ok, out, err) = lb_on(&bed, Host::Switch, &["role", "active"]);
+    assert!(ok, "{out}{err}");
     wait(&bed, Host::Switch, (Some(HostRole::Standby), false));
     wait(&bed, Host::Peer, (Some(HostRole::Active), false));
 
-    let (ok, out) = lb_on(&bed, Host::Peer, &["role", "active"]);
-    assert!(ok, "{out}");
+    let (ok, out, err) = lb_on(&bed, Host::Peer, &["role", "active"]);
+    assert!(ok, "{out}{err}");
     wait(&bed, Host::Switch, (Some(HostRole::Active), true));
     wait(&bed, Host::Peer, (Some(HostRole::Active), true));
     for switch in [Host::Switch, Host::Peer] {
-        let text = metrics_on(&bed, switch);
+        let text = metrics_on(&bed, LISTEN, switch);
         assert_eq!(sample(&text, "lb_pair_split_brain"), Some(1.0), "{text}");
     }
     // A flow made on one host now reaches the other, which has none of that key.
     let flows = |bed: &Testbed, switch| {
-        let text = metrics_on(bed, switch);
+        let text = metrics_on(bed, LISTEN, switch);
         let count = |outcome: &str| {
             let name = format!("lb_pair_flows_received_total{{outcome=\"{outcome}\"}}");
             sample(&text, &name).unwrap_or(0.0)
@@ -570,14 +556,15 @@ fn both_hosts_active_is_a_split_brain_that_each_reports_and_neither_loses_its_ow
     }
 
     // One host stands down: the split brain is over on both.
-    let (ok, out) = lb_on(&bed, Host::Peer, &["role", "standby"]);
-    assert!(ok, "{out}");
+    let (ok, out, err) = lb_on(&bed, Host::Peer, &["role", "standby"]);
+    assert!(ok, "{out}{err}");
     wait(&bed, Host::Switch, (Some(HostRole::Standby), false));
     wait(&bed, Host::Peer, (Some(HostRole::Active), false));
 }
 
 /// With a peer named, the program reports each flow it writes (a new flow, a change of
-/// state; not every packet) on `FLOW_SYNC`; without one, nothing. A flow the pair link
+/// state or backend; not a packet that changes nothing, nor a refused one: spoofed, from
+/// another client, malformed) on `FLOW_SYNC`; without one, nothing. A flow the pair link
 /// writes is served as one of the program's own — a backend's packet that comes first is
 /// rewritten — and an active host keeps a flow of its own where a standby takes the peer's.
 #[test]
@@ -591,20 +578,55 @@ fn the_program_reports_its_flows_and_serves_a_flow_the_pair_link_wrote() {
         let (master, slave) = (svc.backend("master")?.index, svc.backend("slave")?.index);
         let query = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5000, 53);
         let key = FlowKey::new(proto::UDP, CLIENT, 5000u16.to_be_bytes(), VIP, [0, 53]);
-        assert_eq!(b.run(b.client_if, &query)?.0, XDP_REDIRECT);
+        let (action, out) = b.run(b.client_if, &query)?;
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(tests::checks::verify_checksums(&out)?.dst_ip, MASTER);
         let created = next().expect("the new flow is reported");
         assert_eq!((created.key, created.flow.backend), (key, master));
         assert_eq!(created.flow.state, flow_state::NEW);
+        assert_eq!(
+            created.flow,
+            b.flow(&key).unwrap().flow,
+            "reported as written"
+        );
         assert_eq!(b.run(b.client_if, &query)?.0, XDP_REDIRECT);
         assert!(
             next().is_none(),
             "a packet that changes nothing is not reported"
         );
+
+        // Refused frames write nothing and report nothing: a spoofed reply (another MAC),
+        // a packet of the flow from another client MAC, a query with a broken checksum.
+        let spoofed = udp(SLAVE_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 53, 5000);
+        assert_eq!(b.run(b.backend_if, &spoofed)?, (XDP_PASS, spoofed.clone()));
+        assert_eq!(b.event("reply_wrong_mac")?, 1);
+        let stranger = udp(CLIENT_B_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5000, 53);
+        assert_eq!(b.run(b.client_if, &stranger)?.0, XDP_DROP);
+        assert_eq!(b.event("client_mismatch")?, 1);
+        let mut broken = udp(CLIENT_MAC, CLIENT_IF_MAC, CLIENT, VIP, 5002, 53);
+        broken[IP_CHECK.start] ^= 0xff;
+        assert_eq!(b.run(b.client_if, &broken)?, (XDP_PASS, broken.clone()));
+        assert_eq!(b.event("unparsable")?, 1);
+        assert!(next().is_none(), "a refused frame was reported");
+        assert_eq!(b.flow(&key).unwrap().flow, created.flow, "the flow changed");
+
         let reply = udp(MASTER_MAC, BACKEND_IF_MAC, MASTER, CLIENT, 53, 5000);
-        assert_eq!(b.run(b.backend_if, &reply)?.0, XDP_REDIRECT);
+        let (action, out) = b.run(b.backend_if, &reply)?;
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(tests::checks::verify_checksums(&out)?.src_ip, VIP);
         let replied = next().expect("the change of state is reported");
         assert_eq!(replied.flow.state, flow_state::REPLIED);
+
+        // A flow that follows its service to another backend is reported with it.
+        b.activate("dns", "slave")?;
+        let (action, out) = b.run(b.client_if, &query)?;
+        assert_eq!(action, XDP_REDIRECT);
+        assert_eq!(tests::checks::verify_checksums(&out)?.dst_ip, SLAVE);
+        let moved = next().expect("the move is reported");
+        assert_eq!((moved.key, moved.flow.backend), (key, slave));
+        assert_eq!(b.flow(&key).unwrap().flow.backend, slave);
         assert_eq!(b.event("flow_sync_lost")?, 0);
+        b.activate("dns", "master")?;
 
         // A flow copied in by the pair link: the backend's packet comes first.
         let copied_key = FlowKey::new(proto::UDP, CLIENT, 5001u16.to_be_bytes(), VIP, [0, 53]);

@@ -4,9 +4,9 @@
 //! The role lives in the dataplane (the pinned `ROLE` map), so the standby serves nothing
 //! of the VIPs even while its agent is down, and a restarted agent keeps the role keepalived
 //! gave. The agent changes it when told (`lb role`, or keepalived's notify script through
-//! `lb notify`, [`keepalived`], or its notify FIFO, [`fifo`]); becoming active also announces every VIP with gratuitous
-//! ARP ([`garp`]), so that clients and routers send to this host's MACs at once. With a
-//! peer named, the two agents stream their connection tables to each other ([`sync`]), so
+//! `lb notify`, [`keepalived`], or its notify FIFO, [`fifo`]); becoming active also
+//! announces every VIP with gratuitous ARP ([`garp`]), so that clients and routers send to
+//! this host's MACs at once. With a peer named, the two agents stream their connection tables to each other ([`sync`]), so
 //! that the active host's flows carry on after a takeover.
 
 pub mod fifo;

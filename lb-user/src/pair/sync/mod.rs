@@ -25,12 +25,12 @@ use std::{
 };
 
 use anyhow::Result;
-use lb_common::{Flow, FlowUpdate};
+use lb_common::{Flow, FlowKey, FlowUpdate};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     config::{HostRole, PairConfig},
-    dataplane::{writer::monotonic_ns, MapWriter},
+    dataplane::MapWriter,
     metrics::Metrics,
     plan::{CurrentPlan, Plan},
 };
@@ -129,35 +129,46 @@ pub async fn start(
     ])
 }
 
-/// Translates flows between a host's own numbering and the pair link's records.
+/// Translates flows between this host's own numbering and the pair link's records; built
+/// once per batch from the plan in force.
 struct Translator {
     backend_ips: HashMap<u32, Ipv4Addr>,
     nic_names: HashMap<u32, String>,
+    /// (service id, backend address) → backend index.
+    backends: HashMap<(u32, [u8; 4]), u32>,
+    /// Client-facing NICs by name → ifindex.
+    client_nics: HashMap<String, u32>,
 }
 
 impl Translator {
     fn new(plan: &Plan) -> Self {
+        let backends = || plan.services.iter().flat_map(|s| &s.backends);
         Translator {
-            backend_ips: plan
-                .services
-                .iter()
-                .flat_map(|s| &s.backends)
-                .map(|b| (b.index, b.ip))
-                .collect(),
+            backend_ips: backends().map(|b| (b.index, b.ip)).collect(),
             nic_names: plan
                 .interfaces
                 .iter()
                 .map(|i| (i.ifindex, i.name.clone()))
                 .collect(),
+            backends: plan
+                .services
+                .iter()
+                .flat_map(|s| s.backends.iter().map(|b| ((s.id, b.ip.octets()), b.index)))
+                .collect(),
+            client_nics: plan
+                .interfaces
+                .iter()
+                .filter(|i| i.role != crate::config::Role::Backend)
+                .map(|i| (i.name.clone(), i.ifindex))
+                .collect(),
         }
     }
 
-    /// `update` as a record, at `now` on the program's clock; `None` when its backend or
-    /// NIC is not in the plan (a reload removed it).
-    fn record(&self, update: &FlowUpdate, now: u64) -> Option<Record> {
-        let flow = &update.flow;
+    /// Flow `key` (`flow`) as a record, at `now` on the program's clock; `None` when its
+    /// backend or NIC is not in the plan (a reload removed it).
+    fn record(&self, key: &FlowKey, flow: &Flow, now: u64) -> Option<Record> {
         Some(Record {
-            key: update.key,
+            key: *key,
             backend_ip: self.backend_ips.get(&flow.backend)?.octets(),
             client_mac: flow.client_mac,
             state: flow.state,
@@ -167,46 +178,32 @@ impl Translator {
             age_ns: now.saturating_sub(flow.created_ns),
         })
     }
-}
 
-/// `record` as a flow of this host (its service, backend and NIC numbers, its clock at
-/// `now`), with its backend's address; `None` when this host has no such service, backend
-/// or client NIC.
-fn local_flow(record: &Record, plan: &Plan, maps: &MapWriter, now: u64) -> Option<Flow> {
-    if usize::from(record.state) >= lb_common::flow_state::NAMES.len() {
-        return None;
+    /// `record` as a flow of `service` on this host (its backend and NIC numbers, its
+    /// clock at `now`); `None` when this host has no such backend or client NIC.
+    fn flow(&self, record: &Record, service: u32, now: u64) -> Option<Flow> {
+        if usize::from(record.state) >= lb_common::flow_state::NAMES.len() {
+            return None;
+        }
+        let backend = *self.backends.get(&(service, record.backend_ip))?;
+        let ifindex = match self.client_nics.get(&record.nic_name()) {
+            Some(&ifindex) => ifindex,
+            // NICs named otherwise on the two hosts: the only client NIC is the one.
+            None if self.client_nics.len() == 1 => *self.client_nics.values().next()?,
+            None => return None,
+        };
+        Some(Flow {
+            created_ns: now.saturating_sub(record.age_ns),
+            seen_ns: now.saturating_sub(record.idle_ns),
+            backend,
+            service,
+            ifindex,
+            client_mac: record.client_mac,
+            state: record.state,
+            flags: record.flags,
+            pad: 0,
+        })
     }
-    let service = maps.service_of(&record.key)?;
-    let backend = plan
-        .services
-        .iter()
-        .find(|s| s.id == service.id)?
-        .backends
-        .iter()
-        .find(|b| b.ip.octets() == record.backend_ip)?;
-    let clients: Vec<_> = plan
-        .interfaces
-        .iter()
-        .filter(|i| i.role != crate::config::Role::Backend)
-        .collect();
-    let name = record.nic_name();
-    let nic = match clients.iter().find(|i| i.name == name) {
-        Some(nic) => nic,
-        // NICs named otherwise on the two hosts: the only client NIC is the one.
-        None if clients.len() == 1 => clients[0],
-        None => return None,
-    };
-    Some(Flow {
-        created_ns: now.saturating_sub(record.age_ns),
-        seen_ns: now.saturating_sub(record.idle_ns),
-        backend: backend.index,
-        service: service.id,
-        ifindex: nic.ifindex,
-        client_mac: record.client_mac,
-        state: record.state,
-        flags: record.flags,
-        pad: 0,
-    })
 }
 
 /// The flow update in one item of the program's `FLOW_SYNC` ring; `None` for an item of
@@ -217,9 +214,4 @@ pub fn parse_report(item: &[u8]) -> Option<FlowUpdate> {
         // data, valid for any bytes); read unaligned, since the bytes are borrowed.
         unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowUpdate>()) }
     })
-}
-
-/// Now on the program's clock.
-fn now() -> u64 {
-    monotonic_ns()
 }

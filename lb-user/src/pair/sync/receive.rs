@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{heard, local_flow, now, wire, PairLink, HELLO_INTERVAL};
-use crate::{config::HostRole, metrics::PairOutcome};
+use super::{heard, wire, PairLink, Translator, HELLO_INTERVAL};
+use crate::{config::HostRole, dataplane::writer::monotonic_ns, metrics::PairOutcome};
 
 /// Listens on `listen` (`[pair] sync_listen`).
 pub async fn bind(listen: SocketAddr) -> Result<TcpListener> {
@@ -77,11 +77,12 @@ async fn follow(stream: TcpStream, link: &PairLink) -> Result<()> {
 /// replaces a flow of its own.
 fn apply(records: &[wire::Record], link: &PairLink) {
     let overwrite = link.maps.role().is_ok_and(|role| role == HostRole::Standby);
-    let plan = link.plan.get();
-    let now = now();
+    let translator = Translator::new(&link.plan.get());
+    let now = monotonic_ns();
     let (mut applied, mut kept, mut unmapped, mut failed) = (0, 0, 0, 0);
     for record in records {
-        let Some(flow) = local_flow(record, &plan, &link.maps, now) else {
+        let service = link.maps.service_of(&record.key);
+        let Some(flow) = service.and_then(|s| translator.flow(record, s.id, now)) else {
             unmapped += 1;
             continue;
         };

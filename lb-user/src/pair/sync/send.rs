@@ -10,7 +10,8 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{now, wire, PairLink, Translator, HELLO_INTERVAL};
+use super::{wire, PairLink, Translator, HELLO_INTERVAL};
+use crate::dataplane::writer::monotonic_ns;
 
 /// Reports taken from the ring at once at most, so that hellos go out between them.
 const DRAIN_AT_MOST: usize = 8192;
@@ -51,9 +52,11 @@ pub async fn stream(reports: RingBuf<MapData>, peer: SocketAddr, link: PairLink)
                 }
                 if connection.is_some() {
                     let translator = Translator::new(&link.plan.get());
-                    let now = now();
-                    let records: Vec<_> =
-                        updates.iter().filter_map(|u| translator.record(u, now)).collect();
+                    let now = monotonic_ns();
+                    let records: Vec<_> = updates
+                        .iter()
+                        .filter_map(|u| translator.record(&u.key, &u.flow, now))
+                        .collect();
                     link.metrics.pair_flows_sent.inc_by(records.len() as u64);
                     wire::encode_flows(&records, &mut out);
                 }
@@ -118,19 +121,13 @@ async fn connect(peer: SocketAddr, link: &PairLink) -> Result<(TcpStream, usize)
     let plan = link.plan.get();
     let records = tokio::task::spawn_blocking(move || -> Result<Vec<wire::Record>> {
         let settings = maps.flow_settings()?;
-        let now = now();
+        let now = monotonic_ns();
         let translator = Translator::new(&plan);
         Ok(maps
             .read_flows(plan.flows.max as usize)
             .into_iter()
             .filter(|record| !record.expired(&settings, now))
-            .filter_map(|record| {
-                let update = FlowUpdate {
-                    key: record.key,
-                    flow: record.flow,
-                };
-                translator.record(&update, now)
-            })
+            .filter_map(|record| translator.record(&record.key, &record.flow, now))
             .collect())
     })
     .await
