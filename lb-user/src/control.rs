@@ -34,6 +34,7 @@ use crate::{
     metrics::Metrics,
     net::{Netlink, XdpAttachment},
     plan::CurrentPlan,
+    tasks::Background,
 };
 
 /// Everything the endpoints read and change. Interior locks only: reading never blocks a
@@ -53,6 +54,8 @@ pub struct AgentState {
     reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
     /// What is known of the pair peer.
     pub peer: Arc<crate::pair::sync::PeerView>,
+    /// The census, the pair link and the keepalived follower.
+    pub background: Background,
 }
 
 /// What a reload replaces: the failover engine and the list of attachments.
@@ -89,6 +92,7 @@ impl AgentState {
             running: RwLock::new(Arc::new(running)),
             reloads,
             peer,
+            background: Background::default(),
         }
     }
 
@@ -121,6 +125,9 @@ impl AgentState {
             problems.push(format!(
                 "{dead} health probe or carrier watcher task(s) died"
             ));
+        }
+        for task in self.background.dead() {
+            problems.push(format!("the {task} died"));
         }
         match Netlink::connect() {
             Ok(netlink) => {

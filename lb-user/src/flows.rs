@@ -76,8 +76,9 @@ fn names(plan: &Plan, record: &FlowRecord) -> (String, String) {
     )
 }
 
-/// How many entries one read of the table may visit: the table changes while it is read.
-fn read_limit(plan: &Plan) -> usize {
+/// How many entries one read of the table may visit: the table changes while it is read,
+/// and an entry that vanishes under the reader restarts the kernel's iteration.
+pub fn read_limit(plan: &Plan) -> usize {
     plan.flows.max as usize * 2
 }
 

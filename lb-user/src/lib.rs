@@ -23,4 +23,5 @@ pub mod metrics;
 pub mod net;
 pub mod pair;
 pub mod plan;
+pub mod tasks;
 pub mod testbed;

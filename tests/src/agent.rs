@@ -17,6 +17,21 @@ pub fn start_agent(bed: &mut Testbed, config: &str, listen: &str) -> usize {
     agent
 }
 
+/// Runs `lb ARGS…` on switch host `switch`: (success, stdout, stderr).
+pub fn lb_on(bed: &Testbed, switch: Host, args: &[&str]) -> (bool, String, String) {
+    let out = bed
+        .lb_command_on(switch)
+        .unwrap()
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// The agent's `/metrics` text.
 pub fn metrics(bed: &Testbed, listen: &str) -> String {
     metrics_on(bed, listen, Host::Switch)

@@ -93,8 +93,6 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let setup::Started {
         mut dataplane,
         state,
-        sweeper,
-        pair_link,
     } = started;
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let until_stopped = |mut stopping: tokio::sync::watch::Receiver<bool>| async move {
@@ -120,8 +118,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         .get()
         .pair
         .as_ref()
-        .and_then(|pair| pair.keepalived_fifo.clone())
-        .map(|path| tokio::spawn(follow_keepalived(path, state.clone())));
+        .and_then(|pair| pair.keepalived_fifo.clone());
+    if let Some(path) = keepalived_fifo {
+        let follower = tokio::spawn(follow_keepalived(path, state.clone()));
+        state.background.add("keepalived FIFO follower", follower);
+    }
     notify::ready();
     let watchdog_interval = notify::watchdog_interval();
     // Without a watchdog the tick is never fed to anyone: a day apart costs nothing.
@@ -137,14 +138,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
             _ = hup.recv() => { tracing::info!("SIGHUP received, reloading"); None }
             Some(reply) = reloads.recv() => Some(reply),
             _ = watchdog.tick() => {
-                // Fed while the engine's probes and carrier watcher run: a dead one stops
-                // the feeding, and the service manager restarts the agent (hitless).
+                // Fed while the engine's probes and carrier watcher and the background
+                // tasks run: a dead one stops the feeding, and the service manager
+                // restarts the agent (hitless).
                 let dead = state.running().engine.dead_tasks();
+                let background = state.background.dead();
                 if watchdog_interval.is_some() {
-                    if dead == 0 {
+                    if dead == 0 && background.is_empty() {
                         notify::watchdog();
                     } else {
-                        tracing::error!(dead, "engine tasks died; not feeding the watchdog");
+                        tracing::error!(dead, ?background, "agent tasks died; not feeding the watchdog");
                     }
                 }
                 continue;
@@ -175,13 +178,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     let _ = std::fs::remove_file(&config.control_socket);
-    sweeper.abort();
-    for half in pair_link {
-        half.abort();
-    }
-    if let Some(follower) = keepalived_fifo {
-        follower.abort();
-    }
+    state.background.abort_all();
     drop(state);
     drop(dataplane);
     tracing::info!(

@@ -30,10 +30,6 @@ pub struct Started {
     pub dataplane: Dataplane,
     /// What the endpoints read and change.
     pub state: Arc<AgentState>,
-    /// The connection-table census.
-    pub sweeper: tokio::task::JoinHandle<()>,
-    /// The pair link's halves (none without a peer).
-    pub pair_link: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Loads the program on the pinned maps (adopting what is there), writes the plan,
@@ -92,11 +88,13 @@ pub async fn start(
     };
     let running = Running { engine, interfaces };
     let state = AgentState::new(current, maps, metrics, census, running, reloads, peer);
+    state.background.add("connection table census", sweeper);
+    for (name, task) in pair_link {
+        state.background.add(name, task);
+    }
     Ok(Started {
         dataplane,
         state: Arc::new(state),
-        sweeper,
-        pair_link,
     })
 }
 

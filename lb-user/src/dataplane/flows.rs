@@ -29,6 +29,21 @@ impl FlowRecord {
     }
 }
 
+/// How a flow copied from the pair peer meets what this host's table holds.
+#[derive(Debug, Clone, Copy)]
+pub enum Placement<'a> {
+    /// Over anything: a standby, whose program writes no flow.
+    Overwrite,
+    /// Only where this host has no flow of that key and no live flow holds its reply key
+    /// (as the program decides for a new flow): an active host never replaces its own.
+    IfFree {
+        /// The table's timeouts, to tell a live holder from an expired one.
+        settings: &'a FlowSettings,
+        /// Now, on the program's clock.
+        now: u64,
+    },
+}
+
 impl MapWriter {
     /// Every flow in the table, live or not (at most `limit` entries are read: the table
     /// changes while it is read, and an entry that vanishes under the reader restarts the
@@ -44,17 +59,27 @@ impl MapWriter {
     }
 
     /// Writes flow `key` (served by the backend at `backend_ip`) and its reply index entry,
-    /// as the program would have: a flow copied from the pair peer. With `overwrite` false
-    /// a flow already in the table is kept as it is; returns whether the flow was written.
+    /// as the program would have: a flow copied from the pair peer. Returns whether the
+    /// flow was written; with [`Placement::IfFree`] a flow or reply key this host holds is
+    /// kept as it is.
     pub fn write_flow(
         &self,
         key: &FlowKey,
         flow: &Flow,
         backend_ip: [u8; 4],
-        overwrite: bool,
+        placement: Placement,
     ) -> Result<bool> {
         const BPF_NOEXIST: u64 = 1;
-        let flags = if overwrite { 0 } else { BPF_NOEXIST };
+        let reply_key = key.answered_by(backend_ip);
+        let flags = match placement {
+            Placement::Overwrite => 0,
+            Placement::IfFree { settings, now } => {
+                if !self.reply_key_free(key, &reply_key, settings, now) {
+                    return Ok(false);
+                }
+                BPF_NOEXIST
+            }
+        };
         let written = self
             .flows
             .lock()
@@ -63,7 +88,7 @@ impl MapWriter {
         match written {
             Ok(()) => {}
             Err(MapError::SyscallError(e))
-                if !overwrite && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
+                if flags == BPF_NOEXIST && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
             {
                 return Ok(false)
             }
@@ -76,9 +101,44 @@ impl MapWriter {
         self.replies
             .lock()
             .expect("REPLIES map lock")
-            .insert(key.answered_by(backend_ip), reply, 0)
+            .insert(reply_key, reply, 0)
             .context("cannot write a flow's reply index entry")?;
         Ok(true)
+    }
+
+    /// Whether flow `key` may take reply key `reply_key`, as the program decides for a new
+    /// flow: no entry, an entry of this very flow, or one whose flow is gone or expired.
+    fn reply_key_free(
+        &self,
+        key: &FlowKey,
+        reply_key: &FlowKey,
+        settings: &FlowSettings,
+        now: u64,
+    ) -> bool {
+        let Ok(holder) = self
+            .replies
+            .lock()
+            .expect("REPLIES map lock")
+            .get(reply_key, 0)
+        else {
+            return true;
+        };
+        if holder.flow == *key {
+            return true;
+        }
+        let Ok(flow) = self
+            .flows
+            .lock()
+            .expect("FLOWS map lock")
+            .get(&holder.flow, 0)
+        else {
+            return true;
+        };
+        FlowRecord {
+            key: holder.flow,
+            flow,
+        }
+        .expired(settings, now)
     }
 
     /// The service a packet with flow key `key` belongs to, looked up as the program does

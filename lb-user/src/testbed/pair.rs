@@ -148,6 +148,13 @@ impl Testbed {
         self.host(switch).ip(&["link", "set", PAIR_LINK, state])
     }
 
+    /// Makes the pair link silent on `switch`'s side, or speaking again: every frame on its
+    /// `pl0` is dropped with the carrier up, as for a peer that hangs or a link that fails
+    /// without a carrier signal.
+    pub fn set_pair_link_silent(&self, switch: Host, silent: bool) -> Result<()> {
+        super::topology::silence(self.host(switch), PAIR_LINK, silent)
+    }
+
     /// Waits (`within` at most) until the agent on switch host `switch`, listening on
     /// `listen`, reports `role`.
     pub fn wait_role(

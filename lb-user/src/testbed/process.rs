@@ -28,8 +28,12 @@ impl Process {
         let Some(mut child) = self.child.take() else {
             return Ok(false);
         };
-        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet. SIGCONT after
+        // SIGTERM: a frozen child takes its SIGTERM when thawed.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+            libc::kill(child.id() as i32, libc::SIGCONT);
+        }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -42,6 +46,21 @@ impl Process {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// Freezes the child (SIGSTOP: it runs no more, what it holds stays open, as for a hung
+    /// process), or thaws it (SIGCONT).
+    pub fn freeze(&self, frozen: bool) -> Result<()> {
+        let pid = self
+            .pid()
+            .with_context(|| format!("{} is not running", self.what))?;
+        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
+        if unsafe { libc::kill(pid as i32, signal) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("cannot signal {}", self.what));
+        }
+        Ok(())
     }
 
     /// Kills the child at once (SIGKILL), as a crash would.

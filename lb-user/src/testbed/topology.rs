@@ -338,19 +338,7 @@ backends = [
     /// machine or one behind a failed switch. The carrier stays up, so only the health
     /// checks (or, for VRRP, the missing adverts) can tell.
     pub fn set_silent(&self, host: Host, silent: bool) -> Result<()> {
-        let namespace = self.host(host);
-        if silent {
-            namespace.exec(
-                "nft",
-                &["add table netdev lb_silence; \
-                     add chain netdev lb_silence ingress \
-                     { type filter hook ingress device eth0 priority 0; policy drop; }; \
-                     add chain netdev lb_silence egress \
-                     { type filter hook egress device eth0 priority 0; policy drop; }"],
-            )
-        } else {
-            namespace.exec("nft", &["delete table netdev lb_silence"])
-        }
+        silence(self.host(host), "eth0", silent)
     }
 
     /// Starts a TCP responder on `host` (port [`TCP_PORT`]): every line a client sends on a
@@ -481,5 +469,24 @@ impl Drop for Testbed {
         self.tcp_responders.clear();
         self.veth_peers.clear();
         self.fabric_ports.clear();
+    }
+}
+
+/// Drops every frame arriving on `device` in `namespace` or leaving it (nftables netdev
+/// ingress and egress chains), or lets them pass again; the carrier stays up.
+pub(super) fn silence(namespace: &Netns, device: &str, silent: bool) -> Result<()> {
+    if silent {
+        namespace.exec(
+            "nft",
+            &[&format!(
+                "add table netdev lb_silence; \
+                 add chain netdev lb_silence ingress \
+                 {{ type filter hook ingress device {device} priority 0; policy drop; }}; \
+                 add chain netdev lb_silence egress \
+                 {{ type filter hook egress device {device} priority 0; policy drop; }}"
+            )],
+        )
+    } else {
+        namespace.exec("nft", &["delete table netdev lb_silence"])
     }
 }

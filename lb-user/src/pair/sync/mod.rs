@@ -36,10 +36,15 @@ use crate::{
 };
 use wire::Record;
 
-/// Between two hellos on the pair link, and between two attempts to reach the peer.
+/// Between two hellos on the pair link.
 pub const HELLO_INTERVAL: Duration = Duration::from_millis(100);
-/// A peer not heard for this long is taken as gone (its role unknown).
+/// A peer not heard for this long is taken as gone: its role is unknown, the stream from it
+/// is closed, and data of the stream to it not acknowledged within this time ends that
+/// connection (`TCP_USER_TIMEOUT`).
 pub const PEER_SILENT: Duration = Duration::from_secs(1);
+/// How long both hosts must have been active, as a hello shows, before it is a split brain:
+/// during a preemption the two roles cross for a few milliseconds.
+pub const SPLIT_BRAIN_AFTER: Duration = Duration::from_millis(300);
 
 /// What the agent knows of its peer, for `/status`.
 #[derive(Debug, Default)]
@@ -51,11 +56,21 @@ pub struct PeerView {
 struct PeerState {
     address: Option<SocketAddr>,
     streaming: bool,
-    /// The peer's role, and when its hello said so.
-    role: Option<(HostRole, Instant)>,
+    /// The peer's role, as its hellos say.
+    role: Option<Heard>,
     /// This host's role, and since when (as first seen by the split-brain check).
     own: Option<(HostRole, Instant)>,
     split_brain: bool,
+}
+
+/// A role as the peer's hellos said it.
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    role: HostRole,
+    /// The last hello.
+    at: Instant,
+    /// The first hello of an unbroken run saying `role`.
+    since: Instant,
 }
 
 /// The peer in `/status`.
@@ -92,8 +107,8 @@ impl PeerView {
 fn heard(state: &PeerState) -> Option<HostRole> {
     state
         .role
-        .filter(|(_, at)| at.elapsed() < PEER_SILENT)
-        .map(|(role, _)| role)
+        .filter(|heard| heard.at.elapsed() < PEER_SILENT)
+        .map(|heard| heard.role)
 }
 
 /// What both halves share.
@@ -111,12 +126,12 @@ pub struct PairLink {
 
 /// Starts both halves when `pair` names a peer: the stream of the program's reports
 /// (`reports`, the `FLOW_SYNC` ring) to it, and the listener for its stream. Returns the
-/// tasks, to abort when the agent stops.
+/// tasks by name; each runs for as long as the agent (one that ended died).
 pub async fn start(
     pair: &PairConfig,
     reports: aya::maps::RingBuf<aya::maps::MapData>,
     link: PairLink,
-) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+) -> Result<Vec<(&'static str, tokio::task::JoinHandle<()>)>> {
     let (Some(listen), Some(peer)) = (pair.sync_listen, pair.peer) else {
         return Ok(Vec::new());
     };
@@ -124,8 +139,14 @@ pub async fn start(
     let listener = receive::bind(listen).await?;
     tracing::info!(%listen, %peer, "pair link: streaming the connection table to the peer, accepting its own");
     Ok(vec![
-        tokio::spawn(send::stream(reports, peer, link.clone())),
-        tokio::spawn(receive::serve(listener, peer, link)),
+        (
+            "pair link sender",
+            tokio::spawn(send::stream(reports, peer, listen.ip(), link.clone())),
+        ),
+        (
+            "pair link receiver",
+            tokio::spawn(receive::serve(listener, peer, link)),
+        ),
     ])
 }
 

@@ -242,18 +242,10 @@ impl Rig {
     /// Freezes the master's server (SIGSTOP: its socket stays open, nothing answers, the
     /// kernel refuses nothing), or thaws it (SIGCONT).
     pub fn freeze_master_server(&self, frozen: bool) -> Result<()> {
-        let pid = self
-            .master_server
+        self.master_server
             .as_ref()
-            .and_then(Process::pid)
-            .context("the master's server is not running")?;
-        let signal = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
-        // SAFETY: kill(2) on the pid of a child we have not reaped yet.
-        if unsafe { libc::kill(pid as i32, signal) } != 0 {
-            return Err(std::io::Error::last_os_error())
-                .context("cannot signal the master's server");
-        }
-        Ok(())
+            .context("the master's server is not running")?
+            .freeze(frozen)
     }
 
     /// Kills the master's server (SIGKILL); its link stays up.
