@@ -97,7 +97,8 @@ pub struct PairConfig {
     pub keepalived_fifo: Option<std::path::PathBuf>,
     /// Where this agent accepts its peer's connection (TCP), over which the peer streams
     /// its connection table and its role; the pair link's address, e.g.
-    /// `"198.18.9.11:7470"`. Set with `peer`, or neither (no flow is copied then).
+    /// `"198.18.9.11:7470"`, from which this agent's own stream to the peer also comes.
+    /// Set with `peer`, or neither (no flow is copied then).
     pub sync_listen: Option<std::net::SocketAddr>,
     /// The peer agent's `sync_listen`: where this agent streams its own connection table
     /// and role. Only a connection from the peer's address is accepted on `sync_listen`.
@@ -178,6 +179,14 @@ pub struct FlowsConfig {
     /// Default `"5s"`.
     #[serde(default = "default_sweep", with = "humantime_serde")]
     pub sweep_interval: Duration,
+}
+
+impl FlowsConfig {
+    /// How many entries one read of the table may visit: the table changes while it is
+    /// read, and an entry that vanishes under the reader restarts the kernel's iteration.
+    pub fn read_limit(&self) -> usize {
+        self.max as usize * 2
+    }
 }
 
 impl Default for FlowsConfig {

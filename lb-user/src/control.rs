@@ -127,7 +127,10 @@ impl AgentState {
             ));
         }
         for task in self.background.dead() {
-            problems.push(format!("the {task} died"));
+            problems.push(format!(
+                "the {task} died (its error is in the agent's log); restart the agent \
+                 (systemd's watchdog does when configured)"
+            ));
         }
         match Netlink::connect() {
             Ok(netlink) => {

@@ -76,12 +76,6 @@ fn names(plan: &Plan, record: &FlowRecord) -> (String, String) {
     )
 }
 
-/// How many entries one read of the table may visit: the table changes while it is read,
-/// and an entry that vanishes under the reader restarts the kernel's iteration.
-pub fn read_limit(plan: &Plan) -> usize {
-    plan.flows.max as usize * 2
-}
-
 /// Sweeps once: recounts the live flows and the table's entries into `census`.
 pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mutex<Census>) {
     let mut counts = FlowCounts::new();
@@ -93,7 +87,7 @@ pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mu
         }
     }
     let now = monotonic_ns();
-    let records = maps.read_flows(read_limit(plan));
+    let records = maps.read_flows(plan.flows.read_limit());
     for record in records.iter().filter(|r| !r.expired(settings, now)) {
         let (service, backend) = names(plan, record);
         *counts
@@ -136,7 +130,7 @@ pub fn list(
     let settings = maps.flow_settings()?;
     let now = monotonic_ns();
     let mut views = Vec::new();
-    for record in maps.read_flows(read_limit(plan)) {
+    for record in maps.read_flows(plan.flows.read_limit()) {
         if record.expired(&settings, now) {
             continue;
         }

@@ -16,7 +16,7 @@
 //! | `lb_host_role` | gauge (1 for the role in force) | role (`active`, `standby`) |
 //! | `lb_pair_flows_sent_total` | counter | |
 //! | `lb_pair_flows_received_total` | counter | outcome (`applied`, `kept`, `unmapped`, `failed`) |
-//! | `lb_pair_table_sends_total` | counter | |
+//! | `lb_pair_table_sends_total` | counter | reason (`connected`, `reports_lost`, `peer_slow`) |
 //! | `lb_pair_stream_up`, `lb_pair_peer_heard`, `lb_pair_split_brain` | gauge | |
 //!
 //! `lb_packets_total`, `lb_bytes_total`, `lb_xdp_actions_total` and
@@ -116,6 +116,29 @@ impl PairOutcome {
     pub const FAILED: Self = PairOutcome { outcome: "failed" };
 }
 
+/// Labels of `lb_pair_table_sends_total`: why the whole table went to the peer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TableReason {
+    /// `connected`, `reports_lost` or `peer_slow`.
+    pub reason: &'static str,
+}
+
+impl TableReason {
+    /// A new connection to the peer (the agent started, the peer came back, the link
+    /// failed and came back).
+    pub const CONNECTED: Self = TableReason {
+        reason: "connected",
+    };
+    /// The program's ring lost reports (`flow_sync_lost` rose) while the link was up.
+    pub const REPORTS_LOST: Self = TableReason {
+        reason: "reports_lost",
+    };
+    /// The peer took the stream in too slowly, and its queue filled up.
+    pub const PEER_SLOW: Self = TableReason {
+        reason: "peer_slow",
+    };
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn flip_histogram() -> Histogram {
@@ -154,7 +177,7 @@ pub struct Metrics {
     /// `lb_pair_flows_received_total`.
     pub pair_flows_received: Family<PairOutcome, Counter>,
     /// `lb_pair_table_sends_total`.
-    pub pair_table_sends: Counter,
+    pub pair_table_sends: Family<TableReason, Counter>,
     /// `lb_pair_stream_up`.
     pub pair_stream_up: Gauge,
     /// `lb_pair_peer_heard`.
@@ -220,7 +243,7 @@ impl Metrics {
         );
         let pair_flows_sent = Counter::default();
         let pair_flows_received = Family::<PairOutcome, Counter>::default();
-        let pair_table_sends = Counter::default();
+        let pair_table_sends = Family::<TableReason, Counter>::default();
         let (pair_stream_up, pair_peer_heard, pair_split_brain) =
             (Gauge::default(), Gauge::default(), Gauge::default());
         registry.register(
@@ -236,7 +259,7 @@ impl Metrics {
         );
         registry.register(
             "lb_pair_table_sends",
-            "Whole connection tables sent to the pair peer (one per connection)",
+            "Whole connection tables sent to the pair peer (one per connection), by why",
             pair_table_sends.clone(),
         );
         registry.register(

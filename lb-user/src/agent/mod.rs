@@ -222,8 +222,8 @@ async fn follow_keepalived(path: PathBuf, state: control::Shared) {
     .await;
     if let Err(e) = followed {
         tracing::error!(
-            "keepalived's notify FIFO is no longer followed: {e:#}; `lb notify` and `lb role` \
-             still work"
+            "keepalived's notify FIFO is no longer followed: {e:#}; /healthz reports it and \
+             systemd's watchdog restarts the agent (`lb notify` and `lb role` work meanwhile)"
         );
     }
 }

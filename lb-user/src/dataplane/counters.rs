@@ -40,4 +40,9 @@ impl MapWriter {
         }
         Ok(counts)
     }
+
+    /// How often dataplane decision `event` happened.
+    pub fn event(&self, event: lb_common::Event) -> Result<u64> {
+        Ok(self.events.get(&(event as u32), 0)?.iter().sum())
+    }
 }

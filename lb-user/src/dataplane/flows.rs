@@ -44,6 +44,21 @@ pub enum Placement<'a> {
     },
 }
 
+/// A reply key as a flow copied to an active host finds it.
+enum ReplyKeyState {
+    /// No entry.
+    Unused,
+    /// An entry of this very flow, or of a flow gone or expired: free to take.
+    Stale,
+    /// An entry of a live flow of this host.
+    Held,
+}
+
+/// Whether a map write failed because the key exists (`BPF_NOEXIST`).
+fn exists(e: &MapError) -> bool {
+    matches!(e, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST))
+}
+
 impl MapWriter {
     /// Every flow in the table, live or not (at most `limit` entries are read: the table
     /// changes while it is read, and an entry that vanishes under the reader restarts the
@@ -71,60 +86,66 @@ impl MapWriter {
     ) -> Result<bool> {
         const BPF_NOEXIST: u64 = 1;
         let reply_key = key.answered_by(backend_ip);
-        let flags = match placement {
-            Placement::Overwrite => 0,
+        let (flow_flags, reply_flags) = match placement {
+            Placement::Overwrite => (0, 0),
             Placement::IfFree { settings, now } => {
-                if !self.reply_key_free(key, &reply_key, settings, now) {
-                    return Ok(false);
+                match self.reply_key_state(key, &reply_key, settings, now) {
+                    ReplyKeyState::Held => return Ok(false),
+                    ReplyKeyState::Stale => (BPF_NOEXIST, 0),
+                    // The program may take it meanwhile: only where it is still unused.
+                    ReplyKeyState::Unused => (BPF_NOEXIST, BPF_NOEXIST),
                 }
-                BPF_NOEXIST
             }
         };
         let written = self
             .flows
             .lock()
             .expect("FLOWS map lock")
-            .insert(key, flow, flags);
+            .insert(key, flow, flow_flags);
         match written {
             Ok(()) => {}
-            Err(MapError::SyscallError(e))
-                if flags == BPF_NOEXIST && e.io_error.raw_os_error() == Some(libc::EEXIST) =>
-            {
-                return Ok(false)
-            }
+            Err(e) if flow_flags == BPF_NOEXIST && exists(&e) => return Ok(false),
             Err(e) => return Err(e).context("cannot write a flow into the connection table"),
         }
         let reply = Reply {
             flow: *key,
             backend: flow.backend,
         };
-        self.replies
-            .lock()
-            .expect("REPLIES map lock")
-            .insert(reply_key, reply, 0)
-            .context("cannot write a flow's reply index entry")?;
-        Ok(true)
+        let indexed =
+            self.replies
+                .lock()
+                .expect("REPLIES map lock")
+                .insert(reply_key, reply, reply_flags);
+        match indexed {
+            Ok(()) => Ok(true),
+            Err(e) if reply_flags == BPF_NOEXIST && exists(&e) => {
+                // A flow of this host took the reply key in between: the copy goes again.
+                let _ = self.flows.lock().expect("FLOWS map lock").remove(key);
+                Ok(false)
+            }
+            Err(e) => Err(e).context("cannot write a flow's reply index entry"),
+        }
     }
 
     /// Whether flow `key` may take reply key `reply_key`, as the program decides for a new
-    /// flow: no entry, an entry of this very flow, or one whose flow is gone or expired.
-    fn reply_key_free(
+    /// flow.
+    fn reply_key_state(
         &self,
         key: &FlowKey,
         reply_key: &FlowKey,
         settings: &FlowSettings,
         now: u64,
-    ) -> bool {
+    ) -> ReplyKeyState {
         let Ok(holder) = self
             .replies
             .lock()
             .expect("REPLIES map lock")
             .get(reply_key, 0)
         else {
-            return true;
+            return ReplyKeyState::Unused;
         };
         if holder.flow == *key {
-            return true;
+            return ReplyKeyState::Stale;
         }
         let Ok(flow) = self
             .flows
@@ -132,13 +153,17 @@ impl MapWriter {
             .expect("FLOWS map lock")
             .get(&holder.flow, 0)
         else {
-            return true;
+            return ReplyKeyState::Stale;
         };
-        FlowRecord {
+        let record = FlowRecord {
             key: holder.flow,
             flow,
+        };
+        if record.expired(settings, now) {
+            ReplyKeyState::Stale
+        } else {
+            ReplyKeyState::Held
         }
-        .expired(settings, now)
     }
 
     /// The service a packet with flow key `key` belongs to, looked up as the program does

@@ -311,6 +311,18 @@ fn validate_pair(pair: &PairConfig) -> Result<()> {
             if listen == peer {
                 bail!("pair.peer = {peer} is this agent's own pair.sync_listen: give the other host's");
             }
+            if listen.ip().is_unspecified() || peer.ip().is_unspecified() {
+                bail!(
+                    "pair.sync_listen ({listen}) and pair.peer ({peer}) must be addresses of the \
+                     hosts on the pair link, not {}: the peer accepts only the stream that \
+                     comes from its pair.peer",
+                    if listen.ip().is_unspecified() {
+                        listen.ip()
+                    } else {
+                        peer.ip()
+                    }
+                );
+            }
             if listen.is_ipv4() != peer.is_ipv4() {
                 bail!("pair.sync_listen ({listen}) and pair.peer ({peer}) must be of one address family");
             }
@@ -813,6 +825,10 @@ mod tests {
             "sync_listen = \"198.18.9.11:7470\"\npeer = \"198.18.9.11:7470\"\n",
         ));
         assert!(e.contains("own pair.sync_listen"), "{e}");
+        let e = error_of(&pair(
+            "sync_listen = \"0.0.0.0:7470\"\npeer = \"198.18.9.12:7470\"\n",
+        ));
+        assert!(e.contains("not 0.0.0.0"), "{e}");
         let e = error_of(&pair(
             "peer = \"somewhere\"\nsync_listen = \"198.18.9.11:1\"\n",
         ));

@@ -479,14 +479,17 @@ pub(super) fn silence(namespace: &Netns, device: &str, silent: bool) -> Result<(
         namespace.exec(
             "nft",
             &[&format!(
-                "add table netdev lb_silence; \
-                 add chain netdev lb_silence ingress \
+                "add table netdev lb_silence_{device}; \
+                 add chain netdev lb_silence_{device} ingress \
                  {{ type filter hook ingress device {device} priority 0; policy drop; }}; \
-                 add chain netdev lb_silence egress \
+                 add chain netdev lb_silence_{device} egress \
                  {{ type filter hook egress device {device} priority 0; policy drop; }}"
             )],
         )
     } else {
-        namespace.exec("nft", &["delete table netdev lb_silence"])
+        namespace.exec(
+            "nft",
+            &[&format!("delete table netdev lb_silence_{device}")],
+        )
     }
 }

@@ -7,7 +7,7 @@
 //!   for what the stream missed; a hello with this host's role every [`HELLO_INTERVAL`];
 //! - [`receive`]: accepts the peer's connection (from the peer's address only) and writes
 //!   its flows (a standby over anything, an active host only where it has no flow of its
-//!   own), and watches the peer's role: both hosts active is a split brain, logged and
+//!   own and no live flow of its own holds the reply key), and watches the peer's role: both hosts active is a split brain, logged and
 //!   exported;
 //! - [`wire`]: the frames.
 //!

@@ -40,8 +40,8 @@ const APPLY_QUEUE: usize = 64;
 pub async fn serve(listener: TcpListener, peer: SocketAddr, link: PairLink) {
     let (batches, queued) = mpsc::channel(APPLY_QUEUE);
     let applier_link = link.clone();
-    // Ends when the last sender is gone: this task and its connection's.
-    tokio::task::spawn_blocking(move || apply_all(queued, &applier_link));
+    // Ends when the last sender is gone (this task and its connection's), or if it panics.
+    let mut applier = tokio::task::spawn_blocking(move || apply_all(queued, &applier_link));
     // The connection's task; dropping the set aborts it: a new connection, or the end.
     let mut current: JoinSet<()>;
     let mut tick = tokio::time::interval(HELLO_INTERVAL);
@@ -71,6 +71,16 @@ pub async fn serve(listener: TcpListener, peer: SocketAddr, link: PairLink) {
                 });
             }
             _ = tick.tick() => check_split_brain(&link),
+            ended = &mut applier => {
+                // The receiver ends with it: its health shows it, and the agent's
+                // supervisor restarts the agent.
+                tracing::error!(
+                    "pair link: the thread that writes the peer's flows ended ({}); the peer's \
+                     flows are no longer written: restart the agent",
+                    ended.err().map_or_else(|| "no panic".to_string(), |e| e.to_string())
+                );
+                return;
+            }
         }
     }
 }
@@ -92,8 +102,13 @@ async fn follow(
             Some(wire::Message::Hello(role)) => {
                 let now = Instant::now();
                 link.peer.update(|state| {
+                    // A run of hellos broken by a silence starts again.
                     let since = match state.role {
-                        Some(heard) if heard.role == role => heard.since,
+                        Some(heard)
+                            if heard.role == role && now.duration_since(heard.at) < PEER_SILENT =>
+                        {
+                            heard.since
+                        }
                         _ => now,
                     };
                     state.role = Some(Heard {
@@ -104,10 +119,13 @@ async fn follow(
                 });
                 check_split_brain(link);
             }
+            // Waits while the applier is behind (TCP then holds the peer back); hellos
+            // behind the flows wait too, so the peer's role may read as unknown for a
+            // moment during a large table.
             Some(wire::Message::Flows(records)) => batches
                 .send(records)
                 .await
-                .context("the flows' applier has ended")?,
+                .context("the thread that writes the peer's flows has ended")?,
         }
     }
 }

@@ -3,11 +3,16 @@
 //! One loop reads the ring and keeps the schedule (hellos, attempts to reach the peer, the
 //! check for lost reports); each connection has a writer task of its own, which sends the
 //! whole live table first and then the frames the loop queues for it, in order. A slow
-//! peer never holds the loop up: a queue that fills up, like reports the ring lost, ends
-//! the connection, and the next one starts with the whole table again.
+//! peer never holds the loop up: a queue that fills up, like reports the ring lost after
+//! the table was read, ends the connection, and the next one starts with the whole table
+//! again. Only the loop shows the link's state (`streaming`, `lb_pair_stream_up`).
 
 use std::{
     net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
@@ -23,15 +28,20 @@ use tokio::{
 };
 
 use super::{wire, PairLink, Translator, HELLO_INTERVAL, PEER_SILENT};
-use crate::dataplane::writer::monotonic_ns;
+use crate::{dataplane::writer::monotonic_ns, metrics::TableReason};
 
 /// Reports taken from the ring at once at most, so that hellos go out between them.
 const DRAIN_AT_MOST: usize = 8192;
 /// How long one frame's write may take before the connection is given up.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Frames queued for a connection at most (hellos and batches of reports); beyond, the
-/// peer takes in too slowly and the connection starts again with the whole table.
-const QUEUE_FRAMES: usize = 4096;
+/// Bytes queued for a connection at most (hellos and batches of reports, about a million
+/// flows' reports); beyond, the peer takes in too slowly and the connection starts again
+/// with the whole table.
+const QUEUE_BYTES: usize = 64 << 20;
+/// A link up this long has proved itself: its end resets the wait between attempts.
+const STABLE_AFTER: Duration = Duration::from_secs(5);
+/// Reports lost to a full ring are logged as a warning at most this often.
+const LOST_WARNING_EVERY: Duration = Duration::from_secs(60);
 /// The longest wait between two attempts to reach the peer (the wait doubles from
 /// [`HELLO_INTERVAL`] while the peer cannot be reached).
 const RETRY_AT_MOST: Duration = Duration::from_secs(1);
@@ -78,19 +88,25 @@ struct Sender {
     local: IpAddr,
     link: PairLink,
     connection: Option<Connection>,
+    /// Why the next connection's table goes out.
+    reason: TableReason,
     /// The wait before the next attempt to reach the peer.
     retry: Duration,
     next_attempt: Instant,
     /// Whether the failure to reach the peer was logged (once until the link is up).
     complained: bool,
-    /// The program's count of reports lost to a full ring, when last read.
-    lost: u64,
+    /// When a loss of reports was last logged at warning level.
+    lost_warned: Option<Instant>,
 }
 
-/// A connection to the peer: its writer task and the queue of frames it sends.
+/// A connection to the peer: its writer task, the queue of frames it sends, and what the
+/// writer and the loop share.
 struct Connection {
-    frames: mpsc::Sender<Vec<u8>>,
-    writer: JoinHandle<Result<(), Ended>>,
+    frames: mpsc::UnboundedSender<Frame>,
+    writer: JoinHandle<Result<()>>,
+    shared: Arc<Shared>,
+    /// Since when the loop has shown the link up (`None`: the table is not out yet).
+    up_since: Option<Instant>,
 }
 
 impl Drop for Connection {
@@ -99,11 +115,22 @@ impl Drop for Connection {
     }
 }
 
-/// Why a connection's writer ended.
-struct Ended {
-    /// Whether the whole table had gone out (the link was up).
-    was_up: bool,
-    error: anyhow::Error,
+/// What a connection's writer tells the loop.
+#[derive(Default)]
+struct Shared {
+    /// The whole table went out: the link is up.
+    up: AtomicBool,
+    /// The program's count of lost reports just before the table was read: a loss beyond
+    /// it is not covered by the table.
+    lost_at_table: AtomicU64,
+    /// Bytes queued for the writer and not yet written.
+    queued: AtomicUsize,
+}
+
+/// A frame queued for the peer, and the flows it carries.
+struct Frame {
+    bytes: Vec<u8>,
+    flows: u64,
 }
 
 impl Drop for Sender {
@@ -114,16 +141,16 @@ impl Drop for Sender {
 
 impl Sender {
     fn new(peer: SocketAddr, local: IpAddr, link: PairLink) -> Self {
-        let lost = lost_reports(&link).unwrap_or(0);
         Sender {
             peer,
             local,
             link,
             connection: None,
+            reason: TableReason::CONNECTED,
             retry: HELLO_INTERVAL,
             next_attempt: Instant::now(),
             complained: false,
-            lost,
+            lost_warned: None,
         }
     }
 
@@ -138,32 +165,37 @@ impl Sender {
             .iter()
             .filter_map(|u| translator.record(&u.key, &u.flow, now))
             .collect();
-        self.link
-            .metrics
-            .pair_flows_sent
-            .inc_by(records.len() as u64);
         for batch in records.chunks(wire::BATCH) {
-            let mut frame = Vec::new();
-            wire::encode_flows(batch, &mut frame);
-            self.queue(frame);
+            let mut bytes = Vec::new();
+            wire::encode_flows(batch, &mut bytes);
+            self.queue(Frame {
+                bytes,
+                flows: batch.len() as u64,
+            });
         }
     }
 
-    /// Every [`HELLO_INTERVAL`]: notices a connection that ended, starts the whole table
-    /// again when the ring lost reports, tries to reach the peer when due, and says hello.
+    /// Every [`HELLO_INTERVAL`]: notices a connection that came up or ended, starts the
+    /// whole table again when the ring lost reports it does not cover, tries to reach the
+    /// peer when due, and says hello.
     fn tick(&mut self) {
         self.reap();
-        let lost = lost_reports(&self.link);
-        if let Ok(lost) = lost {
-            if lost > self.lost && self.connection.is_some() {
-                tracing::warn!(
-                    lost = lost - self.lost,
-                    "flow reports lost to a full ring; sending the peer the whole table again"
-                );
-                self.disconnect();
-                self.next_attempt = Instant::now();
+        let mut lost_beyond_table = false;
+        if let Some(connection) = &mut self.connection {
+            if connection.up_since.is_none() && connection.shared.up.load(Ordering::Acquire) {
+                connection.up_since = Some(Instant::now());
+                set_streaming(&self.link, true);
             }
-            self.lost = lost;
+            if connection.up_since.is_some() {
+                let lost = self.link.maps.event(Event::FlowSyncLost);
+                lost_beyond_table = lost.is_ok_and(|lost| {
+                    lost > connection.shared.lost_at_table.load(Ordering::Acquire)
+                });
+            }
+        }
+        if lost_beyond_table {
+            self.warn_lost();
+            self.restart(TableReason::REPORTS_LOST, Instant::now());
         }
         if self.connection.is_none() {
             if Instant::now() >= self.next_attempt {
@@ -173,26 +205,61 @@ impl Sender {
         }
         // A role that cannot be read is not announced: a wrong one would be worse.
         if let Ok(role) = self.link.maps.role() {
-            let mut frame = Vec::new();
-            wire::encode_hello(role, &mut frame);
-            self.queue(frame);
+            let mut bytes = Vec::new();
+            wire::encode_hello(role, &mut bytes);
+            self.queue(Frame { bytes, flows: 0 });
+        }
+    }
+
+    /// Logs reports lost to a full ring: a warning at most once a minute, else at debug
+    /// level (a ring that overflows all along would fill the log).
+    fn warn_lost(&mut self) {
+        let now = Instant::now();
+        if self
+            .lost_warned
+            .is_none_or(|at| now.duration_since(at) >= LOST_WARNING_EVERY)
+        {
+            tracing::warn!(
+                "flow reports lost to a full ring (flow_sync_lost rose): sending the peer the \
+                 whole table again; if this repeats, the agent cannot keep up with the \
+                 program's reports (check its CPU)"
+            );
+            self.lost_warned = Some(now);
+        } else {
+            tracing::debug!("flow reports lost to a full ring; sending the whole table again");
         }
     }
 
     fn connect(&mut self) {
-        let (frames, queued) = mpsc::channel(QUEUE_FRAMES);
+        let (frames, queued) = mpsc::unbounded_channel();
+        let shared = Arc::new(Shared::default());
         let writer = tokio::spawn(write_connection(
             self.peer,
             self.local,
             self.link.clone(),
+            shared.clone(),
             queued,
+            self.reason.clone(),
         ));
-        self.connection = Some(Connection { frames, writer });
+        self.connection = Some(Connection {
+            frames,
+            writer,
+            shared,
+            up_since: None,
+        });
+        self.reason = TableReason::CONNECTED;
+    }
+
+    /// Ends the connection, to start again at `at` with the whole table, sent for `reason`.
+    fn restart(&mut self, reason: TableReason, at: Instant) {
+        self.disconnect();
+        self.reason = reason;
+        self.next_attempt = at;
     }
 
     /// Handles the end of a connection whose writer finished: logs it, and schedules the
-    /// next attempt (at once after a link that was up, later and later while the peer
-    /// cannot be reached).
+    /// next attempt (at once after a link that stayed up a while, later and later while
+    /// the peer cannot be reached or does not keep the link up).
     fn reap(&mut self) {
         let Some(connection) = &mut self.connection else {
             return;
@@ -200,25 +267,32 @@ impl Sender {
         let Some(ended) = (&mut connection.writer).now_or_never() else {
             return;
         };
+        let was_up = connection.shared.up.load(Ordering::Acquire);
+        let stable = connection
+            .up_since
+            .is_some_and(|since| since.elapsed() >= STABLE_AFTER);
         self.disconnect();
-        let Ended { was_up, error } = match ended {
+        let error = match ended {
             Ok(Ok(())) => return,
-            Ok(Err(ended)) => ended,
-            Err(e) => Ended {
-                was_up: false,
-                error: anyhow::anyhow!("the writer task failed: {e}"),
-            },
+            Ok(Err(error)) => error,
+            Err(e) => anyhow::anyhow!("the writer task failed: {e}"),
         };
-        let peer = self.peer;
+        let (peer, local) = (self.peer, self.local);
         if was_up {
             tracing::warn!(%peer, "pair link down: {error:#}");
+        } else if !self.complained {
+            tracing::warn!(
+                %peer,
+                "cannot stream flows to the peer: {error:#}; check that the peer's agent runs \
+                 with pair.sync_listen = {peer} and that it is reachable from {local} (trying \
+                 again, up to every {RETRY_AT_MOST:?})"
+            );
+            self.complained = true;
+        }
+        if stable {
             self.retry = HELLO_INTERVAL;
             self.complained = false;
         } else {
-            if !self.complained {
-                tracing::warn!(%peer, "cannot stream flows to the peer: {error:#}; trying again every {:?} at most", RETRY_AT_MOST);
-                self.complained = true;
-            }
             self.retry = (self.retry * 2).min(RETRY_AT_MOST);
         }
         self.next_attempt = Instant::now() + self.retry;
@@ -229,26 +303,27 @@ impl Sender {
         set_streaming(&self.link, false);
     }
 
-    /// Queues `frame` for the connection; a full queue ends it.
-    fn queue(&mut self, frame: Vec<u8>) {
+    /// Queues `frame` for the connection; a queue past [`QUEUE_BYTES`] ends it.
+    fn queue(&mut self, frame: Frame) {
         let Some(connection) = &self.connection else {
             return;
         };
-        if let Err(mpsc::error::TrySendError::Full(_)) = connection.frames.try_send(frame) {
+        let len = frame.bytes.len();
+        if connection.shared.queued.load(Ordering::Acquire) + len > QUEUE_BYTES {
             tracing::warn!(
                 peer = %self.peer,
-                "the peer takes the flow stream in too slowly; starting again with the whole table"
+                "the peer takes the flow stream in too slowly ({} MiB queued); starting again \
+                 with the whole table",
+                QUEUE_BYTES >> 20
             );
-            self.disconnect();
-            self.next_attempt = Instant::now() + self.retry;
+            self.retry = (self.retry * 2).min(RETRY_AT_MOST);
+            self.restart(TableReason::PEER_SLOW, Instant::now() + self.retry);
+            return;
         }
-        // Closed: the writer ended, which the next tick handles.
+        connection.shared.queued.fetch_add(len, Ordering::AcqRel);
+        // An error means the writer ended, which the next tick handles.
+        let _ = connection.frames.send(frame);
     }
-}
-
-/// The program's count of flow reports lost to a full ring.
-fn lost_reports(link: &PairLink) -> Result<u64> {
-    Ok(link.maps.events()?[Event::FlowSyncLost as usize])
 }
 
 /// Takes the reports waiting in the ring ([`DRAIN_AT_MOST`] at most); the flag says
@@ -267,26 +342,26 @@ fn take_reports(ring: &mut RingBuf<MapData>) -> (Vec<FlowUpdate>, bool) {
 }
 
 /// One connection's writer: connects to `peer` from `local`, sends a hello and the whole
-/// live table, then every frame queued on `frames` until the queue closes or a write fails.
+/// live table (`reason` says why), tells the loop through `shared`, then writes every
+/// frame queued on `frames` until the queue closes or a write fails.
 async fn write_connection(
     peer: SocketAddr,
     local: IpAddr,
     link: PairLink,
-    mut frames: mpsc::Receiver<Vec<u8>>,
-) -> Result<(), Ended> {
-    let down = |error| Ended {
-        was_up: false,
-        error,
-    };
-    let mut stream = open(peer, local).await.map_err(down)?;
-    let sent = send_table(&mut stream, &link).await.map_err(down)?;
-    tracing::info!(%peer, flows = sent, "pair link up: the connection table was sent to the peer");
-    set_streaming(&link, true);
+    shared: Arc<Shared>,
+    mut frames: mpsc::UnboundedReceiver<Frame>,
+    reason: TableReason,
+) -> Result<()> {
+    let mut stream = open(peer, local).await?;
+    let sent = send_table(&mut stream, &link, &shared).await?;
+    link.metrics.pair_table_sends.get_or_create(&reason).inc();
+    link.metrics.pair_flows_sent.inc_by(sent as u64);
+    tracing::info!(%peer, flows = sent, reason = reason.reason, "pair link up: the connection table was sent to the peer");
+    shared.up.store(true, Ordering::Release);
     while let Some(frame) = frames.recv().await {
-        write(&mut stream, &frame).await.map_err(|error| Ended {
-            was_up: true,
-            error,
-        })?;
+        write(&mut stream, &frame.bytes).await?;
+        shared.queued.fetch_sub(frame.bytes.len(), Ordering::AcqRel);
+        link.metrics.pair_flows_sent.inc_by(frame.flows);
     }
     Ok(())
 }
@@ -300,9 +375,12 @@ async fn open(peer: SocketAddr, local: IpAddr) -> Result<TcpStream> {
     }
     .context("cannot make a socket")?;
     if !local.is_unspecified() {
-        socket
-            .bind(SocketAddr::new(local, 0))
-            .with_context(|| format!("cannot connect from {local} (pair.sync_listen)"))?;
+        socket.bind(SocketAddr::new(local, 0)).with_context(|| {
+            format!(
+                "cannot connect from {local} (pair.sync_listen): it must be an address of \
+                     this host on the pair link"
+            )
+        })?;
     }
     let unacked_ms = u32::try_from(PEER_SILENT.as_millis()).expect("a second");
     nix::sys::socket::setsockopt(
@@ -320,33 +398,45 @@ async fn open(peer: SocketAddr, local: IpAddr) -> Result<TcpStream> {
 }
 
 /// Sends a hello and the whole live table on `stream`, a frame at a time; returns the
-/// number of flows sent.
-async fn send_table(stream: &mut TcpStream, link: &PairLink) -> Result<usize> {
-    let mut hello = Vec::new();
-    wire::encode_hello(link.maps.role()?, &mut hello);
-    write(stream, &hello).await?;
+/// number of flows sent. Hellos go on while the table is read: the peer closes a stream
+/// that says nothing for [`PEER_SILENT`].
+async fn send_table(stream: &mut TcpStream, link: &PairLink, shared: &Shared) -> Result<usize> {
+    let hello = || -> Result<Vec<u8>> {
+        let mut bytes = Vec::new();
+        wire::encode_hello(link.maps.role()?, &mut bytes);
+        Ok(bytes)
+    };
+    write(stream, &hello()?).await?;
+    // Losses until now are covered by the table about to be read.
+    shared.lost_at_table.store(
+        link.maps.event(Event::FlowSyncLost).unwrap_or(0),
+        Ordering::Release,
+    );
     let maps = link.maps.clone();
     let plan = link.plan.get();
-    let records = tokio::task::spawn_blocking(move || -> Result<Vec<wire::Record>> {
+    let read = tokio::task::spawn_blocking(move || -> Result<Vec<wire::Record>> {
         let settings = maps.flow_settings()?;
         let now = monotonic_ns();
         let translator = Translator::new(&plan);
         Ok(maps
-            .read_flows(crate::flows::read_limit(&plan))
+            .read_flows(plan.flows.read_limit())
             .into_iter()
             .filter(|record| !record.expired(&settings, now))
             .filter_map(|record| translator.record(&record.key, &record.flow, now))
             .collect())
-    })
-    .await
-    .context("reading the connection table failed")??;
+    });
+    tokio::pin!(read);
+    let records = loop {
+        tokio::select! {
+            records = &mut read => break records.context("reading the connection table failed")??,
+            _ = tokio::time::sleep(HELLO_INTERVAL) => write(stream, &hello()?).await?,
+        }
+    };
     for batch in records.chunks(wire::BATCH) {
         let mut frame = Vec::new();
         wire::encode_flows(batch, &mut frame);
         write(stream, &frame).await?;
     }
-    link.metrics.pair_table_sends.inc();
-    link.metrics.pair_flows_sent.inc_by(records.len() as u64);
     Ok(records.len())
 }
 
