@@ -7,9 +7,10 @@ pub const PROGRAM_NAME: &str = "lb_xdp";
 pub const PASS_PROGRAM_NAME: &str = "lb_pass";
 
 /// Upper bound on services (VIP, protocol, port) the dataplane holds.
-pub const MAX_SERVICES: u32 = 1024;
-/// Upper bound on backends over all services.
-pub const MAX_BACKENDS: u32 = 4096;
+pub const MAX_SERVICES: u32 = 16_384;
+/// Upper bound on backends over all services. The per-CPU traffic counters take 16 bytes
+/// per backend and direction on each CPU (1 MiB per CPU).
+pub const MAX_BACKENDS: u32 = 32_768;
 /// Upper bound on NICs the program is attached to.
 pub const MAX_IFACES: u32 = 64;
 /// Interface indexes below this can be served: `IFACES` is an array indexed by ifindex.

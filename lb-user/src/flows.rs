@@ -2,7 +2,7 @@
 //! per service and backend (for `/metrics`), and the listing behind `lb flows`.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddrV4},
     sync::{Arc, Mutex},
     time::Duration,
@@ -26,6 +26,9 @@ pub struct Census {
     pub counts: FlowCounts,
     /// Entries in the table, expired ones (not yet evicted or replaced) included.
     pub entries: u64,
+    /// How long the last sweep took (it grows with the table, and stretches the interval
+    /// between sweeps).
+    pub sweep_seconds: f64,
 }
 
 /// One flow as `lb flows` shows it.
@@ -63,16 +66,21 @@ pub fn protocol_name(protocol: u8) -> &'static str {
 
 /// Service and backend names of a flow, from the plan.
 fn names(plan: &Plan, record: &FlowRecord) -> (String, String) {
-    let service = plan.services.get(record.flow.service as usize);
+    names_of(plan, record.flow.service, record.flow.backend)
+}
+
+/// Names of service `id` and of its backend `index`, from the plan (`#N` for one it lacks).
+fn names_of(plan: &Plan, id: u32, index: u32) -> (String, String) {
+    let service = plan.services.get(id as usize);
     let backend = service.and_then(|s| {
         s.backends
             .iter()
-            .find(|b| b.index == record.flow.backend)
+            .find(|b| b.index == index)
             .map(|b| b.name.clone())
     });
     (
-        service.map_or_else(|| format!("#{}", record.flow.service), |s| s.name.clone()),
-        backend.unwrap_or_else(|| format!("#{}", record.flow.backend)),
+        service.map_or_else(|| format!("#{id}"), |s| s.name.clone()),
+        backend.unwrap_or_else(|| format!("#{index}")),
     )
 }
 
@@ -87,22 +95,49 @@ pub fn sweep(plan: &Plan, maps: &MapWriter, settings: &FlowSettings, census: &Mu
         }
     }
     let now = monotonic_ns();
-    let records = maps.read_flows(plan.flows.read_limit());
-    for record in records.iter().filter(|r| !r.expired(settings, now)) {
-        let (service, backend) = names(plan, record);
+    // Counted by number, named once per (service, backend, protocol) afterwards: the
+    // table may hold millions of flows.
+    let mut live: HashMap<(u32, u32, u8), u64> = HashMap::new();
+    let entries = maps.for_each_flow(plan.flows.read_limit(), |record| {
+        if !record.expired(settings, now) {
+            let flow = &record.flow;
+            *live
+                .entry((flow.service, flow.backend, record.key.proto))
+                .or_default() += 1;
+        }
+    });
+    for ((service, backend, proto), count) in live {
+        let (service, backend) = names_of(plan, service, backend);
         *counts
-            .entry((service, backend, protocol_name(record.key.proto)))
-            .or_default() += 1;
+            .entry((service, backend, protocol_name(proto)))
+            .or_default() += count;
     }
     let mut census = census.lock().expect("census lock");
     census.counts = counts;
-    census.entries = records.len() as u64;
+    census.entries = entries as u64;
 }
 
-/// Sweeps every `flows.sweep_interval` of the plan in force, forever.
+/// A sweep waits at least this many times its own last duration before the next: the
+/// census takes a tenth of a core at most, however large the table.
+const SWEEP_DUTY: u32 = 9;
+
+/// Sweeps every `flows.sweep_interval` of the plan in force, forever; less often when a
+/// sweep takes long (see [`SWEEP_DUTY`]).
 pub async fn sweep_loop(plan: CurrentPlan, maps: Arc<MapWriter>, census: Arc<Mutex<Census>>) {
+    let mut last = Duration::ZERO;
+    let mut stretched = false;
     loop {
-        let interval = plan.get().flows.sweep_interval.max(Duration::from_secs(1));
+        let configured = plan.get().flows.sweep_interval.max(Duration::from_secs(1));
+        let interval = configured.max(last * SWEEP_DUTY);
+        if interval > configured && !stretched {
+            tracing::info!(
+                sweep = ?last,
+                every = ?interval,
+                "the connection table is large: lb_flows is recounted less often than \
+                 flows.sweep_interval, so that the census takes a tenth of a core at most"
+            );
+        }
+        stretched = interval > configured;
         tokio::time::sleep(interval).await;
         let settings = match maps.flow_settings() {
             Ok(settings) => settings,
@@ -111,10 +146,14 @@ pub async fn sweep_loop(plan: CurrentPlan, maps: Arc<MapWriter>, census: Arc<Mut
                 continue;
             }
         };
-        let (plan, maps, census) = (plan.get(), maps.clone(), census.clone());
+        let (plan, maps, shared) = (plan.get(), maps.clone(), census.clone());
         // Reading the table is one syscall per entry: off the runtime's thread.
-        let swept = tokio::task::spawn_blocking(move || sweep(&plan, &maps, &settings, &census));
-        if swept.await.is_err() {
+        let started = std::time::Instant::now();
+        let swept = tokio::task::spawn_blocking(move || sweep(&plan, &maps, &settings, &shared));
+        let swept = swept.await;
+        last = started.elapsed();
+        census.lock().expect("census lock").sweep_seconds = last.as_secs_f64();
+        if swept.is_err() {
             tracing::error!("the connection table sweep panicked");
         }
     }

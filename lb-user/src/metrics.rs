@@ -13,6 +13,7 @@
 //! | `lb_dataplane_events_total` | counter | event |
 //! | `lb_flows` | gauge | service, backend, protocol |
 //! | `lb_flow_table_entries` | gauge | |
+//! | `lb_flow_sweep_seconds` | gauge | |
 //! | `lb_host_role` | gauge (1 for the role in force) | role (`active`, `standby`) |
 //! | `lb_pair_flows_sent_total` | counter | |
 //! | `lb_pair_flows_received_total` | counter | outcome (`applied`, `kept`, `unmapped`, `failed`) |
@@ -418,9 +419,9 @@ impl Collector for DataplaneCollector {
             let labels = [("event", event.to_string())];
             ConstCounter::new(*count).encode(events.encode_family(&labels)?)?;
         }
-        let (flow_counts, entries) = {
+        let (flow_counts, entries, sweep_seconds) = {
             let census = self.census.lock().expect("census lock");
-            (census.counts.clone(), census.entries)
+            (census.counts.clone(), census.entries, census.sweep_seconds)
         };
         let mut flows = encoder.encode_descriptor(
             "lb_flows",
@@ -444,6 +445,14 @@ impl Collector for DataplaneCollector {
             MetricType::Gauge,
         )?;
         ConstGauge::new(entries as i64).encode(table)?;
+        let sweep = encoder.encode_descriptor(
+            "lb_flow_sweep_seconds",
+            "How long the last sweep of the connection table took (the next waits at least \
+             nine times as long, and flows.sweep_interval)",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(sweep_seconds).encode(sweep)?;
         if let Ok(role) = self.maps.role() {
             let mut roles = encoder.encode_descriptor(
                 "lb_host_role",

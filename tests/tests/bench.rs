@@ -1,6 +1,7 @@
-//! The failover bench end to end, short: one trial per experiment for `lb` and for keepalived
-//! at its fastest interval. It checks that the bench measures (figures within generous
-//! bounds), writes its report and picture, and leaves nothing behind.
+//! Benches end to end, short: the failover bench with one trial per experiment for `lb` and
+//! for keepalived at its fastest interval, and the scale bench on a small scale. Each must
+//! measure (figures within generous bounds), write its report (and pictures), and leave
+//! nothing behind.
 
 use std::{process::Command, sync::Mutex};
 
@@ -11,6 +12,23 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     TESTBED
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Runs `lb-bench ARGS… --report REPORT`; returns its stdout, after checking it succeeded.
+fn run_bench(args: &[&str], report: &std::path::Path) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
+        .args(args)
+        .arg("--report")
+        .arg(report)
+        .output()
+        .expect("lb-bench runs");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "lb-bench failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
 }
 
 /// The mean (ms) of `label`'s row in the first table after `heading`.
@@ -31,8 +49,8 @@ fn failover_bench_measures_reports_and_cleans_up() {
     let _serial = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
     let report = dir.path().join("BENCHMARKS.md");
-    let output = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
-        .args([
+    let stdout = run_bench(
+        &[
             "failover",
             "--trials",
             "1",
@@ -40,16 +58,8 @@ fn failover_bench_measures_reports_and_cleans_up() {
             "2",
             "--keepalived-advert",
             "0.01",
-            "--report",
-        ])
-        .arg(&report)
-        .output()
-        .expect("lb-bench runs");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "lb-bench failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
+        &report,
     );
     assert!(
         stdout.contains("bench: lb (XDP"),
@@ -145,4 +155,52 @@ fn interrupted_failover_bench_leaves_nothing_behind() {
             String::from_utf8_lossy(&pgrep.stdout)
         );
     }
+}
+
+/// The scale bench, small: it measures both shapes and the agent, writes its section, and
+/// leaves no namespace, pin or attachment behind.
+#[test]
+fn scale_bench_measures_reports_and_cleans_up() {
+    let _serial = one_at_a_time();
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("BENCHMARKS.md");
+    let stdout = run_bench(
+        &[
+            "scale",
+            "--services",
+            "50",
+            "--flows",
+            "20000",
+            "--max-flows",
+            "32768",
+            "--runs",
+            "1000",
+        ],
+        &report,
+    );
+    assert!(
+        stdout.contains("bench: per-packet cost"),
+        "no progress shown:\n{stdout}"
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(text.contains("<!-- bench:scale begin -->"), "{text}");
+    // Both shapes measured, every flow written found in the table.
+    for row in ["| 1 | 4096 | 4096 |", "| 50 | 20000 | 20000 |"] {
+        assert!(text.contains(row), "no row {row}:\n{text}");
+    }
+    assert!(
+        text.contains("| one census sweep of the full table (`lb_flow_sweep_seconds`) |")
+            && text.contains("20000 entries counted"),
+        "{text}"
+    );
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(
+        !namespaces.contains("lbs-") && !namespaces.contains("lbt-scale"),
+        "namespaces left behind:\n{namespaces}"
+    );
+    assert!(
+        !std::path::Path::new("/sys/fs/bpf/lbs-agent-switch").exists(),
+        "pins left behind"
+    );
 }

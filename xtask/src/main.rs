@@ -6,7 +6,7 @@
 //! - `test`: setup, `cargo fmt --check`, clippy with `-D warnings` (userspace and eBPF), then
 //!   every test of the workspace;
 //! - `run [-- ARGS]`: builds and runs `lb ARGS`; without arguments, `lb demo`;
-//! - `bench failover|throughput|flood|pair [-- ARGS]`: release builds of `lb` and `lb-bench`, then the
+//! - `bench failover|throughput|flood|pair|scale [-- ARGS]`: release builds of `lb` and `lb-bench`, then the
 //!   bench, which writes `docs/BENCHMARKS.md`;
 //! - `install`: a release `lb` in `/usr/local/bin`, the systemd unit, and an example config in
 //!   `/etc/lb/lb.toml` unless one is there.
@@ -55,8 +55,8 @@ enum Task {
     Install,
     /// Run a benchmark (release builds) and write docs/BENCHMARKS.md.
     Bench {
-        /// Which bench: `failover`, `throughput`, `flood` or `pair`.
-        #[arg(value_parser = ["failover", "throughput", "flood", "pair"])]
+        /// Which bench: `failover`, `throughput`, `flood`, `pair` or `scale`.
+        #[arg(value_parser = ["failover", "throughput", "flood", "pair", "scale"])]
         which: String,
         /// Options for the bench (`cargo xtask bench failover -- --help` lists them).
         #[arg(last = true)]

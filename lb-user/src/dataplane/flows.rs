@@ -73,6 +73,18 @@ impl MapWriter {
             .collect()
     }
 
+    /// Calls `f` on every flow in the table, live or not, as [`Self::read_flows`] reads
+    /// them but without holding them all in memory; returns how many it visited.
+    pub fn for_each_flow(&self, limit: usize, mut f: impl FnMut(&FlowRecord)) -> usize {
+        let flows = self.flows.lock().expect("FLOWS map lock");
+        let mut visited = 0;
+        for (key, flow) in flows.iter().take(limit).map_while(|entry| entry.ok()) {
+            f(&FlowRecord { key, flow });
+            visited += 1;
+        }
+        visited
+    }
+
     /// Writes flow `key` (served by the backend at `backend_ip`) and its reply index entry,
     /// as the program would have: a flow copied from the pair peer. Returns whether the
     /// flow was written; with [`Placement::IfFree`] a flow or reply key this host holds is

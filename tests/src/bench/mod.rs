@@ -11,6 +11,7 @@ pub mod pair;
 pub mod plot;
 pub mod report;
 pub mod responder;
+pub mod scale;
 pub mod stats;
 pub mod throughput;
 

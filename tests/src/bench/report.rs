@@ -133,6 +133,12 @@ pub fn summary_row(label: &str, summary: Option<Summary>, scale: f64, decimals: 
     }
 }
 
+/// Appends a Markdown table's head (its `columns` and the separator line) to `t`.
+pub fn table_head(t: &mut String, columns: &[&str]) {
+    t.push_str(&format!("| {} |\n", columns.join(" | ")));
+    t.push_str(&format!("|{}\n", "---|".repeat(columns.len())));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

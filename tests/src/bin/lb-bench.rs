@@ -1,5 +1,5 @@
 //! `lb-bench`: the benchmarks of the XDP failover load balancer. Run it through
-//! `cargo xtask bench failover|throughput|flood|pair`, which builds `lb` and this binary in release mode
+//! `cargo xtask bench failover|throughput|flood|pair|scale`, which builds `lb` and this binary in release mode
 //! and runs them as root.
 
 use anyhow::Result;
@@ -26,6 +26,9 @@ enum Bench {
     /// A switch-host takeover in an lb pair under keepalived: downtime, requests lost, TCP
     /// connections surviving.
     Pair(bench::pair::Args),
+    /// The program's per-packet cost and the agent's start time and memory with many
+    /// services and a million flows.
+    Scale(bench::scale::Args),
     /// A benchmark server (started by the failover bench inside a backend's namespace).
     #[command(hide = true)]
     Responder(bench::responder::Args),
@@ -48,6 +51,10 @@ fn main() -> Result<()> {
         Bench::Pair(args) => {
             bench::interrupt::install()?;
             bench::pair::run(args)
+        }
+        Bench::Scale(args) => {
+            bench::interrupt::install()?;
+            bench::scale::run(args)
         }
         Bench::Responder(args) => bench::responder::run(args),
     }

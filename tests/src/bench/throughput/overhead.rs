@@ -117,7 +117,7 @@ pub fn many_services(count: u16) -> Scenario {
 }
 
 /// (utime, stime) of `pid`, clock ticks.
-fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
+pub fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     let fields: Vec<&str> = stat
@@ -135,7 +135,7 @@ fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
 }
 
 /// A `/proc/PID/status` value in kB (or a count).
-fn status_value(pid: u32, key: &str) -> Result<u64> {
+pub fn status_value(pid: u32, key: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     text.lines()
         .find_map(|l| l.strip_prefix(key))
@@ -282,11 +282,22 @@ pub fn render(overheads: &[Overhead]) -> String {
          threaded NAPI on the backends' `eth0`, pinned to core 1 with the agent on core 0, as \
          separate machines would (the agent still pays for waking those threads).\n"
     );
-    let _ = writeln!(
-        t,
-        "| scenario | checks | backends' receive work | window | probes/s | failed probes/s | backends up | CPU % of one core (user) | VmRSS MiB | VmHWM MiB | threads |"
+    crate::bench::report::table_head(
+        &mut t,
+        &[
+            "scenario",
+            "checks",
+            "backends' receive work",
+            "window",
+            "probes/s",
+            "failed probes/s",
+            "backends up",
+            "CPU % of one core (user)",
+            "VmRSS MiB",
+            "VmHWM MiB",
+            "threads",
+        ],
     );
-    let _ = writeln!(t, "|---|---|---|---|---|---|---|---|---|---|---|");
     for o in overheads {
         let _ = writeln!(
             t,
