@@ -365,8 +365,8 @@ fn both_hosts_active_is_a_split_brain_that_each_reports_and_neither_loses_its_ow
 /// state or backend; not a packet that changes nothing, nor a refused one: spoofed, from
 /// another client, malformed) on `FLOW_SYNC`; without one, nothing. A flow the pair link
 /// writes is served as one of the program's own — a backend's packet that comes first is
-/// rewritten — and an active host keeps a flow of its own (and a reply key one of its own
-/// holds) where a standby takes the peer's.
+/// rewritten — and an active host keeps a flow of its own (and a reply key a live flow of
+/// its own holds; an expired one's is free) where a standby takes the peer's.
 #[test]
 fn the_program_reports_its_flows_and_serves_a_flow_the_pair_link_wrote() {
     let pair = "[pair]\nsync_listen = \"198.18.9.11:7470\"\npeer = \"198.18.9.12:7470\"\n";
@@ -477,6 +477,24 @@ fn the_program_reports_its_flows_and_serves_a_flow_the_pair_link_wrote() {
             .maps
             .write_flow(&copied_key, &other, SLAVE, Placement::Overwrite)?);
         assert_eq!(b.flow(&copied_key).unwrap().flow.backend, slave);
+
+        // A reply key whose holder has expired is free again, as for the program.
+        let third = FlowKey::new(
+            proto::UDP,
+            CLIENT,
+            5001u16.to_be_bytes(),
+            [198, 18, 1, 102],
+            [0, 53],
+        );
+        assert!(!b.maps.write_flow(&third, &other, SLAVE, if_free)?);
+        let expired = Flow {
+            seen_ns: 1,
+            ..other
+        };
+        b.maps
+            .write_flow(&copied_key, &expired, SLAVE, Placement::Overwrite)?;
+        assert!(b.maps.write_flow(&third, &other, SLAVE, if_free)?);
+        assert_eq!(b.flow(&third).unwrap().flow.backend, slave);
         Ok(())
     });
     let alone = config(&[service("dns", "198.18.1.100", "udp", 53, "")], "");
