@@ -443,7 +443,8 @@ pub struct FlowUpdate {
     pub flow: Flow,
 }
 
-/// Size in bytes of the `FLOW_SYNC` ring (a power of two, pages): 16 384 updates of 56 bytes and their 8-byte headers.
+/// Size in bytes of the `FLOW_SYNC` ring (a power of two, pages): 16 384 updates of 56
+/// bytes and their 8-byte headers.
 pub const FLOW_SYNC_BYTES: u32 = 1 << 20;
 
 /// Packet and byte counters.

@@ -7,7 +7,8 @@ use lb_common::{Event, Flow, FlowKey, FlowUpdate};
 use crate::{maps, stats};
 
 /// Reports flow `key` as just written (`flow`). A full ring is counted
-/// (`FlowSyncLost`); the flow's next write reports it again.
+/// (`FlowSyncLost`); the flow's next write reports it again, and the agent, seeing the
+/// count rise, sends its peer the whole table.
 #[inline(always)]
 pub fn report(key: &FlowKey, flow: &Flow) {
     if !maps::reporting_flows() {

@@ -64,13 +64,9 @@ impl MapWriter {
     /// changes while it is read, and an entry that vanishes under the reader restarts the
     /// kernel's iteration, so counts are approximate while the table churns).
     pub fn read_flows(&self, limit: usize) -> Vec<FlowRecord> {
-        let flows = self.flows.lock().expect("FLOWS map lock");
-        flows
-            .iter()
-            .take(limit)
-            .map_while(|entry| entry.ok())
-            .map(|(key, flow)| FlowRecord { key, flow })
-            .collect()
+        let mut records = Vec::new();
+        self.for_each_flow(limit, |record| records.push(*record));
+        records
     }
 
     /// Calls `f` on every flow in the table, live or not, as [`Self::read_flows`] reads

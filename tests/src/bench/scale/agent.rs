@@ -169,10 +169,11 @@ fn fill(pin_path: &Path, plan: &Plan, count: u32) -> Result<f64> {
             interrupt::check()?;
         }
         let (service, port, backend) = services[n as usize % services.len()];
+        let (client, client_port) = super::client_of(n);
         let key = FlowKey::new(
             proto::UDP,
-            [198, 19, (n >> 8) as u8, n as u8],
-            (20_000 + (n >> 16) as u16).to_be_bytes(),
+            client.octets(),
+            client_port.to_be_bytes(),
             VIP.octets(),
             port.to_be_bytes(),
         );

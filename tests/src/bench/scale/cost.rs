@@ -84,15 +84,16 @@ fn config(services: u32, max_flows: u32) -> String {
     config
 }
 
-/// Flow `n` of a table of a shape with `services` services: its client (one of 65 536
-/// addresses in 198.19.0.0/16, 16 ports each) and its service.
+/// Flow `n` of a table of a shape with `services` services: its client
+/// ([`super::client_of`]) and its service.
 fn flow_of(n: u32, services: u32) -> Flow {
+    let (src_ip, src_port) = super::client_of(n);
     Flow {
         src_mac: CLIENT_MAC,
         dst_mac: CLIENT_IF_MAC,
-        src_ip: Ipv4Addr::new(198, 19, (n >> 8) as u8, n as u8),
+        src_ip,
         dst_ip: VIP,
-        src_port: 20_000 + (n >> 16) as u16,
+        src_port,
         dst_port: FIRST_PORT + (n % services) as u16,
     }
 }

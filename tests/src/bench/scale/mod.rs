@@ -12,6 +12,15 @@ use anyhow::{bail, Result};
 use super::{progress, report};
 use cost::{Shape, ShapeCost};
 
+/// The client of flow `n` of a bench table: one of 65 536 addresses in 198.19.0.0/16
+/// (routed through the client NIC), 16 ports each.
+pub fn client_of(n: u32) -> (std::net::Ipv4Addr, u16) {
+    (
+        std::net::Ipv4Addr::new(198, 19, (n >> 8) as u8, n as u8),
+        20_000 + (n >> 16) as u16,
+    )
+}
+
 /// Options of the scale bench.
 #[derive(clap::Args, Debug)]
 pub struct Args {
