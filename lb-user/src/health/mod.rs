@@ -5,6 +5,7 @@
 //! turns the backend down at once (the engine acts on the event itself), a carrier return
 //! counts like any passed probe, so it needs `rise` of them.
 
+pub mod icmp;
 pub mod pipeline;
 pub mod thread;
 pub mod timer;
@@ -12,12 +13,11 @@ pub mod udp;
 
 use std::{
     collections::HashMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{Ipv4Addr, SocketAddr},
     sync::{
-        atomic::{AtomicBool, AtomicU16, Ordering},
-        Arc,
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
     },
-    time::Duration,
 };
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,6 +25,7 @@ use futures::future::BoxFuture;
 use tokio::net::TcpStream;
 
 use crate::config::CheckConfig;
+use icmp::IcmpProbe;
 use udp::UdpProbe;
 
 /// Carrier of every NIC the agent uses, kept current by carrier events.
@@ -53,52 +54,39 @@ pub enum Probe {
     },
     /// UDP request and reply, the reply read at the schedule's ticks.
     Udp(UdpProbe),
-    /// ICMP echo.
-    Icmp {
-        /// The agent's one ICMP socket (the handle keeps it open).
-        client: surge_ping::Client,
-        /// The backend.
-        ip: Ipv4Addr,
-        /// Identifier, for a raw socket (a ping socket sets its own).
-        ident: surge_ping::PingIdentifier,
-        /// Sequence numbers, shared by every pinger of the socket.
-        sequence: Arc<AtomicU16>,
-    },
+    /// ICMP echo on the agent's one ICMP socket, the reply read at the schedule's ticks.
+    Icmp(IcmpProbe),
 }
 
 /// One attempt as the schedule follows it.
 pub enum Attempt {
     /// Decided as it was made (the link check reads its carrier table; a send that failed).
     Decided(Result<()>),
-    /// Decides itself (a connect, a GET, an echo): the schedule wakes when it completes.
+    /// Decides itself (a connect, a GET): the schedule wakes when it completes.
     Awaited(BoxFuture<'static, Result<()>>),
     /// A request sent whose answer waits in its socket until the schedule's next tick reads
     /// it (UDP): no wake-up per answer.
     Polled(udp::Sent),
+    /// An echo request sent, its reply read from the shared ICMP socket at the schedule's
+    /// next tick.
+    Echoed(icmp::Sent),
 }
 
 /// The one ICMP socket the probes of an engine share, opened by the first ICMP check.
-///
-/// Replies on a shared socket are told apart by address and sequence number (the kernel sets
-/// the identifier of a ping socket itself), so every pinger takes its sequence numbers from
-/// one counter: two checks of one address never wait for the same reply.
 #[derive(Default)]
-pub struct IcmpSocket(tokio::sync::OnceCell<(surge_ping::Client, Arc<AtomicU16>)>);
+pub struct IcmpSocket(Mutex<Option<Arc<icmp::Socket>>>);
 
 impl IcmpSocket {
-    async fn get(&self) -> Result<&(surge_ping::Client, Arc<AtomicU16>)> {
-        self.0
-            .get_or_try_init(|| async {
-                let client = surge_ping::Client::new(&surge_ping::Config::default())
-                    .context("cannot open an ICMP socket (needs root or CAP_NET_RAW)")?;
-                Ok((client, Arc::new(AtomicU16::new(0))))
-            })
-            .await
+    fn get(&self) -> Result<Arc<icmp::Socket>> {
+        let mut socket = self.0.lock().expect("ICMP socket lock");
+        if let Some(socket) = &*socket {
+            return Ok(socket.clone());
+        }
+        let opened = icmp::Socket::open()?;
+        *socket = Some(opened.clone());
+        Ok(opened)
     }
 }
-
-/// Identifier of the next ICMP pinger (each check gets its own).
-static NEXT_ICMP_ID: AtomicU16 = AtomicU16::new(0x4c42);
 
 impl Probe {
     /// Builds the probe of `check` for the backend at `ip`, reached through NIC `ifindex`;
@@ -141,16 +129,7 @@ impl Probe {
                 send.clone().into_bytes(),
                 expect.clone().map(String::into_bytes),
             )),
-            CheckConfig::Icmp => {
-                let (client, sequence) = icmp.get().await?;
-                Probe::Icmp {
-                    client: client.clone(),
-                    ip,
-                    // The identifier matters only where the socket is raw (no ping sockets).
-                    ident: surge_ping::PingIdentifier(NEXT_ICMP_ID.fetch_add(1, Ordering::Relaxed)),
-                    sequence: sequence.clone(),
-                }
-            }
+            CheckConfig::Icmp => Probe::Icmp(IcmpProbe::new(icmp.get()?, ip)),
         })
     }
 
@@ -201,25 +180,10 @@ impl Probe {
                     Ok(())
                 }))
             }
-            Probe::Icmp {
-                client,
-                ip,
-                ident,
-                sequence,
-            } => {
-                let (client, ip, ident) = (client.clone(), *ip, *ident);
-                let sequence = surge_ping::PingSequence(sequence.fetch_add(1, Ordering::Relaxed));
-                Attempt::Awaited(Box::pin(async move {
-                    let mut pinger = client.pinger(IpAddr::V4(ip), ident).await;
-                    // The schedule's deadline ends the wait, not the pinger's own timeout.
-                    pinger.timeout(Duration::MAX);
-                    pinger
-                        .ping(sequence, b"lb health check")
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| anyhow!("echo: {e}"))
-                }))
-            }
+            Probe::Icmp(echo) => match echo.send() {
+                Ok(sent) => Attempt::Echoed(sent),
+                Err(e) => Attempt::Decided(Err(e)),
+            },
         }
     }
 }

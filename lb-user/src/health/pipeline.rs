@@ -12,13 +12,19 @@
 //! interval on the monotonic clock, so checks with the same interval send in the same
 //! wake-up, and the deadlines of attempts sent together fall together; a send that a
 //! stalled machine missed is skipped, not made up for in a burst. Answers that need no
-//! wake-up of their own (UDP, [`Attempt::Polled`]) are read at each wake-up, before the
-//! deadlines are judged: at 1 ms checks the prober wakes about once per millisecond for all
-//! of them. Their refusals wake it at once.
+//! wake-up of their own (UDP, [`Attempt::Polled`]; ICMP, [`Attempt::Echoed`]) are read at
+//! each wake-up, before the deadlines are judged: at 1 ms checks the prober wakes about
+//! once per millisecond for all of them. UDP refusals wake it at once.
+//!
+//! A wake-up makes every decision due (answers read, deadlines judged, flips made) before
+//! any send, and a long burst of sends looks at the deadlines again between two sends, so a
+//! flip does not wait for other checks' requests; a passed deadline is also served before
+//! awaited attempts (TCP, HTTP) that completed meanwhile.
 
 use std::{
     collections::VecDeque,
     future::Future,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -28,7 +34,7 @@ use futures::{
     stream::{FuturesUnordered, StreamExt},
 };
 
-use super::{timer::PreciseTimer, udp, Attempt, Probe};
+use super::{icmp, timer::PreciseTimer, udp, Attempt, Probe};
 
 /// How much longer than its deadline an expired awaited attempt may go on before it is
 /// cancelled: the schedule fails it at its deadline with the precise timer; tokio's coarser
@@ -91,6 +97,15 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             }
         })
         .collect();
+    // The ICMP sockets the checks share (one per engine), each read once per wake-up.
+    let mut echo_sockets: Vec<Arc<icmp::Socket>> = Vec::new();
+    for schedule in &schedules {
+        if let Probe::Icmp(echo) = &schedule.check.probe {
+            if !echo_sockets.iter().any(|s| Arc::ptr_eq(s, echo.socket())) {
+                echo_sockets.push(echo.socket().clone());
+            }
+        }
+    }
     let mut in_flight = FuturesUnordered::new();
     loop {
         let Some(wake) = schedules.iter().map(Schedule::next_wake).min() else {
@@ -102,10 +117,14 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             .iter()
             .find(|s| s.next_send == wake)
             .map(|s| s.check.timing.interval);
+        // The timer comes first: a deadline that has passed is evidence, and its decision
+        // must not wait behind a burst of awaited attempts completing.
         tokio::select! {
             biased;
-            Some((index, number, result)) = in_flight.next(), if !in_flight.is_empty() => {
-                Schedule::settle(&mut schedules[index], number, result, Instant::now());
+            woke = timer.sleep_until(wake, period) => {
+                woke?;
+                decide(&mut schedules, &echo_sockets, Instant::now());
+                send_due(&mut schedules, &echo_sockets, &mut in_flight);
             }
             refused = refusals.wait() => {
                 refused?;
@@ -114,20 +133,59 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
                     schedule.read_answers(now);
                 }
             }
-            woke = timer.sleep_until(wake, period) => {
-                woke?;
-                let now = Instant::now();
-                for (index, schedule) in schedules.iter_mut().enumerate() {
-                    schedule.read_answers(now);
-                    schedule.expire(now);
-                    if let Some((number, attempt)) = schedule.send_if_due(now) {
-                        let limit = schedule.check.timing.timeout + CLEANUP_GRACE;
-                        in_flight.push(bounded(index, number, attempt, limit));
-                    }
-                }
+            Some((index, number, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                Schedule::settle(&mut schedules[index], number, result, Instant::now());
             }
         }
     }
+}
+
+/// Attempts driven to their end by the schedule's loop: (check, attempt number, result).
+type InFlight = FuturesUnordered<BoxFuture<'static, (usize, u64, Result<()>)>>;
+
+/// Reads every answer that has come, then fails every attempt whose deadline has passed:
+/// all of the decisions due at `now`, and so every flip they make.
+fn decide(schedules: &mut [Schedule], echo_sockets: &[Arc<icmp::Socket>], now: Instant) {
+    for socket in echo_sockets {
+        socket.drain(now);
+    }
+    for schedule in schedules.iter_mut() {
+        schedule.read_answers(now);
+        schedule.expire(now);
+    }
+}
+
+/// Makes every send that is due. A burst (a hundred services on one interval) takes a while
+/// on a loaded host, so between two sends the deadlines are looked at again: one that passes
+/// meanwhile is decided, and its flip made, before the next send.
+fn send_due(
+    schedules: &mut [Schedule],
+    echo_sockets: &[Arc<icmp::Socket>],
+    in_flight: &mut InFlight,
+) {
+    let mut next_deadline = first_deadline(schedules);
+    for index in 0..schedules.len() {
+        let now = Instant::now();
+        if next_deadline.is_some_and(|deadline| deadline <= now) {
+            decide(schedules, echo_sockets, now);
+            next_deadline = first_deadline(schedules);
+        }
+        let schedule = &mut schedules[index];
+        if let Some((number, attempt)) = schedule.send_if_due(now) {
+            let limit = schedule.check.timing.timeout + CLEANUP_GRACE;
+            in_flight.push(Box::pin(bounded(index, number, attempt, limit)));
+        }
+        let deadline = schedules[index].first_deadline();
+        next_deadline = match (next_deadline, deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+    }
+}
+
+/// The earliest deadline of an attempt not decided yet.
+fn first_deadline(schedules: &[Schedule]) -> Option<Instant> {
+    schedules.iter().filter_map(Schedule::first_deadline).min()
 }
 
 /// One check's place in the schedule.
@@ -143,11 +201,19 @@ struct Schedule {
 struct Pending {
     number: u64,
     sent: Instant,
-    /// The request whose answer a wake-up reads, for a polled attempt.
+    /// The request whose answer a wake-up reads, for a UDP attempt.
     polled: Option<udp::Sent>,
+    /// The echo request whose reply a wake-up reads, for an ICMP attempt.
+    echo: Option<icmp::Sent>,
 }
 
 impl Schedule {
+    /// The deadline of its oldest attempt not decided yet.
+    fn first_deadline(&self) -> Option<Instant> {
+        let timeout = self.check.timing.timeout;
+        self.pending.front().map(|p| p.sent + timeout)
+    }
+
     /// The earliest of the next send and the first deadline.
     fn next_wake(&self) -> Instant {
         let timeout = self.check.timing.timeout;
@@ -169,19 +235,27 @@ impl Schedule {
         }
     }
 
-    /// Reads the answers of the polled attempts that have one; an answer stamped after its
-    /// deadline does not count.
+    /// Reads the answers of the polled attempts (UDP, ICMP) that have one; an answer
+    /// stamped after its deadline does not count.
     fn read_answers(&mut self, now: Instant) {
         let Check {
             probe,
             timing,
             report,
         } = &mut self.check;
-        let Probe::Udp(udp) = probe else {
+        if !matches!(probe, Probe::Udp(_) | Probe::Icmp(_)) {
             return;
-        };
+        }
         self.pending.retain_mut(|pending| {
-            let Some(answer) = udp.read(&mut pending.polled) else {
+            let answer = match probe {
+                Probe::Udp(udp) => udp.read(&mut pending.polled),
+                Probe::Icmp(echo) => echo.read(&mut pending.echo).map(|arrived| udp::Answer {
+                    result: Ok(()),
+                    arrived,
+                }),
+                _ => None,
+            };
+            let Some(answer) = answer else {
                 return true;
             };
             let arrived = answer.arrived.clamp(pending.sent, now);
@@ -232,7 +306,7 @@ impl Schedule {
         self.next_send = skip_missed(self.next_send + interval, now, interval);
         let number = self.sequence;
         self.sequence += 1;
-        let (polled, awaited) = match self.check.probe.attempt() {
+        let (polled, echo, awaited) = match self.check.probe.attempt() {
             Attempt::Decided(result) => {
                 (self.check.report)(Outcome {
                     result,
@@ -242,13 +316,15 @@ impl Schedule {
                 });
                 return None;
             }
-            Attempt::Polled(sent) => (Some(sent), None),
-            Attempt::Awaited(future) => (None, Some((number, future))),
+            Attempt::Polled(sent) => (Some(sent), None, None),
+            Attempt::Echoed(sent) => (None, Some(sent), None),
+            Attempt::Awaited(future) => (None, None, Some((number, future))),
         };
         self.pending.push_back(Pending {
             number,
             sent: now,
             polled,
+            echo,
         });
         awaited
     }

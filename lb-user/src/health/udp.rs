@@ -23,7 +23,7 @@ use nix::{
     errno::Errno,
     sys::{
         epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout},
-        socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags},
+        socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, RecvMsg},
         time::TimeSpec,
     },
 };
@@ -117,15 +117,7 @@ impl UdpProbe {
                     arrived: now,
                 });
             }
-            Ok(message) => {
-                let stamp = message.cmsgs().ok().and_then(|mut c| {
-                    c.find_map(|m| match m {
-                        ControlMessageOwned::ScmTimestampns(ts) => Some(ts),
-                        _ => None,
-                    })
-                });
-                (message.bytes, stamp)
-            }
+            Ok(message) => (message.bytes, stamp_of(&message)),
         };
         let arrived = stamp.map_or(now, |ts| arrival(ts, now));
         let result = match &self.expect {
@@ -210,9 +202,19 @@ impl Refusals {
     }
 }
 
+/// The kernel's arrival stamp of a message read with `SO_TIMESTAMPNS` on.
+pub(super) fn stamp_of(message: &RecvMsg<'_, '_, ()>) -> Option<TimeSpec> {
+    message.cmsgs().ok().and_then(|mut c| {
+        c.find_map(|m| match m {
+            ControlMessageOwned::ScmTimestampns(ts) => Some(ts),
+            _ => None,
+        })
+    })
+}
+
 /// The instant the kernel stamped `stamp` (on the real-time clock), seen from `now`: an
 /// answer cannot have come after it was read, and a clock step turns into "now".
-fn arrival(stamp: TimeSpec, now: Instant) -> Instant {
+pub(super) fn arrival(stamp: TimeSpec, now: Instant) -> Instant {
     let stamped = SystemTime::UNIX_EPOCH + Duration::from(stamp);
     let age = SystemTime::now()
         .duration_since(stamped)

@@ -52,6 +52,13 @@ pub struct Args {
     /// Leave `lb` out (only keepalived).
     #[arg(long, conflicts_with = "skip_keepalived")]
     pub skip_lb: bool,
+    /// `lb`'s UDP check timeout in ms (checks every 1 ms, fall 3, rise 3).
+    #[arg(long, default_value_t = rig::CHECK_TIMEOUT_MS)]
+    pub lb_timeout_ms: u64,
+    /// Run `lb`'s prober thread under `SCHED_FIFO` at this priority
+    /// (`[prober] realtime_priority`).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
+    pub lb_realtime_priority: Option<u8>,
     /// keepalived advertisement intervals to compare, in seconds (1 is its default; 0.01 the
     /// fastest VRRPv3 allows).
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.01])]
@@ -122,7 +129,15 @@ pub fn run(args: Args) -> Result<()> {
     lb_user::testbed::topology::lb_binary()?;
     let mut systems = Vec::new();
     if !args.skip_lb {
-        systems.push((Kind::Lb, "lbf"));
+        anyhow::ensure!(
+            args.lb_timeout_ms >= 1,
+            "--lb-timeout-ms must be at least 1"
+        );
+        let tuning = rig::Tuning {
+            timeout_ms: args.lb_timeout_ms,
+            realtime: args.lb_realtime_priority,
+        };
+        systems.push((Kind::Lb(tuning), "lbf"));
     }
     if !args.skip_keepalived {
         for advert in &args.keepalived_advert {
@@ -320,12 +335,12 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         results.restarts.push((name, trials));
     }
     results.flips_us = rig.flip_durations_us()?;
-    if rig.kind == Kind::Lb {
+    if let Kind::Lb(tuning) = rig.kind {
         progress(format!(
             "{label}: flip latency under load ({} more services, /metrics scraped)",
             flip_load::EXTRA_SERVICES
         ));
-        results.flips_loaded_us = flip_load::run(rig, FLIP_CYCLES)?;
+        results.flips_loaded_us = flip_load::run(rig, tuning, FLIP_CYCLES)?;
     }
     Ok(results)
 }

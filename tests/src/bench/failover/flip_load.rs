@@ -15,7 +15,7 @@ use lb_user::testbed::{process::Process, Testbed};
 
 use super::{
     super::interrupt,
-    rig::{lb_config, Rig, LISTEN},
+    rig::{lb_config, Rig, Tuning, LISTEN},
 };
 
 /// Services added for the load.
@@ -26,7 +26,7 @@ pub const EXTRA_INTERVAL: &str = "10ms";
 pub const SCRAPE_EVERY: Duration = Duration::from_millis(50);
 
 /// The flips measured under load, in µs.
-pub fn run(rig: &mut Rig, cycles: usize) -> Result<Vec<f64>> {
+pub fn run(rig: &mut Rig, tuning: Tuning, cycles: usize) -> Result<Vec<f64>> {
     let already = rig.flip_durations_us()?.len();
     let mut extra = String::new();
     let health = format!(
@@ -35,7 +35,7 @@ pub fn run(rig: &mut Rig, cycles: usize) -> Result<Vec<f64>> {
     for i in 0..EXTRA_SERVICES {
         extra += &Testbed::service_toml(&format!("load{i}"), "udp", 7000 + i, &health);
     }
-    reload(rig, &(lb_config() + &extra))?;
+    reload(rig, &(lb_config(tuning) + &extra))?;
     // Bounded: enough scrapes for the cycles at their slowest, then it ends by itself.
     let scrapes = (cycles as u64 * 4_000 / SCRAPE_EVERY.as_millis() as u64).max(1);
     let mut scraper = rig.testbed.switch.command("sh");
@@ -54,7 +54,7 @@ pub fn run(rig: &mut Rig, cycles: usize) -> Result<Vec<f64>> {
     let measured = cycle(rig, cycles);
     drop(scraper);
     let thawed = rig.freeze_master_server(false);
-    reload(rig, &lb_config())?;
+    reload(rig, &lb_config(tuning))?;
     measured?;
     thawed?;
     Ok(rig.flip_durations_us()?.split_off(already))

@@ -23,21 +23,31 @@ type TrialsOf = fn(&SystemResults) -> &Vec<Trial>;
 pub fn render(args: &Args, results: &[SystemResults]) -> String {
     let mut text = String::new();
     let _ = writeln!(text, "## Failover\n");
-    let _ = write!(
-        text,
-        "{}",
-        report::machine(&format!(
-            "cargo xtask bench failover -- --trials {} --rate {} --loss-seconds {} --loss-mbit {}",
-            args.trials, args.rate, args.loss_seconds, args.loss_mbit
-        ))
+    let mut command = format!(
+        "cargo xtask bench failover -- --trials {} --rate {} --loss-seconds {} --loss-mbit {}",
+        args.trials, args.rate, args.loss_seconds, args.loss_mbit
     );
+    if args.lb_timeout_ms != CHECK_TIMEOUT_MS {
+        let _ = write!(command, " --lb-timeout-ms {}", args.lb_timeout_ms);
+    }
+    let scheduling = match args.lb_realtime_priority {
+        Some(priority) => {
+            let _ = write!(command, " --lb-realtime-priority {priority}");
+            format!(
+                "; its prober thread runs under `SCHED_FIFO` at priority {priority} \
+                 (`[prober] realtime_priority`)"
+            )
+        }
+        None => "; its prober thread is an ordinary one (no `[prober]` table)".into(),
+    };
+    let _ = write!(text, "{}", report::machine(&command));
     let _ = writeln!(
         text,
         "\nTopology: client, switch, master and slave, each a network namespace, joined by \
          veth pairs (the study's topology; VIP {VIP}). For `lb` the switch runs the XDP \
          program and the agent, which checks the master's link (netlink carrier events) and \
-         its server with a UDP request every 1 ms, each with {CHECK_TIMEOUT_MS} ms to answer \
-         (fall 3, rise 3). For keepalived the switch is a Linux bridge and keepalived on \
+         its server with a UDP request every 1 ms, each with {timeout} ms to answer \
+         (fall 3, rise 3){scheduling}. For keepalived the switch is a Linux bridge and keepalived on \
          master and slave moves the VIP; the master's \
          keepalived checks its server process with a `vrrp_script` (`pgrep`) every second, \
          keepalived's shortest script interval, fall 1, so a killed server makes it give up \
@@ -52,7 +62,8 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
          and its VRRP adverts stop); the master's server frozen with SIGSTOP (link up, its \
          socket open: nothing answers and nothing is refused). keepalived's `pgrep` check \
          still finds a frozen server, so keepalived does not move the VIP for it.\n",
-        args.rate
+        args.rate,
+        timeout = args.lb_timeout_ms,
     );
     let experiments: [(&str, &str, TrialsOf); 5] = [
         (
@@ -209,7 +220,7 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
                 );
             }
         }
-        render_targets(&mut text, lb);
+        render_targets(&mut text, lb, args.lb_timeout_ms);
         let _ = writeln!(
             text,
             "\nAt {} requests per second the server view resolves {:.0} µs.",
@@ -340,7 +351,7 @@ const FLIP_DELAY: &str = "The flip is one map update syscall, made on the prober
     the scheduler's competition.";
 
 /// What bounds the detection of a silent master.
-fn silent_floor() -> String {
+fn silent_floor(timeout_ms: u64) -> String {
     format!(
         "A silent master is seen only by missed deadlines: an attempt is sent every 1 ms, \
          each with {t} ms to answer, and the third consecutive miss moves the traffic, {lo} \
@@ -351,9 +362,9 @@ fn silent_floor() -> String {
          traffic without cause (88 and 130 flips in 2 trials, where about 24 are caused). \
          Anything beyond the window is the prober thread woken late, which the flip latency \
          table and the load of the machine (client, servers and agent on 2 cores) show.",
-        t = CHECK_TIMEOUT_MS,
-        lo = 2 + CHECK_TIMEOUT_MS,
-        hi = 3 + CHECK_TIMEOUT_MS
+        t = timeout_ms,
+        lo = 2 + timeout_ms,
+        hi = 3 + timeout_ms
     )
 }
 
@@ -368,7 +379,7 @@ struct Target {
 }
 
 /// The targets table for `lb`, with an explanation under every missed target.
-fn render_targets(text: &mut String, lb: &SystemResults) {
+fn render_targets(text: &mut String, lb: &SystemResults, timeout_ms: u64) {
     let gaps = |trials: &[Trial]| -> Option<Summary> {
         // A trial that did not complete makes the figure unmeasured, so the target is missed.
         let gaps: Option<Vec<f64>> = trials.iter().map(|t| t.server_gap).collect();
@@ -401,7 +412,7 @@ fn render_targets(text: &mut String, lb: &SystemResults) {
                 master's kernel rate-limits ICMP errors (`net.ipv4.icmp_msgs_per_sec`, 1000 \
                 per second for the whole namespace), and the client's requests to the dead \
                 port use that budget up: a probe whose refusal was not sent fails at its \
-                deadline instead, {CHECK_TIMEOUT_MS} ms after it was sent."
+                deadline instead, {timeout_ms} ms after it was sent."
             ),
         },
         Target {
@@ -409,14 +420,14 @@ fn render_targets(text: &mut String, lb: &SystemResults) {
             measured: gaps(&lb.silent).map(|s| s.p50 * 1e3),
             unit: "ms",
             met: |v| v < 4.0,
-            when_missed: silent_floor(),
+            when_missed: silent_floor(timeout_ms),
         },
         Target {
             name: "downtime, master host silent, p99 < 5 ms",
             measured: gaps(&lb.silent).map(|s| s.p99 * 1e3),
             unit: "ms",
             met: |v| v < 5.0,
-            when_missed: silent_floor(),
+            when_missed: silent_floor(timeout_ms),
         },
         Target {
             name: "failback without a lost request (most lost in a trial)",

@@ -32,7 +32,7 @@ pub const RESTARTS: [(Stop, &str); 2] = [
 /// What is stopped, as the report names it.
 pub fn what_stops(kind: Kind) -> &'static str {
     match kind {
-        Kind::Lb => "the agent `lb`",
+        Kind::Lb(_) => "the agent `lb`",
         Kind::Keepalived(_) => "keepalived on the master (all its processes)",
     }
 }

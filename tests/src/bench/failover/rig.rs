@@ -24,17 +24,34 @@ use super::super::{
 pub const IPERF_PORT: u16 = 5201;
 /// Where the agent serves its metrics inside the switch namespace.
 pub const LISTEN: &str = "127.0.0.1:9100";
-/// How long `lb`'s UDP check of the master may take, in ms (checks every 1 ms). The master's
-/// server answers the client's 20 000 requests per second on the same socket, and on 2 cores
-/// a healthy answer sometimes takes milliseconds: with 1 or 2 ms the checks failed three in
-/// a row now and then and moved the traffic without cause.
+/// How long `lb`'s UDP check of the master may take by default, in ms (checks every 1 ms).
+/// The master's server answers the client's 20 000 requests per second on the same socket,
+/// and on 2 cores a healthy answer sometimes takes milliseconds: with 1 or 2 ms the checks
+/// failed three in a row now and then and moved the traffic without cause.
 pub const CHECK_TIMEOUT_MS: u64 = 10;
+
+/// How `lb` is set up: its checks' timeout and its prober thread's scheduling.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tuning {
+    /// The UDP check's timeout, in ms (checks every 1 ms, fall 3, rise 3).
+    pub timeout_ms: u64,
+    /// `[prober] realtime_priority`: the prober thread under `SCHED_FIFO` at this priority.
+    pub realtime: Option<u8>,
+}
+
+impl Tuning {
+    /// As the agent runs without a `[prober]` table, with [`CHECK_TIMEOUT_MS`].
+    pub const DEFAULT: Tuning = Tuning {
+        timeout_ms: CHECK_TIMEOUT_MS,
+        realtime: None,
+    };
+}
 
 /// Which system moves the traffic.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
     /// `lb`: the XDP program on the switch, health checks every millisecond.
-    Lb,
+    Lb(Tuning),
     /// keepalived VRRP on master and slave with this advertisement interval; the switch is
     /// an L2 bridge.
     Keepalived(Duration),
@@ -44,7 +61,14 @@ impl Kind {
     /// The name in the report.
     pub fn label(&self) -> String {
         match self {
-            Kind::Lb => "lb (XDP, link + 1 ms UDP checks)".into(),
+            Kind::Lb(Tuning::DEFAULT) => "lb (XDP, link + 1 ms UDP checks)".into(),
+            Kind::Lb(tuning) => format!(
+                "lb (XDP, link + 1 ms UDP checks, {} ms timeout{})",
+                tuning.timeout_ms,
+                tuning
+                    .realtime
+                    .map_or(String::new(), |p| format!(", prober SCHED_FIFO {p}"))
+            ),
             Kind::Keepalived(advert) => {
                 format!("keepalived VRRP, advert_int {} s", advert.as_secs_f64())
             }
@@ -54,7 +78,12 @@ impl Kind {
     /// The file name of the picture of this system's client view.
     pub fn picture(&self) -> String {
         match self {
-            Kind::Lb => "failover-lb.svg".into(),
+            Kind::Lb(Tuning::DEFAULT) => "failover-lb.svg".into(),
+            Kind::Lb(tuning) => format!(
+                "failover-lb-{}ms{}.svg",
+                tuning.timeout_ms,
+                if tuning.realtime.is_some() { "-rt" } else { "" }
+            ),
             Kind::Keepalived(advert) => {
                 format!("failover-keepalived-{}.svg", advert.as_secs_f64())
             }
@@ -67,7 +96,7 @@ impl Kind {
         match self {
             // Room for the kernel to bring a port back up and for the checks to pass `rise`
             // times on a loaded machine.
-            Kind::Lb => Duration::from_millis(1500),
+            Kind::Lb(_) => Duration::from_millis(1500),
             Kind::Keepalived(advert) => *advert * 4 + Duration::from_millis(1500),
         }
     }
@@ -120,7 +149,7 @@ impl Rig {
         let exe = std::env::current_exe().context("cannot find the lb-bench executable")?;
         let dir = testbed.dir().to_path_buf();
         let bind = match kind {
-            Kind::Lb => None,
+            Kind::Lb(_) => None,
             Kind::Keepalived(_) => Some(VIP),
         };
         let master_log = LogTail::new(dir.join("master.log"));
@@ -150,15 +179,15 @@ impl Rig {
             rig.daemons.push(Process::spawn(command, "iperf3 server")?);
         }
         match kind {
-            Kind::Lb => rig.start_lb()?,
+            Kind::Lb(tuning) => rig.start_lb(tuning)?,
             Kind::Keepalived(advert) => rig.start_keepalived(advert)?,
         }
         rig.wait_master_serving(Duration::from_secs(30))?;
         Ok(rig)
     }
 
-    fn start_lb(&mut self) -> Result<()> {
-        let config = lb_config();
+    fn start_lb(&mut self, tuning: Tuning) -> Result<()> {
+        let config = lb_config(tuning);
         self.testbed.write_file("lb.toml", &config)?;
         let log = self.testbed.dir().join("lb.log");
         self.lb_log = Some(log);
@@ -259,7 +288,7 @@ impl Rig {
     pub fn restart_master_server(&mut self) -> Result<()> {
         if self.master_server.is_none() {
             let bind = match self.kind {
-                Kind::Lb => None,
+                Kind::Lb(_) => None,
                 Kind::Keepalived(_) => Some(VIP),
             };
             self.master_server = Some(start_server(
@@ -377,10 +406,13 @@ impl Rig {
 
 /// The agent config: the request service, the TCP connection service and the iperf3 ports,
 /// each moved by the master's link and (for the request service) a UDP check every
-/// millisecond with [`CHECK_TIMEOUT_MS`] to answer, fall 3, rise 3.
-pub fn lb_config() -> String {
-    let fast =
-        format!("interval = \"1ms\", timeout = \"{CHECK_TIMEOUT_MS}ms\", rise = 3, fall = 3");
+/// millisecond with the `tuning`'s timeout, fall 3, rise 3; the prober scheduled as the
+/// `tuning` says.
+pub fn lb_config(tuning: Tuning) -> String {
+    let fast = format!(
+        "interval = \"1ms\", timeout = \"{}ms\", rise = 3, fall = 3",
+        tuning.timeout_ms
+    );
     let link = format!("{{ checks = [{{ type = \"link\" }}], {fast} }}");
     let link_udp = format!(
         "{{ checks = [{{ type = \"link\" }}, {{ type = \"udp\", send = \"probe\" }}], {fast} }}"
@@ -390,6 +422,9 @@ pub fn lb_config() -> String {
         + &Testbed::service_toml("connections", "tcp", TCP_PORT, &link)
         + &Testbed::service_toml("iperf-control", "tcp", IPERF_PORT, &link)
         + &Testbed::service_toml("iperf-data", "udp", IPERF_PORT, &link)
+        + &tuning.realtime.map_or(String::new(), |priority| {
+            format!("\n[prober]\nrealtime_priority = {priority}\n")
+        })
 }
 
 /// SIGKILL to `process` and every child it forked, as a crash of the whole daemon.
