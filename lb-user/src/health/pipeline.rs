@@ -97,15 +97,14 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             }
         })
         .collect();
-    // The ICMP sockets the checks share (one per engine), each read once per wake-up.
-    let mut echo_sockets: Vec<Arc<icmp::Socket>> = Vec::new();
-    for schedule in &schedules {
-        if let Probe::Icmp(echo) = &schedule.check.probe {
-            if !echo_sockets.iter().any(|s| Arc::ptr_eq(s, echo.socket())) {
-                echo_sockets.push(echo.socket().clone());
-            }
-        }
-    }
+    // The ICMP socket the checks share (one per engine), read once per wake-up.
+    let echo_socket: Option<Arc<icmp::Socket>> =
+        schedules
+            .iter()
+            .find_map(|schedule| match &schedule.check.probe {
+                Probe::Icmp(echo) => Some(echo.socket().clone()),
+                _ => None,
+            });
     let mut in_flight = FuturesUnordered::new();
     loop {
         let Some(wake) = schedules.iter().map(Schedule::next_wake).min() else {
@@ -123,8 +122,8 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             biased;
             woke = timer.sleep_until(wake, period) => {
                 woke?;
-                decide(&mut schedules, &echo_sockets, Instant::now());
-                send_due(&mut schedules, &echo_sockets, &mut in_flight);
+                decide(&mut schedules, echo_socket.as_deref(), Instant::now());
+                send_due(&mut schedules, echo_socket.as_deref(), &mut in_flight);
             }
             refused = refusals.wait() => {
                 refused?;
@@ -145,8 +144,8 @@ type InFlight = FuturesUnordered<BoxFuture<'static, (usize, u64, Result<()>)>>;
 
 /// Reads every answer that has come, then fails every attempt whose deadline has passed:
 /// all of the decisions due at `now`, and so every flip they make.
-fn decide(schedules: &mut [Schedule], echo_sockets: &[Arc<icmp::Socket>], now: Instant) {
-    for socket in echo_sockets {
+fn decide(schedules: &mut [Schedule], echo_socket: Option<&icmp::Socket>, now: Instant) {
+    if let Some(socket) = echo_socket {
         socket.drain(now);
     }
     for schedule in schedules.iter_mut() {
@@ -160,14 +159,14 @@ fn decide(schedules: &mut [Schedule], echo_sockets: &[Arc<icmp::Socket>], now: I
 /// meanwhile is decided, and its flip made, before the next send.
 fn send_due(
     schedules: &mut [Schedule],
-    echo_sockets: &[Arc<icmp::Socket>],
+    echo_socket: Option<&icmp::Socket>,
     in_flight: &mut InFlight,
 ) {
     let mut next_deadline = first_deadline(schedules);
     for index in 0..schedules.len() {
         let now = Instant::now();
         if next_deadline.is_some_and(|deadline| deadline <= now) {
-            decide(schedules, echo_sockets, now);
+            decide(schedules, echo_socket, now);
             next_deadline = first_deadline(schedules);
         }
         let schedule = &mut schedules[index];
@@ -175,11 +174,10 @@ fn send_due(
             let limit = schedule.check.timing.timeout + CLEANUP_GRACE;
             in_flight.push(Box::pin(bounded(index, number, attempt, limit)));
         }
-        let deadline = schedules[index].first_deadline();
-        next_deadline = match (next_deadline, deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        next_deadline = next_deadline
+            .into_iter()
+            .chain(schedules[index].first_deadline())
+            .min();
     }
 }
 
@@ -216,10 +214,8 @@ impl Schedule {
 
     /// The earliest of the next send and the first deadline.
     fn next_wake(&self) -> Instant {
-        let timeout = self.check.timing.timeout;
-        self.pending
-            .front()
-            .map_or(self.next_send, |p| (p.sent + timeout).min(self.next_send))
+        self.first_deadline()
+            .map_or(self.next_send, |deadline| deadline.min(self.next_send))
     }
 
     /// Awaited attempt `number` completed now.
