@@ -9,9 +9,12 @@
 //! time.
 //!
 //! Every check of a prober runs in this one loop on one timer. Sends are on a grid of the
-//! interval on the monotonic clock, so checks with the same interval send in the same
-//! wake-up, and the deadlines of attempts sent together fall together; a send that a
-//! stalled machine missed is skipped, not made up for in a burst. Answers that need no
+//! interval on the monotonic clock, so the deadlines of attempts sent together fall
+//! together, and a send that a stalled machine missed is skipped, not made up for in a
+//! burst. Checks that share an interval longer than the prober's tick (the finest interval,
+//! at most [`STAGGER_TICK`]) are spread over the ticks of their interval: a hundred
+//! services' echoes every 10 ms go out twenty per millisecond, not two hundred at once,
+//! so no tick holds a long burst of sends and replies ahead of another check's deadline. Answers that need no
 //! wake-up of their own (UDP, [`Attempt::Polled`]; ICMP, [`Attempt::Echoed`]) are read at
 //! each wake-up, before the deadlines are judged: at 1 ms checks the prober wakes about
 //! once per millisecond for all of them. UDP refusals wake it at once.
@@ -19,10 +22,12 @@
 //! A wake-up makes every decision due (answers read, deadlines judged, flips made) before
 //! any send, and a long burst of sends looks at the deadlines again between two sends, so a
 //! flip does not wait for other checks' requests; a passed deadline is also served before
-//! awaited attempts (TCP, HTTP) that completed meanwhile.
+//! awaited attempts (TCP, HTTP) that completed meanwhile. Within a wake-up the checks that
+//! read their own answers (UDP, link, awaited) decide before the shared ICMP socket is
+//! read, so a flip of theirs does not wait for the replies of every ICMP check.
 
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -41,6 +46,10 @@ use super::{icmp, timer::PreciseTimer, udp, Attempt, Probe};
 /// timer only ends its leftover work (a connect to a silent host would otherwise wait for
 /// the kernel).
 const CLEANUP_GRACE: Duration = Duration::from_millis(5);
+
+/// The coarsest tick the sends of checks sharing an interval are spread over. A finer
+/// interval in the prober makes the tick finer.
+pub const STAGGER_TICK: Duration = Duration::from_millis(1);
 
 /// When a check runs.
 #[derive(Debug, Clone, Copy)]
@@ -83,14 +92,18 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
     let mut timer = PreciseTimer::new()?;
     let refusals = udp::Refusals::new()?;
     let start = Instant::now();
+    let intervals: Vec<Duration> = checks.iter().map(|c| c.timing.interval).collect();
     let mut schedules: Vec<Schedule> = checks
         .into_iter()
-        .map(|mut check| {
+        .zip(stagger(&intervals))
+        .map(|(mut check, (phase, period))| {
             if let Probe::Udp(udp) = &mut check.probe {
                 udp.report_refusals_to(&refusals);
             }
+            let interval = check.timing.interval;
             Schedule {
-                next_send: timer.next_on_grid(start, check.timing.interval),
+                next_send: timer.next_on_grid(start, interval) + phase,
+                period,
                 check,
                 pending: VecDeque::new(),
                 sequence: 0,
@@ -110,12 +123,13 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
         let Some(wake) = schedules.iter().map(Schedule::next_wake).min() else {
             return std::future::pending().await;
         };
-        // A wake-up for a send goes on to the next sends of the same interval: on a healthy
-        // pool every wake-up is one, and the timer then needs no re-arming.
+        // A wake-up for a send goes on to the next sends: on a healthy pool every wake-up is
+        // one, and the timer then needs no re-arming.
         let period = schedules
             .iter()
-            .find(|s| s.next_send == wake)
-            .map(|s| s.check.timing.interval);
+            .filter(|s| s.next_send == wake)
+            .map(|s| s.period)
+            .min();
         // The timer comes first: a deadline that has passed is evidence, and its decision
         // must not wait behind a burst of awaited attempts completing.
         tokio::select! {
@@ -144,11 +158,17 @@ type InFlight = FuturesUnordered<BoxFuture<'static, (usize, u64, Result<()>)>>;
 
 /// Reads every answer that has come, then fails every attempt whose deadline has passed:
 /// all of the decisions due at `now`, and so every flip they make.
+/// The checks that read their own answers go first: a flip of theirs does not wait for the
+/// shared ICMP socket to be read.
 fn decide(schedules: &mut [Schedule], echo_socket: Option<&icmp::Socket>, now: Instant) {
+    for schedule in schedules.iter_mut().filter(|s| !s.echoes()) {
+        schedule.read_answers(now);
+        schedule.expire(now);
+    }
     if let Some(socket) = echo_socket {
         socket.drain(now);
     }
-    for schedule in schedules.iter_mut() {
+    for schedule in schedules.iter_mut().filter(|s| s.echoes()) {
         schedule.read_answers(now);
         schedule.expire(now);
     }
@@ -192,6 +212,9 @@ struct Schedule {
     /// Attempts not decided yet, in send order (and so in deadline order).
     pending: VecDeque<Pending>,
     next_send: Instant,
+    /// The period of the timer that fits its sends: the prober's tick when its sends are
+    /// spread over the ticks, its interval otherwise.
+    period: Duration,
     sequence: u64,
 }
 
@@ -206,6 +229,11 @@ struct Pending {
 }
 
 impl Schedule {
+    /// Whether its answers come on the shared ICMP socket.
+    fn echoes(&self) -> bool {
+        matches!(self.check.probe, Probe::Icmp(_))
+    }
+
     /// The deadline of its oldest attempt not decided yet.
     fn first_deadline(&self) -> Option<Instant> {
         let timeout = self.check.timing.timeout;
@@ -339,6 +367,40 @@ async fn bounded(
     (index, number, result)
 }
 
+/// Where each check's sends fall on the prober's ticks: for every interval (in check
+/// order), its offset from the interval's grid and the timer period that fits its sends.
+/// The prober's tick is its finest interval, at most [`STAGGER_TICK`]; the checks of one
+/// interval take the interval's ticks in turn (as many ticks as there are checks, at most
+/// the interval's count of them). A check alone on its interval stays on the grid, with its
+/// interval as the period.
+fn stagger(intervals: &[Duration]) -> Vec<(Duration, Duration)> {
+    let tick = intervals
+        .iter()
+        .copied()
+        .filter(|i| !i.is_zero())
+        .fold(STAGGER_TICK, Duration::min);
+    let mut sharing: HashMap<Duration, usize> = HashMap::new();
+    for interval in intervals {
+        *sharing.entry(*interval).or_default() += 1;
+    }
+    let mut taken: HashMap<Duration, usize> = HashMap::new();
+    intervals
+        .iter()
+        .map(|&interval| {
+            let ticks = usize::try_from(interval.as_nanos() / tick.as_nanos().max(1))
+                .unwrap_or(usize::MAX)
+                .min(sharing[&interval]);
+            if ticks <= 1 {
+                return (Duration::ZERO, interval);
+            }
+            let rank = taken.entry(interval).or_default();
+            let slot = u32::try_from(*rank % ticks).unwrap_or(0);
+            *rank += 1;
+            (tick * slot, tick)
+        })
+        .collect()
+}
+
 /// The first send time on the grid from `next` that is still ahead of `now`.
 fn skip_missed(next: Instant, now: Instant, interval: Duration) -> Instant {
     if next > now {
@@ -361,5 +423,32 @@ mod tests {
         let next = skip_missed(start, start + ms * 7 / 2, ms);
         assert_eq!(next, start + 4 * ms);
         assert_eq!(skip_missed(start, start, ms), start + ms);
+    }
+
+    #[test]
+    fn checks_sharing_an_interval_are_spread_over_the_finest_ticks() {
+        let ms = Duration::from_millis(1);
+        // One 1 ms check, twelve 10 ms checks, one 5 s check alone on its interval.
+        let mut intervals = vec![ms];
+        intervals.extend([10 * ms; 12]);
+        intervals.push(Duration::from_secs(5));
+        let placed = stagger(&intervals);
+        assert_eq!(placed[0], (Duration::ZERO, ms));
+        let offsets: Vec<u32> = placed[1..13]
+            .iter()
+            .map(|(offset, period)| {
+                assert_eq!(*period, ms, "spread checks wake on the tick");
+                u32::try_from(offset.as_micros() / 1000).unwrap()
+            })
+            .collect();
+        assert_eq!(offsets, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
+        assert_eq!(placed[13], (Duration::ZERO, Duration::from_secs(5)));
+        // Two 10 ms checks alone in a prober take two ticks of 1 ms.
+        let placed = stagger(&[10 * ms, 10 * ms]);
+        assert_eq!(placed, [(Duration::ZERO, ms), (ms, ms)]);
+        // A sub-millisecond interval makes the tick finer.
+        let micros = Duration::from_micros(250);
+        let placed = stagger(&[micros, ms, ms]);
+        assert_eq!(placed[1..], [(Duration::ZERO, micros), (micros, micros)]);
     }
 }
