@@ -69,22 +69,36 @@ fn failover_bench_measures_reports_and_cleans_up() {
     assert!(text.starts_with("# Benchmarks"), "{text}");
     assert!(text.contains("<!-- bench:failover begin -->"), "{text}");
     assert!(text.contains("- Machine: "), "{text}");
-    let lb = "lb (XDP, link + 1 ms UDP checks)";
+    // Both default setups of `lb` are measured.
+    for lb in [
+        "lb (XDP, link + 1 ms UDP checks, 10 ms timeout)",
+        "lb (XDP, link + 1 ms UDP checks, 1 ms timeout, prober SCHED_FIFO 50)",
+    ] {
+        let lb_down = mean_after(&text, "### Downtime, master link down", lb);
+        assert!(lb_down < 500.0, "{lb}: link-down downtime {lb_down} ms");
+        let lb_killed = mean_after(&text, "### Downtime, master server process killed", lb);
+        assert!(
+            lb_killed < 500.0,
+            "{lb}: downtime with the server killed {lb_killed} ms"
+        );
+        let lb_silent = mean_after(&text, "### Downtime, master host silent", lb);
+        assert!(
+            lb_silent < 500.0,
+            "{lb}: downtime with the master silent {lb_silent} ms"
+        );
+    }
     let keepalived = "keepalived VRRP, advert_int 0.01 s";
-    let lb_down = mean_after(&text, "### Downtime, master link down", lb);
-    assert!(lb_down < 500.0, "lb link-down downtime {lb_down} ms");
-    let lb_killed = mean_after(&text, "### Downtime, master server process killed", lb);
-    assert!(
-        lb_killed < 500.0,
-        "lb downtime with the server killed {lb_killed} ms"
-    );
     let vrrp_down = mean_after(&text, "### Downtime, master link down", keepalived);
     assert!(
         vrrp_down > 0.0 && vrrp_down < 2000.0,
         "keepalived link-down downtime {vrrp_down} ms"
     );
     assert!(text.contains("### Targets (`lb`)"), "{text}");
-    for picture in ["failover-lb.svg", "failover-keepalived-0.01.svg"] {
+    for picture in [
+        "failover-lb.svg",
+        "failover-lb-1ms-rt.svg",
+        "failover-keepalived-0.01.svg",
+    ] {
         let svg = std::fs::read_to_string(dir.path().join(picture)).unwrap();
         assert!(
             svg.starts_with("<svg") && svg.contains("slave"),

@@ -27,7 +27,7 @@ use lb_user::testbed::topology::{UDP_PORT, VIP};
 
 use self::{
     client::{now_ns, StreamResult},
-    rig::{Kind, Rig, IPERF_PORT},
+    rig::{Flip, Kind, Rig, Tuning, IPERF_PORT},
 };
 use super::{interrupt, plot, progress, report, responder::Logged};
 
@@ -52,13 +52,12 @@ pub struct Args {
     /// Leave `lb` out (only keepalived).
     #[arg(long, conflicts_with = "skip_keepalived")]
     pub skip_lb: bool,
-    /// `lb`'s UDP check timeout in ms (checks every 1 ms, fall 3, rise 3).
-    #[arg(long, default_value_t = rig::CHECK_TIMEOUT_MS)]
-    pub lb_timeout_ms: u64,
-    /// Run `lb`'s prober thread under `SCHED_FIFO` at this priority
-    /// (`[prober] realtime_priority`).
-    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=99))]
-    pub lb_realtime_priority: Option<u8>,
+    /// The `lb` setups to measure, each a system of the report: the UDP check's timeout
+    /// (checks every 1 ms, fall 3, rise 3) and, with `+fifo<N>`, the prober thread under
+    /// `SCHED_FIFO` at priority N (`[prober] realtime_priority`). By default the agent's
+    /// defaults with a 10 ms timeout, and the setting for the detection targets.
+    #[arg(long = "lb", value_delimiter = ',', default_values_t = [Tuning::DEFAULT, Tuning::FAST])]
+    pub lb: Vec<Tuning>,
     /// keepalived advertisement intervals to compare, in seconds (1 is its default; 0.01 the
     /// fastest VRRPv3 allows).
     #[arg(long, value_delimiter = ',', default_values_t = [1.0, 0.01])]
@@ -99,6 +98,8 @@ struct Trial {
 /// Everything measured for one system.
 struct SystemResults {
     label: String,
+    /// `lb`'s setup; `None` for keepalived.
+    tuning: Option<Tuning>,
     /// File name of the client-view picture, next to the report.
     picture: String,
     link_down: Vec<Trial>,
@@ -110,9 +111,12 @@ struct SystemResults {
     frozen: Vec<Trial>,
     iperf_loss: Vec<f64>,
     stream_loss: Vec<f64>,
-    flips_us: Vec<f64>,
+    flips: Vec<Flip>,
+    /// The moves of the traffic the experiments called for (each fault and its repair);
+    /// flips beyond them were made without cause.
+    caused_flips: usize,
     /// `lb` only: flips under the load of more services and a scraping client.
-    flips_loaded_us: Vec<f64>,
+    flips_loaded: Vec<Flip>,
     tcp: Vec<tcp::TcpTrial>,
     /// What the restart experiments stop, as the report names it.
     control_plane: &'static str,
@@ -129,15 +133,10 @@ pub fn run(args: Args) -> Result<()> {
     lb_user::testbed::topology::lb_binary()?;
     let mut systems = Vec::new();
     if !args.skip_lb {
-        anyhow::ensure!(
-            args.lb_timeout_ms >= 1,
-            "--lb-timeout-ms must be at least 1"
-        );
-        let tuning = rig::Tuning {
-            timeout_ms: args.lb_timeout_ms,
-            realtime: args.lb_realtime_priority,
-        };
-        systems.push((Kind::Lb(tuning), "lbf"));
+        anyhow::ensure!(!args.lb.is_empty(), "--lb needs at least one setup");
+        for tuning in &args.lb {
+            systems.push((Kind::Lb(*tuning), "lbf"));
+        }
     }
     if !args.skip_keepalived {
         for advert in &args.keepalived_advert {
@@ -205,6 +204,10 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
     let stream_length = BEFORE_FAULT + settle;
     let mut results = SystemResults {
         label: label.clone(),
+        tuning: match rig.kind {
+            Kind::Lb(tuning) => Some(tuning),
+            Kind::Keepalived(_) => None,
+        },
         picture: rig.kind.picture(),
         link_down: Vec::new(),
         failback: Vec::new(),
@@ -213,8 +216,9 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         frozen: Vec::new(),
         iperf_loss: Vec::new(),
         stream_loss: Vec::new(),
-        flips_us: Vec::new(),
-        flips_loaded_us: Vec::new(),
+        flips: Vec::new(),
+        caused_flips: 0,
+        flips_loaded: Vec::new(),
         tcp: Vec::new(),
         control_plane: restart::what_stops(rig.kind),
         restarts: Vec::new(),
@@ -242,6 +246,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         })?;
         results.failback.push(up);
         rig.wait_master_serving(Duration::from_secs(30))?;
+        results.caused_flips += 2;
 
         let (killed, _) = faulted(rig, "master server killed", Direction::Failover, &|rig| {
             rig.kill_master_server();
@@ -250,6 +255,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         results.killed.push(killed);
         rig.restart_master_server()?;
         rig.wait_master_serving(Duration::from_secs(30))?;
+        results.caused_flips += 2;
 
         // Faults switched on for the experiment and off after it.
         let toggled: [(&str, Toggle, &mut Vec<_>); 2] = [
@@ -269,6 +275,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
             into.push(gap);
             set(rig, false)?;
             rig.wait_master_serving(Duration::from_secs(30))?;
+            results.caused_flips += 2;
         }
     }
     let pps = (args.loss_mbit * 1e6 / (LOSS_DATAGRAM as f64 * 8.0)).round() as u32;
@@ -312,6 +319,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
             .push(100.0 * (sent - received) as f64 / sent as f64);
         rig.set_master_link(true)?;
         rig.wait_master_serving(Duration::from_secs(30))?;
+        results.caused_flips += 2;
     }
     for trial in 1..=args.trials {
         interrupt::check()?;
@@ -321,6 +329,7 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         ));
         results.tcp.push(tcp::trial(rig, settle)?);
         rig.wait_master_serving(Duration::from_secs(30))?;
+        results.caused_flips += 2;
     }
     for (how, name) in restart::RESTARTS {
         let mut trials = Vec::new();
@@ -334,13 +343,13 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         }
         results.restarts.push((name, trials));
     }
-    results.flips_us = rig.flip_durations_us()?;
+    results.flips = rig.flips()?;
     if let Kind::Lb(tuning) = rig.kind {
         progress(format!(
             "{label}: flip latency under load ({} more services, /metrics scraped)",
             flip_load::EXTRA_SERVICES
         ));
-        results.flips_loaded_us = flip_load::run(rig, tuning, FLIP_CYCLES)?;
+        results.flips_loaded = flip_load::run(rig, tuning, FLIP_CYCLES)?;
     }
     Ok(results)
 }
@@ -392,25 +401,36 @@ enum Direction {
     Failback,
 }
 
-/// The server and client views of one stream.
+/// The server and client views of one stream. The server view is of the move the fault
+/// caused: the new backend's first answer after the fault, and the old backend's last
+/// answer to a request sent before that one. A move without cause earlier or later in the
+/// stream (checks failing on a healthy backend) is not taken for it.
 fn measure(rig: &mut Rig, stream: &(StreamResult, u128), direction: Direction) -> Result<Trial> {
-    let (result, _) = stream;
+    let (result, fault_ns) = stream;
     let (master, slave) = rig.new_log_entries()?;
     let range = result.first..result.first + result.sent;
-    let times = |log: &[Logged]| -> Vec<u128> {
+    let answers = |log: &[Logged]| -> Vec<(u64, u128)> {
         log.iter()
             .filter(|e| e.request && range.contains(&e.number))
-            .map(|e| e.at_ns)
+            .map(|e| (e.number, e.at_ns))
             .collect()
     };
     let (old, new) = match direction {
-        Direction::Failover => (times(&master), times(&slave)),
-        Direction::Failback => (times(&slave), times(&master)),
+        Direction::Failover => (answers(&master), answers(&slave)),
+        Direction::Failback => (answers(&slave), answers(&master)),
     };
-    let server_gap = match (old.iter().max(), new.iter().min()) {
-        (Some(last_old), Some(first_new)) => Some((*first_new as f64 - *last_old as f64) / 1e9),
-        _ => None,
-    };
+    let first_new = new
+        .iter()
+        .filter(|(_, at)| at >= fault_ns)
+        .min_by_key(|(_, at)| *at);
+    let server_gap = first_new.and_then(|(moved, first)| {
+        let last_old = old
+            .iter()
+            .filter(|(number, _)| number < moved)
+            .map(|(_, at)| *at)
+            .max()?;
+        Some((*first as f64 - last_old as f64) / 1e9)
+    });
     Ok(Trial {
         server_gap,
         client_gap: result.longest_gap(),

@@ -15,7 +15,7 @@ use lb_user::testbed::{process::Process, Testbed};
 
 use super::{
     super::interrupt,
-    rig::{lb_config, Rig, Tuning, LISTEN},
+    rig::{lb_config, Flip, Rig, Tuning, LISTEN},
 };
 
 /// Services added for the load.
@@ -25,9 +25,9 @@ pub const EXTRA_INTERVAL: &str = "10ms";
 /// Between two scrapes of `/metrics`.
 pub const SCRAPE_EVERY: Duration = Duration::from_millis(50);
 
-/// The flips measured under load, in µs.
-pub fn run(rig: &mut Rig, tuning: Tuning, cycles: usize) -> Result<Vec<f64>> {
-    let already = rig.flip_durations_us()?.len();
+/// The flips made under load.
+pub fn run(rig: &mut Rig, tuning: Tuning, cycles: usize) -> Result<Vec<Flip>> {
+    let already = rig.flips()?.len();
     let mut extra = String::new();
     let health = format!(
         "{{ checks = [{{ type = \"link\" }}, {{ type = \"icmp\" }}], interval = \"{EXTRA_INTERVAL}\" }}"
@@ -57,7 +57,7 @@ pub fn run(rig: &mut Rig, tuning: Tuning, cycles: usize) -> Result<Vec<f64>> {
     reload(rig, &lb_config(tuning))?;
     measured?;
     thawed?;
-    Ok(rig.flip_durations_us()?.split_off(already))
+    Ok(rig.flips()?.split_off(already))
 }
 
 /// `cycles` times: the master's server frozen until `requests` is on the slave, thawed until

@@ -1,6 +1,8 @@
 //! The failover section of the report: per experiment, the server's and the client's view
-//! of every system, UDP loss, the TCP experiment, the control plane's restarts, `lb`'s flip
-//! latency and its targets.
+//! of every system, UDP loss, the TCP experiment and the control plane's restarts; `lb`'s
+//! flip latency and its targets are in [`targets`].
+
+mod targets;
 
 use std::fmt::Write as _;
 
@@ -11,9 +13,7 @@ use super::{
         report::{self, summary_row},
         stats::Summary,
     },
-    flip_load, restart,
-    rig::CHECK_TIMEOUT_MS,
-    tcp, Args, SystemResults, Trial, BEFORE_FAULT, LOSS_DATAGRAM,
+    restart, tcp, Args, SystemResults, Trial, BEFORE_FAULT, LOSS_DATAGRAM,
 };
 
 /// Picks one experiment's trials out of a system's results.
@@ -27,27 +27,26 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
         "cargo xtask bench failover -- --trials {} --rate {} --loss-seconds {} --loss-mbit {}",
         args.trials, args.rate, args.loss_seconds, args.loss_mbit
     );
-    if args.lb_timeout_ms != CHECK_TIMEOUT_MS {
-        let _ = write!(command, " --lb-timeout-ms {}", args.lb_timeout_ms);
+    let setups: Vec<String> = args.lb.iter().map(ToString::to_string).collect();
+    if args.skip_lb {
+        command += " --skip-lb";
+    } else {
+        let _ = write!(command, " --lb {}", setups.join(","));
     }
-    let scheduling = match args.lb_realtime_priority {
-        Some(priority) => {
-            let _ = write!(command, " --lb-realtime-priority {priority}");
-            format!(
-                "; its prober thread runs under `SCHED_FIFO` at priority {priority} \
-                 (`[prober] realtime_priority`)"
-            )
-        }
-        None => "; its prober thread is an ordinary one (no `[prober]` table)".into(),
-    };
+    if args.skip_keepalived {
+        command += " --skip-keepalived";
+    }
     let _ = write!(text, "{}", report::machine(&command));
     let _ = writeln!(
         text,
         "\nTopology: client, switch, master and slave, each a network namespace, joined by \
          veth pairs (the study's topology; VIP {VIP}). For `lb` the switch runs the XDP \
          program and the agent, which checks the master's link (netlink carrier events) and \
-         its server with a UDP request every 1 ms, each with {timeout} ms to answer \
-         (fall 3, rise 3){scheduling}. For keepalived the switch is a Linux bridge and keepalived on \
+         its server with a UDP request every 1 ms (fall 3, rise 3), each with the time to \
+         answer that the system's name gives: 10 ms is the bench's default, 1 ms the setting \
+         for the detection targets; `prober SCHED_FIFO N` in the name: its prober thread runs \
+         under `SCHED_FIFO` at priority N (`[prober] realtime_priority`), otherwise it is an \
+         ordinary thread. For keepalived the switch is a Linux bridge and keepalived on \
          master and slave moves the VIP; the master's \
          keepalived checks its server process with a `vrrp_script` (`pgrep`) every second, \
          keepalived's shortest script interval, fall 1, so a killed server makes it give up \
@@ -63,7 +62,6 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
          socket open: nothing answers and nothing is refused). keepalived's `pgrep` check \
          still finds a frozen server, so keepalived does not move the VIP for it.\n",
         args.rate,
-        timeout = args.lb_timeout_ms,
     );
     let experiments: [(&str, &str, TrialsOf); 5] = [
         (
@@ -90,8 +88,9 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
         let _ = writeln!(text, "\n### {title}\n");
         let _ = writeln!(
             text,
-            "Server view (first answer of the new backend − last answer of the old one; \
-             negative: both answered for a moment, no gap), in milliseconds. Reference study: \
+            "Server view (first answer of the new backend after the fault − last answer of \
+             the old one to a request sent before it; negative: both answered for a moment, no \
+             gap), in milliseconds. Reference study: \
              {study}. *Incomplete*: trials in which the new backend answered nothing within \
              the stream; they are left out of the figures and count as a missed target.\n"
         );
@@ -187,40 +186,9 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
     }
     render_tcp(&mut text, results);
     render_restarts(&mut text, results);
-    if let Some(lb) = results.iter().find(|s| s.label.starts_with("lb")) {
-        let _ = writeln!(text, "\n### Flip latency of `lb`\n");
-        let _ = writeln!(
-            text,
-            "Deciding event (carrier loss, last failed or passed check) → map write done, as the \
-             agent measured and logged it for every move of the `requests` service between \
-             master and slave in this run, in microseconds. With 10 trials or fewer per \
-             experiment, p99 in the tables above is the largest trial.\n"
-        );
-        let _ = writeln!(
-            text,
-            "Under load: the agent reloaded with {} more services (link and ICMP checks of both \
-             backends every {}, on the same prober thread) while a client scrapes `/metrics` \
-             every {} ms, and the master's server frozen and thawed {} times.\n",
-            flip_load::EXTRA_SERVICES,
-            flip_load::EXTRA_INTERVAL,
-            flip_load::SCRAPE_EVERY.as_millis(),
-            super::FLIP_CYCLES
-        );
-        let _ = writeln!(text, "| flips | n | mean | min | max | p50 | p99 |");
-        let _ = writeln!(text, "|---|---|---|---|---|---|---|");
-        for (what, flips) in [
-            ("during the experiments above", &lb.flips_us),
-            ("under load", &lb.flips_loaded_us),
-        ] {
-            if let Some(s) = Summary::of(flips) {
-                let _ = writeln!(
-                    text,
-                    "| {what} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} |",
-                    s.n, s.mean, s.min, s.max, s.p50, s.p99
-                );
-            }
-        }
-        render_targets(&mut text, lb, args.lb_timeout_ms);
+    targets::render_flips(&mut text, results);
+    targets::render_targets(&mut text, results);
+    if let Some(lb) = results.iter().find(|s| s.tuning.is_some()) {
         let _ = writeln!(
             text,
             "\nAt {} requests per second the server view resolves {:.0} µs.",
@@ -341,187 +309,4 @@ fn render_restarts(text: &mut String, results: &[SystemResults]) {
             );
         }
     }
-}
-
-/// What delays a flip.
-const FLIP_DELAY: &str = "The flip is one map update syscall, made on the prober thread \
-    that saw the evidence; a slow one is that thread being descheduled or busy with other \
-    checks between the evidence and the write, which the machine's load (client, servers \
-    and agent on 2 cores) explains. `[prober] realtime_priority` takes the thread out of \
-    the scheduler's competition.";
-
-/// What bounds the detection of a silent master.
-fn silent_floor(timeout_ms: u64) -> String {
-    format!(
-        "A silent master is seen only by missed deadlines: an attempt is sent every 1 ms, \
-         each with {t} ms to answer, and the third consecutive miss moves the traffic, {lo} \
-         to {hi} ms after the silence began (the last attempt sent before it may miss too). \
-         A timeout of 1 ms would give 3 to 4 ms, but the master's server answers the \
-         client's requests on the same socket, and under this load on 2 cores a healthy \
-         answer sometimes takes milliseconds: runs with 1 and 2 ms timeouts moved the \
-         traffic without cause (88 and 130 flips in 2 trials, where about 24 are caused). \
-         Anything beyond the window is the prober thread woken late, which the flip latency \
-         table and the load of the machine (client, servers and agent on 2 cores) show.",
-        t = timeout_ms,
-        lo = 2 + timeout_ms,
-        hi = 3 + timeout_ms
-    )
-}
-
-/// One target of the issue: its name, the measured value (`None`: not measured, or a trial
-/// did not complete), whether it is met, and what explains a miss.
-struct Target {
-    name: &'static str,
-    measured: Option<f64>,
-    unit: &'static str,
-    met: fn(f64) -> bool,
-    when_missed: String,
-}
-
-/// The targets table for `lb`, with an explanation under every missed target.
-fn render_targets(text: &mut String, lb: &SystemResults, timeout_ms: u64) {
-    let gaps = |trials: &[Trial]| -> Option<Summary> {
-        // A trial that did not complete makes the figure unmeasured, so the target is missed.
-        let gaps: Option<Vec<f64>> = trials.iter().map(|t| t.server_gap).collect();
-        Summary::of(&gaps?)
-    };
-    let targets = [
-        Target {
-            name: "downtime, link down, p50 < 1 ms",
-            measured: gaps(&lb.link_down).map(|s| s.p50 * 1e3),
-            unit: "ms",
-            met: |v| v < 1.0,
-            when_missed: link_down_profile(lb),
-        },
-        Target {
-            name: "downtime, link down, p99 < 2 ms",
-            measured: gaps(&lb.link_down).map(|s| s.p99 * 1e3),
-            unit: "ms",
-            met: |v| v < 2.0,
-            when_missed: link_down_profile(lb),
-        },
-        Target {
-            name: "downtime, server killed, p50 < 5 ms",
-            measured: gaps(&lb.killed).map(|s| s.p50 * 1e3),
-            unit: "ms",
-            met: |v| v < 5.0,
-            when_missed: format!(
-                "A killed server is seen by the UDP check: each probe after the \
-                kill is refused by the master's ICMP port unreachable, and `fall = 3` such \
-                probes at a 1 ms interval move the traffic, so the floor is about 3 ms. The \
-                master's kernel rate-limits ICMP errors (`net.ipv4.icmp_msgs_per_sec`, 1000 \
-                per second for the whole namespace), and the client's requests to the dead \
-                port use that budget up: a probe whose refusal was not sent fails at its \
-                deadline instead, {timeout_ms} ms after it was sent."
-            ),
-        },
-        Target {
-            name: "downtime, master host silent, p50 < 4 ms",
-            measured: gaps(&lb.silent).map(|s| s.p50 * 1e3),
-            unit: "ms",
-            met: |v| v < 4.0,
-            when_missed: silent_floor(timeout_ms),
-        },
-        Target {
-            name: "downtime, master host silent, p99 < 5 ms",
-            measured: gaps(&lb.silent).map(|s| s.p99 * 1e3),
-            unit: "ms",
-            met: |v| v < 5.0,
-            when_missed: silent_floor(timeout_ms),
-        },
-        Target {
-            name: "failback without a lost request (most lost in a trial)",
-            measured: gaps(&lb.failback)
-                .and(lb.failback.iter().map(|t| t.lost as f64).reduce(f64::max)),
-            unit: "requests",
-            met: |v| v == 0.0,
-            when_missed: "Requests in flight to the slave when the map entry flips back are \
-                still answered by the slave, so a lost request means the master was chosen \
-                before it could answer, which the `cause` of that flip in the agent's log \
-                shows. An incomplete trial means the master answered nothing within the \
-                stream (1.5 s after the port came back up): the agent fails back only once \
-                the kernel has announced the carrier and the checks passed `rise` times, and \
-                the agent's log shows when that was."
-                .into(),
-        },
-        Target {
-            name: "UDP loss with one failover < 0.05 % (worst trial)",
-            measured: lb.stream_loss.iter().copied().reduce(f64::max),
-            unit: "%",
-            met: |v| v < 0.05,
-            when_missed: "The loss is the datagrams sent between the carrier loss and the map \
-                write, plus any the veth queues dropped under the client's burst; compare \
-                with the link-down downtime above, which bounds the first part."
-                .into(),
-        },
-        Target {
-            name: "flip latency p99 < 100 µs",
-            measured: Summary::of(&lb.flips_us).map(|s| s.p99),
-            unit: "µs",
-            met: |v| v < 100.0,
-            when_missed: FLIP_DELAY.into(),
-        },
-        Target {
-            name: "flip latency p99 < 100 µs under load",
-            measured: Summary::of(&lb.flips_loaded_us).map(|s| s.p99),
-            unit: "µs",
-            met: |v| v < 100.0,
-            when_missed: FLIP_DELAY.into(),
-        },
-    ];
-    let _ = writeln!(text, "\n### Targets (`lb`)\n");
-    let _ = writeln!(text, "| target | measured | met |");
-    let _ = writeln!(text, "|---|---|---|");
-    let mut missed = Vec::new();
-    for target in &targets {
-        let (shown, met) = match target.measured {
-            Some(v) => (format!("{v:.3} {}", target.unit), (target.met)(v)),
-            None => ("not measured (a trial did not complete)".into(), false),
-        };
-        let _ = writeln!(
-            text,
-            "| {} | {shown} | {} |",
-            target.name,
-            if met { "yes" } else { "**no**" }
-        );
-        if !met {
-            missed.push(target);
-        }
-    }
-    for target in missed {
-        let _ = writeln!(
-            text,
-            "\n**Missed: {}.** {}",
-            target.name, target.when_missed
-        );
-    }
-}
-
-/// What the link-down downtime is made of, from this run's own figures, for a missed target.
-fn link_down_profile(lb: &SystemResults) -> String {
-    let slowest = lb
-        .link_down
-        .iter()
-        .filter_map(|t| t.server_gap)
-        .fold(0.0, f64::max);
-    let flip = lb.flips_us.iter().copied().fold(0.0, f64::max);
-    let pause = lb
-        .link_down
-        .iter()
-        .map(|t| t.largest_send_gap)
-        .fold(0.0, f64::max);
-    format!(
-        "The link-down downtime is: the kernel taking the port down and sending the carrier \
-         event, the agent's flip (event → map write, at most {flip:.0} µs in this run, see \
-         the flip latency), and the slave's first answer after it (at most one request \
-         interval, {:.0} µs). So nearly all of the slowest trial's {:.3} ms lies before the \
-         agent got the event: in the kernel's interface shutdown, which waits for RCU grace \
-         periods before it announces the change, and in scheduling on a machine whose 2 \
-         cores also run the client and both servers. The same stalls show on the client: \
-         during the link-down trials its sending thread paused for up to {:.3} ms (client \
-         view above).",
-        1e6 / lb.rate as f64,
-        slowest * 1e3,
-        pause * 1e3
-    )
 }

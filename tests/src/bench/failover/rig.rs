@@ -26,11 +26,13 @@ pub const IPERF_PORT: u16 = 5201;
 pub const LISTEN: &str = "127.0.0.1:9100";
 /// How long `lb`'s UDP check of the master may take by default, in ms (checks every 1 ms).
 /// The master's server answers the client's 20 000 requests per second on the same socket,
-/// and on 2 cores a healthy answer sometimes takes milliseconds: with 1 or 2 ms the checks
-/// failed three in a row now and then and moved the traffic without cause.
+/// and on 2 cores a healthy answer sometimes takes more than a millisecond or two: with a
+/// timeout that short the checks now and then fail three in a row and move the traffic
+/// without cause, which the report counts.
 pub const CHECK_TIMEOUT_MS: u64 = 10;
 
-/// How `lb` is set up: its checks' timeout and its prober thread's scheduling.
+/// How `lb` is set up: its checks' timeout and its prober thread's scheduling. Written and
+/// read as `10ms` or `1ms+fifo50` (`+fifo<N>`: `[prober] realtime_priority = N`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tuning {
     /// The UDP check's timeout, in ms (checks every 1 ms, fall 3, rise 3).
@@ -45,6 +47,56 @@ impl Tuning {
         timeout_ms: CHECK_TIMEOUT_MS,
         realtime: None,
     };
+    /// Set for the detection targets: a 1 ms timeout (a silent master is seen
+    /// within 3 to 4 ms) and the prober under `SCHED_FIFO`.
+    pub const FAST: Tuning = Tuning {
+        timeout_ms: 1,
+        realtime: Some(50),
+    };
+}
+
+impl std::fmt::Display for Tuning {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}ms", self.timeout_ms)?;
+        match self.realtime {
+            Some(priority) => write!(f, "+fifo{priority}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::str::FromStr for Tuning {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let usage = || {
+            format!(
+                "`{text}`: expected a timeout and an optional priority, as `10ms` or `1ms+fifo50`"
+            )
+        };
+        let (timeout, realtime) = match text.split_once('+') {
+            Some((timeout, fifo)) => (timeout, Some(fifo)),
+            None => (text, None),
+        };
+        let timeout_ms: u64 = timeout
+            .strip_suffix("ms")
+            .and_then(|ms| ms.parse().ok())
+            .filter(|ms| *ms >= 1)
+            .ok_or_else(usage)?;
+        let realtime = match realtime {
+            Some(fifo) => Some(
+                fifo.strip_prefix("fifo")
+                    .and_then(|p| p.parse::<u8>().ok())
+                    .filter(|p| (1..=99).contains(p))
+                    .ok_or_else(|| format!("{}; the priority is 1 to 99", usage()))?,
+            ),
+            None => None,
+        };
+        Ok(Tuning {
+            timeout_ms,
+            realtime,
+        })
+    }
 }
 
 /// Which system moves the traffic.
@@ -61,7 +113,6 @@ impl Kind {
     /// The name in the report.
     pub fn label(&self) -> String {
         match self {
-            Kind::Lb(Tuning::DEFAULT) => "lb (XDP, link + 1 ms UDP checks)".into(),
             Kind::Lb(tuning) => format!(
                 "lb (XDP, link + 1 ms UDP checks, {} ms timeout{})",
                 tuning.timeout_ms,
@@ -100,6 +151,15 @@ impl Kind {
             Kind::Keepalived(advert) => *advert * 4 + Duration::from_millis(1500),
         }
     }
+}
+
+/// One move of the `requests` service, as the agent logged it.
+#[derive(Debug, Clone)]
+pub struct Flip {
+    /// Deciding event → map write done, in µs.
+    pub us: f64,
+    /// What decided it.
+    pub cause: String,
 }
 
 /// A built testbed with one system running on it. Fields drop in order: processes first,
@@ -383,9 +443,9 @@ impl Rig {
         }
     }
 
-    /// Flip durations (µs) the agent logged so far for moves of the `requests` service from
-    /// one backend to another (not its first activation), for `lb` only.
-    pub fn flip_durations_us(&self) -> Result<Vec<f64>> {
+    /// The flips the agent logged so far for moves of the `requests` service from one
+    /// backend to another (not its first activation), for `lb` only.
+    pub fn flips(&self) -> Result<Vec<Flip>> {
         let Some(path) = &self.lb_log else {
             return Ok(Vec::new());
         };
@@ -394,12 +454,16 @@ impl Rig {
         Ok(text
             .lines()
             .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|entry| {
+            .filter_map(|entry| {
                 let fields = &entry["fields"];
-                fields["service"] == "requests"
-                    && fields["from"].as_str().is_some_and(|from| from != "none")
+                let moved = fields["service"] == "requests"
+                    && fields["from"].as_str().is_some_and(|from| from != "none");
+                moved.then_some(())?;
+                Some(Flip {
+                    us: fields["flip_us"].as_f64()?,
+                    cause: fields["cause"].as_str().unwrap_or("").to_string(),
+                })
             })
-            .filter_map(|entry| entry["fields"]["flip_us"].as_f64())
             .collect())
     }
 }
