@@ -11,12 +11,14 @@
 //! Every check of a prober runs in this one loop on one timer. Sends are on a grid of the
 //! interval on the monotonic clock, so the deadlines of attempts sent together fall
 //! together, and a send that a stalled machine missed is skipped, not made up for in a
-//! burst. Checks that share an interval longer than the prober's tick (the finest interval,
-//! at most [`STAGGER_TICK`]) are spread over the ticks of their interval: a hundred
-//! services' echoes every 10 ms go out twenty per millisecond, not two hundred at once,
-//! so no tick holds a long burst of sends and replies ahead of another check's deadline. Answers that need no
-//! wake-up of their own (UDP, [`Attempt::Polled`]; ICMP, [`Attempt::Echoed`]) are read at
-//! each wake-up, before the deadlines are judged: at 1 ms checks the prober wakes about
+//! burst. Checks that send (all but link checks) and share an interval longer than the
+//! prober's tick (the finest interval, at most [`STAGGER_TICK`]) are spread over the ticks
+//! of their interval: a hundred services' echoes every 10 ms go out twenty per
+//! millisecond, not two hundred at once, so no tick holds a long burst of sends and replies
+//! ahead of another check's deadline; as few ticks are used as hold them
+//! [`STAGGER_BATCH`] to a tick, since each is a wake-up. Answers that need no wake-up of
+//! their own (UDP, [`Attempt::Polled`]; ICMP, [`Attempt::Echoed`]) are read at each
+//! wake-up, before the deadlines are judged: at 1 ms checks the prober wakes about
 //! once per millisecond for all of them. UDP refusals wake it at once.
 //!
 //! A wake-up makes every decision due (answers read, deadlines judged, flips made) before
@@ -50,6 +52,11 @@ const CLEANUP_GRACE: Duration = Duration::from_millis(5);
 /// The coarsest tick the sends of checks sharing an interval are spread over. A finer
 /// interval in the prober makes the tick finer.
 pub const STAGGER_TICK: Duration = Duration::from_millis(1);
+
+/// How many checks of one interval may send on the same tick. Spreading stops there: every
+/// tick used is a wake-up of its own each interval, and a wake-up costs more than a few
+/// sends in one.
+pub const STAGGER_BATCH: usize = 20;
 
 /// When a check runs.
 #[derive(Debug, Clone, Copy)]
@@ -92,10 +99,13 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
     let mut timer = PreciseTimer::new()?;
     let refusals = udp::Refusals::new()?;
     let start = Instant::now();
-    let intervals: Vec<Duration> = checks.iter().map(|c| c.timing.interval).collect();
+    let placing: Vec<(Duration, bool)> = checks
+        .iter()
+        .map(|c| (c.timing.interval, !matches!(c.probe, Probe::Link { .. })))
+        .collect();
     let mut schedules: Vec<Schedule> = checks
         .into_iter()
-        .zip(stagger(&intervals))
+        .zip(stagger(&placing))
         .map(|(mut check, (phase, period))| {
             if let Probe::Udp(udp) = &mut check.probe {
                 udp.report_refusals_to(&refusals);
@@ -367,30 +377,37 @@ async fn bounded(
     (index, number, result)
 }
 
-/// Where each check's sends fall on the prober's ticks: for every interval (in check
-/// order), its offset from the interval's grid and the timer period that fits its sends.
-/// The prober's tick is its finest interval, at most [`STAGGER_TICK`]; the checks of one
-/// interval take the interval's ticks in turn (as many ticks as there are checks, at most
-/// the interval's count of them). A check alone on its interval stays on the grid, with its
-/// interval as the period.
-fn stagger(intervals: &[Duration]) -> Vec<(Duration, Duration)> {
-    let tick = intervals
-        .iter()
-        .copied()
+/// Where each check's sends fall on the prober's ticks: for every check (in order), given
+/// as its interval and whether its attempts send anything (a link check only reads the
+/// carrier table), its offset from the interval's grid and the timer period that fits its
+/// sends. The prober's tick is the finest interval of the checks that send, at most
+/// [`STAGGER_TICK`]; the sending checks of one interval take the interval's ticks in turn,
+/// as few ticks as hold them [`STAGGER_BATCH`] to a tick, at most the interval's count of
+/// them. Checks that fit in one tick, and checks that send nothing, stay on the grid, with
+/// their interval as the period.
+fn stagger(checks: &[(Duration, bool)]) -> Vec<(Duration, Duration)> {
+    let sending = || checks.iter().filter(|(_, sends)| *sends).map(|(i, _)| *i);
+    let tick = sending()
         .filter(|i| !i.is_zero())
         .fold(STAGGER_TICK, Duration::min);
     let mut sharing: HashMap<Duration, usize> = HashMap::new();
-    for interval in intervals {
-        *sharing.entry(*interval).or_default() += 1;
+    for interval in sending() {
+        *sharing.entry(interval).or_default() += 1;
     }
     let mut taken: HashMap<Duration, usize> = HashMap::new();
-    intervals
+    checks
         .iter()
-        .map(|&interval| {
+        .map(|&(interval, sends)| {
             let ticks = usize::try_from(interval.as_nanos() / tick.as_nanos().max(1))
                 .unwrap_or(usize::MAX)
-                .min(sharing[&interval]);
-            if ticks <= 1 {
+                .min(
+                    sharing
+                        .get(&interval)
+                        .copied()
+                        .unwrap_or(0)
+                        .div_ceil(STAGGER_BATCH),
+                );
+            if !sends || ticks <= 1 {
                 return (Duration::ZERO, interval);
             }
             let rank = taken.entry(interval).or_default();
@@ -428,27 +445,54 @@ mod tests {
     #[test]
     fn checks_sharing_an_interval_are_spread_over_the_finest_ticks() {
         let ms = Duration::from_millis(1);
-        // One 1 ms check, twelve 10 ms checks, one 5 s check alone on its interval.
+        let batch = STAGGER_BATCH;
+        let sending = |intervals: Vec<Duration>| -> Vec<(Duration, bool)> {
+            intervals.into_iter().map(|i| (i, true)).collect()
+        };
+        // One 1 ms check, 3 batches and one check more at 10 ms, one 5 s check alone.
         let mut intervals = vec![ms];
-        intervals.extend([10 * ms; 12]);
+        intervals.extend(vec![10 * ms; 3 * batch + 1]);
         intervals.push(Duration::from_secs(5));
-        let placed = stagger(&intervals);
+        let placed = stagger(&sending(intervals));
         assert_eq!(placed[0], (Duration::ZERO, ms));
-        let offsets: Vec<u32> = placed[1..13]
+        let offsets: Vec<usize> = placed[1..=3 * batch + 1]
             .iter()
             .map(|(offset, period)| {
                 assert_eq!(*period, ms, "spread checks wake on the tick");
-                u32::try_from(offset.as_micros() / 1000).unwrap()
+                usize::try_from(offset.as_micros() / 1000).unwrap()
             })
             .collect();
-        assert_eq!(offsets, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]);
-        assert_eq!(placed[13], (Duration::ZERO, Duration::from_secs(5)));
-        // Two 10 ms checks alone in a prober take two ticks of 1 ms.
-        let placed = stagger(&[10 * ms, 10 * ms]);
-        assert_eq!(placed, [(Duration::ZERO, ms), (ms, ms)]);
+        // Four ticks hold them, in turn.
+        assert_eq!(offsets[..6], [0, 1, 2, 3, 0, 1]);
+        assert!(offsets.iter().all(|&o| o < 4));
+        assert_eq!(
+            offsets.iter().filter(|&&o| o == 0).count(),
+            (3 * batch + 1).div_ceil(4)
+        );
+        assert_eq!(
+            placed[3 * batch + 2],
+            (Duration::ZERO, Duration::from_secs(5))
+        );
+        // Ten batches at 10 ms take every tick of the interval, no more.
+        let placed = stagger(&sending(vec![10 * ms; 12 * batch]));
+        assert_eq!(placed.iter().map(|p| p.0).max(), Some(9 * ms));
+        // Checks that fit in one tick stay on the grid.
+        let placed = stagger(&sending(vec![10 * ms, 10 * ms]));
+        assert_eq!(placed, [(Duration::ZERO, 10 * ms); 2]);
+        // Checks that send nothing stay on the grid and count for nothing: a batch and one
+        // more sending checks take two ticks, whatever the link checks beside them.
+        let mut checks = vec![(10 * ms, false); 4 * batch];
+        checks.extend(sending(vec![10 * ms; batch + 1]));
+        let placed = stagger(&checks);
+        assert!(placed[..4 * batch]
+            .iter()
+            .all(|p| *p == (Duration::ZERO, 10 * ms)));
+        assert_eq!(placed[4 * batch..].iter().map(|p| p.0).max(), Some(ms));
         // A sub-millisecond interval makes the tick finer.
         let micros = Duration::from_micros(250);
-        let placed = stagger(&[micros, ms, ms]);
-        assert_eq!(placed[1..], [(Duration::ZERO, micros), (micros, micros)]);
+        let mut intervals = vec![micros];
+        intervals.extend(vec![ms; batch + 1]);
+        let placed = stagger(&sending(intervals));
+        assert_eq!(placed[1..3], [(Duration::ZERO, micros), (micros, micros)]);
     }
 }
