@@ -11,6 +11,7 @@ pub mod nat;
 pub mod overhead;
 pub mod progcost;
 pub mod traffic;
+pub mod wake_floor;
 
 use std::{fmt::Write as _, path::PathBuf, time::Duration};
 
@@ -33,6 +34,8 @@ const LISTEN: &str = "127.0.0.1:9100";
 const TARGET_RATIO: f64 = 3.0;
 /// Target: forward path of the program below this many ns per packet.
 const TARGET_FORWARD_NS: f64 = 60.0;
+/// The interval of the wake-up floor beside the agent's 1 ms checks.
+const WAKE_FLOOR_INTERVAL: Duration = Duration::from_millis(1);
 
 /// Options of the throughput bench.
 #[derive(clap::Args, Debug)]
@@ -199,6 +202,17 @@ pub fn run(args: Args) -> Result<()> {
         out
     };
     drop(bed);
+    let wake_floor = if args.no_overhead {
+        None
+    } else {
+        progress("agent overhead: the floor, a thread that only wakes every 1 ms");
+        let window = Duration::from_secs_f64(args.overhead_secs);
+        Some(wake_floor::measure(
+            WAKE_FLOOR_INTERVAL,
+            Duration::from_secs(1),
+            window,
+        )?)
+    };
 
     let body = render(
         &args,
@@ -208,6 +222,7 @@ pub fn run(args: Args) -> Result<()> {
         &flowtable,
         costs.as_ref(),
         &overheads,
+        wake_floor,
         started.elapsed(),
     );
     report::publish(&args.report, "throughput", &body, started)?;
@@ -413,6 +428,7 @@ fn render(
     flowtable: &str,
     costs: Option<&progcost::Costs>,
     overheads: &[overhead::Overhead],
+    wake_floor: Option<f64>,
     elapsed: Duration,
 ) -> String {
     let mut t = String::new();
@@ -604,6 +620,9 @@ fn render(
     }
 
     t.push_str(&overhead::render(overheads));
+    if let Some(percent) = wake_floor {
+        t.push_str(&wake_floor::render(WAKE_FLOOR_INTERVAL, percent));
+    }
 
     let _ = writeln!(t, "### Targets\n");
     if !cases.is_empty() {
