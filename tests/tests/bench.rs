@@ -96,7 +96,7 @@ fn failover_bench_measures_reports_and_cleans_up() {
     assert!(text.contains("### Targets (`lb`)"), "{text}");
     for picture in [
         "failover-lb.svg",
-        "failover-lb-1ms-rt.svg",
+        "failover-lb-1ms-rt50.svg",
         "failover-keepalived-0.01.svg",
     ] {
         let svg = std::fs::read_to_string(dir.path().join(picture)).unwrap();

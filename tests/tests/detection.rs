@@ -2,7 +2,7 @@
 //! silent is declared down after `fall` missed deadlines and no sooner; one that answers
 //! slowly but within its timeout stays up while several checks are in flight; one that
 //! speaks again comes back after `rise` passes; the prober thread is scheduled as its
-//! config says, with timers that expire on time. Bounds are generous correctness bounds.
+//! config says. Bounds are generous correctness bounds.
 
 use std::{
     thread::sleep,
@@ -177,8 +177,8 @@ fn prober_task(pid: u32) -> std::path::PathBuf {
 }
 
 /// The prober thread of an agent run with `prober` as its `[prober]` section: its
-/// `/proc/TID/stat` fields from field 3 on (proc(5)), and its timer slack in ns.
-fn prober_with(name: &str, prober: &str) -> (Vec<String>, u64) {
+/// `/proc/PID/task/TID/stat` fields from field 3 on (proc(5)).
+fn prober_with(name: &str, prober: &str) -> Vec<String> {
     let mut bed = Testbed::new(name).expect("testbed");
     bed.start_udp_responder(Host::Master, "master").unwrap();
     bed.start_udp_responder(Host::Slave, "slave").unwrap();
@@ -188,31 +188,25 @@ fn prober_with(name: &str, prober: &str) -> (Vec<String>, u64) {
     let agent = start_agent(&mut bed, &config, LISTEN);
     wait_active(&bed, LISTEN, "echo", "master").unwrap();
     let pid = bed.processes[agent].pid().expect("the agent runs");
-    let task = prober_task(pid);
-    let stat = std::fs::read_to_string(task.join("stat")).unwrap();
-    let fields = stat
-        .rsplit_once(')')
+    let stat = std::fs::read_to_string(prober_task(pid).join("stat")).unwrap();
+    stat.rsplit_once(')')
         .unwrap()
         .1
         .split_whitespace()
         .map(str::to_string)
-        .collect();
-    // timerslack_ns is under the thread's own /proc/TID, not under task/.
-    let tid = task.file_name().unwrap().to_str().unwrap();
-    let slack = std::fs::read_to_string(format!("/proc/{tid}/timerslack_ns")).unwrap();
-    (fields, slack.trim().parse().unwrap())
+        .collect()
 }
 
+/// Needs what the agent needs for `realtime_priority`: `CAP_SYS_NICE` and real-time
+/// runtime for its cgroup (root on an ordinary host has both).
 #[test]
-fn the_prober_thread_is_scheduled_as_configured_with_the_finest_timer_slack() {
+fn the_prober_thread_is_scheduled_as_configured() {
     // Field numbers of proc(5), counted from 1: nice 19, rt_priority 40, policy 41.
     let field = |fields: &[String], n: usize| fields[n - 3].clone();
-    let (fields, slack) = prober_with("lbdt-nice", "nice = 5");
+    let fields = prober_with("lbdt-nice", "nice = 5");
     assert_eq!(field(&fields, 19), "5", "nice");
     assert_eq!(field(&fields, 41), libc::SCHED_OTHER.to_string(), "policy");
-    assert_eq!(slack, 1, "an ordinary thread's timers are not coalesced");
-    let (fields, slack) = prober_with("lbdt-rt", "realtime_priority = 10");
+    let fields = prober_with("lbdt-rt", "realtime_priority = 10");
     assert_eq!(field(&fields, 40), "10", "rt_priority");
     assert_eq!(field(&fields, 41), libc::SCHED_FIFO.to_string(), "policy");
-    assert!(slack <= 1, "a real-time thread has no slack: {slack}");
 }

@@ -78,16 +78,8 @@ impl Drop for ProberThread {
     }
 }
 
-/// Applies `scheduling` to the calling thread, and the finest timer slack: an ordinary
-/// thread's timers may otherwise expire up to 50 µs late, so that the kernel can coalesce
-/// them, and each of those microseconds is one more before a deadline's flip.
+/// Applies `scheduling` to the calling thread.
 fn apply_scheduling(scheduling: &ProberConfig) -> Result<()> {
-    // SAFETY: prctl(2) PR_SET_TIMERSLACK takes a value in nanoseconds and changes only the
-    // calling thread.
-    if unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("cannot set the prober thread's timer slack");
-    }
     if let Some(priority) = scheduling.realtime_priority {
         let param = libc::sched_param {
             sched_priority: i32::from(priority),

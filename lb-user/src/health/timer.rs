@@ -3,8 +3,9 @@
 //! tokio's timers count whole milliseconds: a 1 ms deadline fires 1 to 2 ms late, which at
 //! 1 ms checks doubles the time to detect a silent backend. This one is a `timerfd` on
 //! `CLOCK_MONOTONIC` (the clock of [`std::time::Instant`]) armed at an absolute time and
-//! watched by tokio's reactor: it fires within the kernel's timer slack (50 µs by default)
-//! and costs one `read` per expiry, no thread. Armed periodic on the probe grid, it needs no
+//! watched by tokio's reactor: the kernel arms a `timerfd` with no slack (its expiry is
+//! never put off to coalesce it with others), and it costs one `read` per expiry, no
+//! thread. Armed periodic on the probe grid, it needs no
 //! `timerfd_settime` while the wake-ups stay on that grid, which at 1 ms checks is every
 //! wake-up of a healthy pool.
 

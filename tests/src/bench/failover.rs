@@ -134,7 +134,11 @@ pub fn run(args: Args) -> Result<()> {
     let mut systems = Vec::new();
     if !args.skip_lb {
         anyhow::ensure!(!args.lb.is_empty(), "--lb needs at least one setup");
-        for tuning in &args.lb {
+        for (at, tuning) in args.lb.iter().enumerate() {
+            anyhow::ensure!(
+                !args.lb[..at].contains(tuning),
+                "--lb names {tuning} twice: each setup is measured once"
+            );
             systems.push((Kind::Lb(*tuning), "lbf"));
         }
     }

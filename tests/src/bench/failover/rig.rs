@@ -47,8 +47,8 @@ impl Tuning {
         timeout_ms: CHECK_TIMEOUT_MS,
         realtime: None,
     };
-    /// Set for the detection targets: a 1 ms timeout (a silent master is seen
-    /// within 3 to 4 ms) and the prober under `SCHED_FIFO`.
+    /// Set for the detection targets: a 1 ms timeout (a silent master is seen within 3 to
+    /// 4 ms) and the prober under `SCHED_FIFO`.
     pub const FAST: Tuning = Tuning {
         timeout_ms: 1,
         realtime: Some(50),
@@ -133,7 +133,9 @@ impl Kind {
             Kind::Lb(tuning) => format!(
                 "failover-lb-{}ms{}.svg",
                 tuning.timeout_ms,
-                if tuning.realtime.is_some() { "-rt" } else { "" }
+                tuning
+                    .realtime
+                    .map_or(String::new(), |priority| format!("-rt{priority}"))
             ),
             Kind::Keepalived(advert) => {
                 format!("failover-keepalived-{}.svg", advert.as_secs_f64())

@@ -116,10 +116,20 @@ pub fn many_services(count: u16) -> Scenario {
     }
 }
 
-/// (utime, stime) of `pid`, clock ticks.
+/// (utime, stime) of process `pid`, clock ticks.
 pub fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
+    stat_cpu_ticks(&format!("/proc/{pid}/stat"))
+}
+
+/// (utime, stime) of thread `tid` of this process alone, clock ticks (`/proc/TID/stat`
+/// would give the whole process's).
+pub fn thread_cpu_ticks(tid: u32) -> Result<(u64, u64)> {
+    stat_cpu_ticks(&format!("/proc/self/task/{tid}/stat"))
+}
+
+/// (utime, stime) from the `stat` file at `path`, clock ticks.
+fn stat_cpu_ticks(path: &str) -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
     let fields: Vec<&str> = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
@@ -129,7 +139,7 @@ pub fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
         fields
             .get(n - 3)
             .and_then(|v| v.parse().ok())
-            .with_context(|| format!("field {n} of /proc/{pid}/stat"))
+            .with_context(|| format!("field {n} of {path}"))
     };
     Ok((field(14)?, field(15)?))
 }

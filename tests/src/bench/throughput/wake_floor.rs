@@ -14,7 +14,7 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use lb_user::health::timer::PreciseTimer;
 
-use super::overhead::cpu_ticks;
+use super::overhead::thread_cpu_ticks;
 use crate::bench::interrupt;
 
 /// CPU time of the waking thread over `window`, in % of one core, after `settle`.
@@ -35,19 +35,19 @@ pub fn measure(interval: Duration, settle: Duration, window: Duration) -> Result
         interrupt::sleep(settle)?;
         // SAFETY: sysconf only reads a configuration value.
         let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let (u0, s0) = cpu_ticks(tid)?;
+        let (u0, s0) = thread_cpu_ticks(tid)?;
         let start = Instant::now();
         interrupt::sleep(window)?;
-        let (u1, s1) = cpu_ticks(tid)?;
+        let (u1, s1) = thread_cpu_ticks(tid)?;
         Ok(((u1 + s1) - (u0 + s0)) as f64 / ticks_per_sec / start.elapsed().as_secs_f64() * 100.0)
     })();
     stop.store(true, Ordering::Relaxed);
     let ended = waker
         .join()
         .map_err(|_| anyhow!("the wake-up thread panicked"))?;
-    let percent = measured?;
+    // The thread's own error first: it is why a measurement found no thread to read.
     ended?;
-    Ok(percent)
+    measured
 }
 
 /// The thread's body: tells its id, then wakes every `interval` until `stop`.
@@ -74,9 +74,10 @@ pub fn render(interval: Duration, percent: f64) -> String {
     format!(
         "For reference, a thread that only waits on the agent's timer (a periodic `timerfd` \
          in a one-thread tokio runtime) every {} ms and does nothing else costs \
-         {percent:.2} % of one core on this machine: the part of the figures above that is \
-         the wake-up itself (timer interrupt, scheduler, `epoll_wait`, the timer read), \
-         which no probe work can avoid.\n\n",
+         {percent:.2} % of one core on this machine (its own CPU time, \
+         `/proc/self/task/TID/stat`): the part of the 1 ms rows above that waking every \
+         millisecond costs (the scheduler, `epoll_wait`, the timer's read) before any probe \
+         work.\n\n",
         interval.as_secs_f64() * 1000.0
     )
 }
