@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod bench;
 pub mod checks;
+pub mod procfs;
 pub mod rig;
 pub mod spoof;
 pub mod testrun;

@@ -10,7 +10,10 @@ use std::{
 };
 
 use lb_user::testbed::{Host, Testbed};
-use tests::agent::{metrics, sample, start_agent, wait_active};
+use tests::{
+    agent::{metrics, sample, start_agent, wait_active},
+    procfs::stat_fields,
+};
 
 const LISTEN: &str = "127.0.0.1:9100";
 
@@ -177,7 +180,7 @@ fn prober_task(pid: u32) -> std::path::PathBuf {
 }
 
 /// The prober thread of an agent run with `prober` as its `[prober]` section: its
-/// `/proc/PID/task/TID/stat` fields from field 3 on (proc(5)).
+/// `/proc/PID/task/TID/stat` fields ([`stat_fields`]).
 fn prober_with(name: &str, prober: &str) -> Vec<String> {
     let mut bed = Testbed::new(name).expect("testbed");
     bed.start_udp_responder(Host::Master, "master").unwrap();
@@ -188,13 +191,7 @@ fn prober_with(name: &str, prober: &str) -> Vec<String> {
     let agent = start_agent(&mut bed, &config, LISTEN);
     wait_active(&bed, LISTEN, "echo", "master").unwrap();
     let pid = bed.processes[agent].pid().expect("the agent runs");
-    let stat = std::fs::read_to_string(prober_task(pid).join("stat")).unwrap();
-    stat.rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .map(str::to_string)
-        .collect()
+    stat_fields(prober_task(pid).join("stat").to_str().unwrap()).unwrap()
 }
 
 /// Needs what the agent needs for `realtime_priority`: `CAP_SYS_NICE` and real-time

@@ -398,16 +398,13 @@ fn stagger(checks: &[(Duration, bool)]) -> Vec<(Duration, Duration)> {
     checks
         .iter()
         .map(|&(interval, sends)| {
+            if !sends {
+                return (Duration::ZERO, interval);
+            }
             let ticks = usize::try_from(interval.as_nanos() / tick.as_nanos().max(1))
                 .unwrap_or(usize::MAX)
-                .min(
-                    sharing
-                        .get(&interval)
-                        .copied()
-                        .unwrap_or(0)
-                        .div_ceil(STAGGER_BATCH),
-                );
-            if !sends || ticks <= 1 {
+                .min(sharing[&interval].div_ceil(STAGGER_BATCH));
+            if ticks <= 1 {
                 return (Duration::ZERO, interval);
             }
             let rank = taken.entry(interval).or_default();

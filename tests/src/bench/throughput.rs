@@ -174,13 +174,13 @@ pub fn run(args: Args) -> Result<()> {
         traffic_rounds(&mut bed, &args)?
     };
 
+    let overhead_window = Duration::from_secs_f64(args.overhead_secs);
     let overheads = if args.no_overhead {
         Vec::new()
     } else {
         bed.start_udp_responder(Host::Master, "master")?;
         bed.start_udp_responder(Host::Slave, "slave")?;
         let settle = Duration::from_secs(2);
-        let window = Duration::from_secs_f64(args.overhead_secs);
         let mut out = Vec::new();
         let mut runs = vec![
             (overhead::one_service_1ms(), Placement::Shared),
@@ -194,7 +194,11 @@ pub fn run(args: Args) -> Result<()> {
         }
         for (scenario, placement) in runs {
             out.push(overhead::measure(
-                &mut bed, scenario, placement, settle, window,
+                &mut bed,
+                scenario,
+                placement,
+                settle,
+                overhead_window,
             )?);
         }
         bed.stop_udp_responder(Host::Master);
@@ -206,11 +210,10 @@ pub fn run(args: Args) -> Result<()> {
         None
     } else {
         progress("agent overhead: the floor, a thread that only wakes every 1 ms");
-        let window = Duration::from_secs_f64(args.overhead_secs);
         Some(wake_floor::measure(
             WAKE_FLOOR_INTERVAL,
             Duration::from_secs(1),
-            window,
+            overhead_window,
         )?)
     };
 

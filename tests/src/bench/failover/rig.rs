@@ -19,6 +19,7 @@ use super::super::{
     interrupt, keepalived,
     responder::{read_log_since, Logged},
 };
+use crate::procfs::stat_fields;
 
 /// The iperf3 port (control over TCP, data over UDP).
 pub const IPERF_PORT: u16 = 5201;
@@ -527,13 +528,10 @@ fn children_of(parent: u32) -> Vec<u32> {
     entries
         .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            // The parent's pid is field 4 of proc(5).
+            stat_fields(&format!("/proc/{pid}/stat"))
                 .ok()
-                .and_then(|stat| {
-                    // The command name in parentheses may hold spaces: fields after it.
-                    let rest = &stat[stat.rfind(')')? + 2..];
-                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
-                })
+                .and_then(|fields| fields.get(4 - 3)?.parse::<u32>().ok())
                 == Some(parent)
         })
         .collect()

@@ -22,10 +22,8 @@ use lb_user::{
 
 use crate::{
     agent::{metrics, sample},
-    bench::{
-        interrupt,
-        throughput::overhead::{cpu_ticks, status_value},
-    },
+    bench::interrupt,
+    procfs::{process_cpu, status_value},
 };
 
 const LISTEN: &str = "127.0.0.1:9100";
@@ -129,14 +127,6 @@ fn maps_memory(pid: u32) -> Result<f64> {
     Ok(bytes as f64 / (1024.0 * 1024.0))
 }
 
-/// CPU seconds `pid` used so far.
-fn cpu_secs(pid: u32) -> Result<f64> {
-    let (user, system) = cpu_ticks(pid)?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    Ok((user + system) as f64 / hz)
-}
-
 /// Writes `count` established UDP flows, spread over the plan's services, into the table
 /// pinned under `pin_path`; returns the seconds it took.
 fn fill(pin_path: &Path, plan: &Plan, count: u32) -> Result<f64> {
@@ -219,9 +209,9 @@ pub fn measure(services: u32, flows: u32, max_flows: u32) -> Result<AgentScale> 
     // nothing), then with the full one after its first sweep: the difference is the
     // census's.
     let cpu_over_window = || -> Result<f64> {
-        let before = cpu_secs(agent_pid)?;
+        let before = process_cpu(agent_pid)?.total;
         std::thread::sleep(CPU_WINDOW);
-        Ok(cpu_secs(agent_pid)? - before)
+        Ok(process_cpu(agent_pid)?.total - before)
     };
     let empty = cpu_over_window()?;
     let fill_secs = fill(&bed.pin_path(), &plan, flows)?;

@@ -12,7 +12,10 @@ use std::{fmt::Write as _, time::Duration};
 use anyhow::{bail, Context, Result};
 use lb_user::testbed::{topology::UDP_PORT, Host, Testbed};
 
-use crate::bench::{interrupt, progress};
+use crate::{
+    bench::{interrupt, progress},
+    procfs::{process_cpu, status_value},
+};
 
 /// Where the agent listens (inside the switch's namespace).
 const LISTEN: &str = "127.0.0.1:9100";
@@ -116,44 +119,6 @@ pub fn many_services(count: u16) -> Scenario {
     }
 }
 
-/// (utime, stime) of process `pid`, clock ticks.
-pub fn cpu_ticks(pid: u32) -> Result<(u64, u64)> {
-    stat_cpu_ticks(&format!("/proc/{pid}/stat"))
-}
-
-/// (utime, stime) of thread `tid` of this process alone, clock ticks (`/proc/TID/stat`
-/// would give the whole process's).
-pub fn thread_cpu_ticks(tid: u32) -> Result<(u64, u64)> {
-    stat_cpu_ticks(&format!("/proc/self/task/{tid}/stat"))
-}
-
-/// (utime, stime) from the `stat` file at `path`, clock ticks.
-fn stat_cpu_ticks(path: &str) -> Result<(u64, u64)> {
-    let stat = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    // Fields after the command: state is field 3, utime 14 and stime 15 (1-based).
-    let field = |n: usize| -> Result<u64> {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse().ok())
-            .with_context(|| format!("field {n} of {path}"))
-    };
-    Ok((field(14)?, field(15)?))
-}
-
-/// A `/proc/PID/status` value in kB (or a count).
-pub fn status_value(pid: u32, key: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim_start_matches(':').split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .with_context(|| format!("no {key} in /proc/{pid}/status"))
-}
-
 /// (all probes, failed probes) so far, from the agent's metrics.
 fn probes(bed: &Testbed) -> Result<(u64, u64)> {
     let (ok, text, err) = bed.output(
@@ -250,20 +215,18 @@ pub fn measure(
         window
     ));
     interrupt::sleep(settle)?;
-    // SAFETY: sysconf only reads a configuration value.
-    let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
     let (probes0, failed0) = probes(bed)?;
-    let (u0, s0) = cpu_ticks(pid)?;
+    let cpu0 = process_cpu(pid)?;
     let start = std::time::Instant::now();
     interrupt::sleep(window)?;
-    let (u1, s1) = cpu_ticks(pid)?;
+    let cpu1 = process_cpu(pid)?;
     let secs = start.elapsed().as_secs_f64();
     let (probes1, failed1) = probes(bed)?;
     let up = backends_up(bed)?;
     let result = Overhead {
         secs,
-        cpu_percent: ((u1 + s1) - (u0 + s0)) as f64 / ticks_per_sec / secs * 100.0,
-        user_percent: (u1 - u0) as f64 / ticks_per_sec / secs * 100.0,
+        cpu_percent: (cpu1.total - cpu0.total) / secs * 100.0,
+        user_percent: (cpu1.user - cpu0.user) / secs * 100.0,
         rss_kib: status_value(pid, "VmRSS")?,
         hwm_kib: status_value(pid, "VmHWM")?,
         threads: status_value(pid, "Threads")?,

@@ -14,8 +14,7 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use lb_user::health::timer::PreciseTimer;
 
-use super::overhead::thread_cpu_ticks;
-use crate::bench::interrupt;
+use crate::{bench::interrupt, procfs::own_thread_cpu};
 
 /// CPU time of the waking thread over `window`, in % of one core, after `settle`.
 pub fn measure(interval: Duration, settle: Duration, window: Duration) -> Result<f64> {
@@ -33,13 +32,11 @@ pub fn measure(interval: Duration, settle: Duration, window: Duration) -> Result
             .recv_timeout(Duration::from_secs(5))
             .context("the wake-up thread did not start")?;
         interrupt::sleep(settle)?;
-        // SAFETY: sysconf only reads a configuration value.
-        let ticks_per_sec = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let (u0, s0) = thread_cpu_ticks(tid)?;
+        let before = own_thread_cpu(tid)?;
         let start = Instant::now();
         interrupt::sleep(window)?;
-        let (u1, s1) = thread_cpu_ticks(tid)?;
-        Ok(((u1 + s1) - (u0 + s0)) as f64 / ticks_per_sec / start.elapsed().as_secs_f64() * 100.0)
+        let used = own_thread_cpu(tid)?.total - before.total;
+        Ok(used / start.elapsed().as_secs_f64() * 100.0)
     })();
     stop.store(true, Ordering::Relaxed);
     let ended = waker
