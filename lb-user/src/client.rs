@@ -234,8 +234,13 @@ fn print_status(status: &Status) {
             }
         }
         if let Some(change) = &service.last_change {
+            let waited = if change.waited_us > 0.0 {
+                format!(" ({:.1} us of it waiting to run)", change.waited_us)
+            } else {
+                String::new()
+            };
             println!(
-                "  last change: {} ({}), flip {:.1} us",
+                "  last change: {} ({}), flip {:.1} us{waited}",
                 transition(change),
                 change.cause,
                 change.flip_us

@@ -15,7 +15,10 @@ use anyhow::{Context, Result};
 use lb_common::{KEEP_FOREVER, NO_BACKEND};
 use tokio::task::JoinHandle;
 
-use super::{policy::CheckCounter, service::recorded_drain};
+use super::{
+    policy::CheckCounter,
+    service::{recorded_drain, Evidence},
+};
 use crate::{
     config::CheckConfig,
     dataplane::{apply::Applied, MapWriter},
@@ -201,7 +204,7 @@ impl Engine {
                         .set(i64::from(state.active == Some(position)));
                 }
                 let cause = || "startup".to_string();
-                if let Some(change) = runtime.decide(&mut state, Instant::now(), &cause) {
+                if let Some(change) = runtime.decide(&mut state, Evidence::now(), &cause) {
                     runtime.log_change(&change);
                 }
             }
@@ -383,6 +386,10 @@ fn reporter(service: Arc<ServiceRuntime>, position: usize, check: usize) -> pipe
         } else {
             fail.inc()
         };
-        service.record(position, check, &outcome.result, outcome.decided);
+        let at = Evidence {
+            at: outcome.decided,
+            seen: outcome.seen,
+        };
+        service.record(position, check, &outcome.result, at)
     })
 }

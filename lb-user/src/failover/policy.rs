@@ -58,6 +58,14 @@ impl CheckCounter {
         None
     }
 
+    /// Whether the next failure changes the verdict of a check that is already failing:
+    /// its next deadline decides, and the prober is awake for it. With `fall` = 1 a check
+    /// has not failed yet when its next failure decides, so no deadline is singled out
+    /// while it passes.
+    pub fn next_failure_decides(&self, fall: u32) -> bool {
+        self.up && self.failures > 0 && self.failures.saturating_add(1) >= fall.max(1)
+    }
+
     /// Sets the verdict at once (carrier events); returns it when it changed.
     pub fn set(&mut self, up: bool) -> Option<bool> {
         self.successes = 0;
@@ -223,6 +231,27 @@ mod tests {
         assert_eq!(c.record(false, 2, 3), None);
         assert_eq!(c.record(false, 2, 3), Some(false));
         assert_eq!(c.record(false, 2, 3), None, "already down");
+    }
+
+    #[test]
+    fn only_the_miss_that_would_turn_a_failing_check_down_decides() {
+        let mut c = CheckCounter::starting_up();
+        assert!(!c.next_failure_decides(3), "passing");
+        c.record(false, 2, 3);
+        assert!(!c.next_failure_decides(3), "one miss of three");
+        c.record(false, 2, 3);
+        assert!(c.next_failure_decides(3), "two misses of three");
+        c.record(true, 2, 3);
+        assert!(!c.next_failure_decides(3), "a pass starts again");
+        c.record(false, 2, 3);
+        c.record(false, 2, 3);
+        c.record(false, 2, 3);
+        assert!(!c.next_failure_decides(3), "down already");
+        let passing = CheckCounter::starting_up();
+        assert!(
+            !passing.next_failure_decides(1),
+            "with fall 1 no deadline of a passing check is singled out"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::policy::{choose, Candidate, CheckCounter};
 use crate::{
     config::{CheckConfig, Failback},
     dataplane::{writer::monotonic_ns, MapWriter},
-    health::Carriers,
+    health::{pipeline::NextMiss, Carriers},
     metrics::{BackendLabels, FailoverLabels, Metrics, ServiceLabels},
     net::events::CarrierEvent,
     plan::{PlannedBackend, PlannedService},
@@ -34,6 +34,29 @@ pub struct Change {
     pub at_unix_s: f64,
     /// Time from the deciding event to the completed map write, in microseconds.
     pub flip_us: f64,
+    /// Of `flip_us`, the time from the event until the agent acted on it: for a deadline,
+    /// how late the prober ran after it; about 0 for an answer or an event read as it came.
+    #[serde(default)]
+    pub waited_us: f64,
+}
+
+/// When the evidence for a decision existed, and when the agent acted on it. A flip is
+/// timed from the first; the time to the second is the agent waiting to run, reported
+/// apart ([`Change::waited_us`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Evidence {
+    /// When it existed: an answer read, a deadline passed, a carrier event received.
+    pub at: Instant,
+    /// When the agent acted on it.
+    pub seen: Instant,
+}
+
+impl Evidence {
+    /// Evidence acted on as it came.
+    pub fn now() -> Self {
+        let now = Instant::now();
+        Evidence { at: now, seen: now }
+    }
 }
 
 /// Health of one backend.
@@ -167,7 +190,7 @@ impl ServiceRuntime {
         self: &Arc<Self>,
         state: &mut ServiceState,
         position: usize,
-        at: Instant,
+        at: Evidence,
         cause: &dyn Fn() -> String,
     ) -> Option<Report> {
         let backend = &mut state.backends[position];
@@ -200,14 +223,15 @@ impl ServiceRuntime {
         })
     }
 
-    /// Records one probe result of check `check` of backend `position`.
+    /// Records one probe result of check `check` of backend `position`; returns what the
+    /// check's next miss would do, for the prober to be awake at a deadline that decides.
     pub fn record(
         self: &Arc<Self>,
         position: usize,
         check: usize,
         result: &Result<()>,
-        at: Instant,
-    ) {
+        at: Evidence,
+    ) -> NextMiss {
         let health = &self.plan.backends[position].health;
         let mut state = self.state.lock().expect("service state lock");
         // A link probe's reading may predate a carrier loss handled since: re-read it now,
@@ -223,22 +247,30 @@ impl ServiceRuntime {
         state.backends[position].last_checks[check] = Some(LastCheck {
             ok: result.is_ok(),
             error: result.as_ref().err().map(|e| format!("{e:#}")),
-            at,
+            at: at.at,
         });
         let changed =
             state.backends[position].checks[check].record(result.is_ok(), health.rise, health.fall);
+        let mut report = None;
         if changed.is_some() {
             let name = health.checks[check].name();
             let cause = || match result {
                 Ok(()) => format!("{name} check passed {} times", health.rise),
                 Err(e) => format!("{name} check failed {} times: {e:#}", health.fall),
             };
-            let report = self.apply(&mut state, position, at, &cause);
-            drop(state);
-            if let Some(report) = report {
-                report.log();
-            }
+            report = self.apply(&mut state, position, at, &cause);
         }
+        let backend = &state.backends[position];
+        let next_miss = if backend.up && backend.checks[check].next_failure_decides(health.fall) {
+            NextMiss::Decides
+        } else {
+            NextMiss::Counts
+        };
+        drop(state);
+        if let Some(report) = report {
+            report.log();
+        }
+        next_miss
     }
 
     /// Backend `position`'s MAC, unknown until now, is `mac`: written to its map entry
@@ -261,7 +293,7 @@ impl ServiceRuntime {
         let mut state = self.state.lock().expect("service state lock");
         state.backends[position].mac_known = true;
         let cause = || "MAC resolved".to_string();
-        let report = self.apply(&mut state, position, Instant::now(), &cause);
+        let report = self.apply(&mut state, position, Evidence::now(), &cause);
         drop(state);
         if let Some(report) = report {
             report.log();
@@ -336,7 +368,11 @@ impl ServiceRuntime {
             if state.backends[position].checks[link].set(false).is_some() {
                 let iface = backend.iface.clone();
                 let cause = || format!("carrier lost on {iface}");
-                reports.extend(self.apply(&mut state, position, event.received, &cause));
+                let at = Evidence {
+                    at: event.received,
+                    seen: Instant::now(),
+                };
+                reports.extend(self.apply(&mut state, position, at, &cause));
             }
         }
         reports
@@ -347,7 +383,7 @@ impl ServiceRuntime {
     pub(super) fn decide(
         self: &Arc<Self>,
         state: &mut ServiceState,
-        at: Instant,
+        at: Evidence,
         cause: &dyn Fn() -> String,
     ) -> Option<Change> {
         let candidates: Vec<Candidate> = state
@@ -371,7 +407,7 @@ impl ServiceRuntime {
                     let mut state = runtime.state.lock().expect("service state lock");
                     state.recheck_at = None;
                     let cause = || "failback delay elapsed".to_string();
-                    if let Some(change) = runtime.decide(&mut state, Instant::now(), &cause) {
+                    if let Some(change) = runtime.decide(&mut state, Evidence::now(), &cause) {
                         runtime.log_change(&change);
                     }
                 });
@@ -387,6 +423,7 @@ impl ServiceRuntime {
             to = change.to.as_deref().unwrap_or("none (dropping)"),
             cause = change.cause,
             flip_us = (change.flip_us * 10.0).round() / 10.0,
+            waited_us = (change.waited_us * 10.0).round() / 10.0,
             "active backend changed"
         );
     }
@@ -397,7 +434,7 @@ impl ServiceRuntime {
         &self,
         state: &mut ServiceState,
         target: Option<usize>,
-        at: Instant,
+        at: Evidence,
         cause: &dyn Fn() -> String,
     ) -> Option<Change> {
         let index = target.map_or(NO_BACKEND, |p| self.plan.backends[p].index);
@@ -405,7 +442,8 @@ impl ServiceRuntime {
             tracing::error!(service = self.plan.name, error = %e, "cannot write the active backend");
             return None;
         }
-        let flip = at.elapsed();
+        let flip = at.at.elapsed();
+        let waited = at.seen.saturating_duration_since(at.at);
         // Then the previous backend's connections: graceful failback lets a healthy one keep
         // its TCP connections (up to the drain limit); otherwise they follow at once.
         if let Some(previous) = state.active {
@@ -449,6 +487,7 @@ impl ServiceRuntime {
             cause: cause(),
             at_unix_s: unix_now(),
             flip_us: flip.as_secs_f64() * 1e6,
+            waited_us: waited.as_secs_f64() * 1e6,
         };
         state.active = target;
         state.last_change = Some(change.clone());
@@ -507,7 +546,7 @@ impl ServiceRuntime {
             "backend {what} by hand"
         );
         let cause = || format!("{name} {what} by hand");
-        let change = self.decide(&mut state, Instant::now(), &cause);
+        let change = self.decide(&mut state, Evidence::now(), &cause);
         if drained && !was && state.active != Some(position) {
             self.deactivate(&mut state, position);
         } else if !drained && was && state.active != Some(position) {
@@ -527,6 +566,7 @@ impl ServiceRuntime {
             cause: format!("{name} {what}; active backend unchanged"),
             at_unix_s: unix_now(),
             flip_us: 0.0,
+            waited_us: 0.0,
         }))
     }
 
@@ -549,11 +589,12 @@ impl ServiceRuntime {
                 cause,
                 at_unix_s: unix_now(),
                 flip_us: 0.0,
+                waited_us: 0.0,
             });
         }
         let cause = || "manual activation".to_string();
         let change = self
-            .flip(&mut state, Some(position), Instant::now(), &cause)
+            .flip(&mut state, Some(position), Evidence::now(), &cause)
             .ok_or_else(|| anyhow::anyhow!("cannot write the active backend"))?;
         self.log_change(&change);
         Ok(change)

@@ -7,6 +7,7 @@
 
 pub mod icmp;
 pub mod pipeline;
+pub mod stagger;
 pub mod thread;
 pub mod timer;
 pub mod udp;

@@ -12,11 +12,13 @@
 //! interval on the monotonic clock, so the deadlines of attempts sent together fall
 //! together, and a send that a stalled machine missed is skipped, not made up for in a
 //! burst. Checks that send (all but link checks) and share an interval longer than the
-//! prober's tick (the finest interval, at most [`STAGGER_TICK`]) are spread over the ticks
+//! prober's tick (the finest interval, at most [`STAGGER_TICK`](super::stagger::STAGGER_TICK)) are spread over the ticks
 //! of their interval: a hundred services' echoes every 10 ms go out twenty per
 //! millisecond, not two hundred at once, so no tick holds a long burst of sends and replies
 //! ahead of another check's deadline; as few ticks are used as hold them
-//! [`STAGGER_BATCH`] to a tick, since each is a wake-up. Answers that need no wake-up of
+//! [`STAGGER_BATCH`](super::stagger::STAGGER_BATCH) to a tick, since each is a wake-up
+//! ([`super::stagger`]). Answers that
+//! need no wake-up of
 //! their own (UDP, [`Attempt::Polled`]; ICMP, [`Attempt::Echoed`]) are read at each
 //! wake-up, before the deadlines are judged: at 1 ms checks the prober wakes about
 //! once per millisecond for all of them. UDP refusals wake it at once.
@@ -27,9 +29,16 @@
 //! awaited attempts (TCP, HTTP) that completed meanwhile. Within a wake-up the checks that
 //! read their own answers (UDP, link, awaited) decide before the shared ICMP socket is
 //! read, so a flip of theirs does not wait for the replies of every ICMP check.
+//!
+//! A timer wake-up is late by whatever the host runs first; on a loaded host, tens to
+//! hundreds of microseconds. So a deadline whose miss would change a check's verdict (the
+//! `fall`-th miss in a row, [`NextMiss::Decides`]) is not left to a wake-up: the prober
+//! wakes [`DECISIVE_LEAD`] ahead of it and stays on the CPU until it, when the host has a
+//! second CPU for everything else. That costs the lead once per decision, never while the
+//! checks pass.
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -41,7 +50,12 @@ use futures::{
     stream::{FuturesUnordered, StreamExt},
 };
 
-use super::{icmp, timer::PreciseTimer, udp, Attempt, Probe};
+use super::{
+    icmp,
+    stagger::stagger,
+    timer::{self, PreciseTimer},
+    udp, Attempt, Probe,
+};
 
 /// How much longer than its deadline an expired awaited attempt may go on before it is
 /// cancelled: the schedule fails it at its deadline with the precise timer; tokio's coarser
@@ -49,14 +63,11 @@ use super::{icmp, timer::PreciseTimer, udp, Attempt, Probe};
 /// the kernel).
 const CLEANUP_GRACE: Duration = Duration::from_millis(5);
 
-/// The coarsest tick the sends of checks sharing an interval are spread over. A finer
-/// interval in the prober makes the tick finer.
-pub const STAGGER_TICK: Duration = Duration::from_millis(1);
-
-/// How many checks of one interval may send on the same tick. Spreading stops there: every
-/// tick used is a wake-up of its own each interval, and a wake-up costs more than a few
-/// sends in one.
-pub const STAGGER_BATCH: usize = 20;
+/// How long before a decisive deadline (one whose miss changes a check's verdict, see
+/// [`NextMiss`]) the prober wakes, to run the rest of the way on the CPU: the flip at that
+/// deadline then does not wait for a timer wake-up, which a loaded host delays by tens to
+/// hundreds of microseconds. Spent once per decision, never while the checks pass.
+pub const DECISIVE_LEAD: Duration = Duration::from_micros(300);
 
 /// When a check runs.
 #[derive(Debug, Clone, Copy)]
@@ -77,12 +88,28 @@ pub struct Outcome {
     /// When the prober decided it: its answer seen, or its deadline (a failure by deadline
     /// is dated at the deadline, the moment the evidence existed).
     pub decided: Instant,
+    /// When the prober acted on it: the same as `decided` for an answer; for a deadline,
+    /// when the prober ran after it (later by its wake-up delay).
+    pub seen: Instant,
     /// Its round trip: from the send to the answer's arrival, or to the deadline.
     pub took: Duration,
 }
 
-/// What the schedule calls with every outcome of a check, in the order they are decided.
-pub type Report = Box<dyn FnMut(Outcome) + Send>;
+/// What the next missed deadline of a check would do, as the receiver of its outcomes
+/// answers each one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum NextMiss {
+    /// Nothing at once: the check passes, is down already, or needs more misses.
+    #[default]
+    Counts,
+    /// It changes the check's verdict, and so the backend's health: the prober is running
+    /// at that deadline (it wakes [`DECISIVE_LEAD`] ahead and spins the rest of the way).
+    Decides,
+}
+
+/// What the schedule calls with every outcome of a check, in the order they are decided;
+/// it answers what the check's next miss would do.
+pub type Report = Box<dyn FnMut(Outcome) -> NextMiss + Send>;
 
 /// One check to run: its probe, its timing, where its outcomes go.
 pub struct Check {
@@ -117,6 +144,7 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
                 check,
                 pending: VecDeque::new(),
                 sequence: 0,
+                next_miss: NextMiss::Counts,
             }
         })
         .collect();
@@ -128,9 +156,12 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
                 Probe::Icmp(echo) => Some(echo.socket().clone()),
                 _ => None,
             });
+    // Spinning to a deadline needs a second CPU: on one, it would hold off the work (an
+    // answer's receive path, a local backend) that decides the attempt.
+    let may_spin = std::thread::available_parallelism().is_ok_and(|cpus| cpus.get() > 1);
     let mut in_flight = FuturesUnordered::new();
     loop {
-        let Some(wake) = schedules.iter().map(Schedule::next_wake).min() else {
+        let Some(wake) = schedules.iter().map(|s| s.next_wake(may_spin)).min() else {
             return std::future::pending().await;
         };
         // A wake-up for a send goes on to the next sends: on a healthy pool every wake-up is
@@ -146,6 +177,9 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             biased;
             woke = timer.sleep_until(wake, period) => {
                 woke?;
+                if let Some(until) = spin_target(&schedules, Instant::now()).filter(|_| may_spin) {
+                    timer::spin_until(until);
+                }
                 decide(&mut schedules, echo_socket.as_deref(), Instant::now());
                 send_due(&mut schedules, echo_socket.as_deref(), &mut in_flight);
             }
@@ -161,6 +195,23 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             }
         }
     }
+}
+
+/// Until when the prober stays on the CPU after a wake-up at `now`: the nearest decisive
+/// deadline, when it is at most [`DECISIVE_LEAD`] ahead (the wake-up made early for it), or
+/// another check's deadline before it. The decision at that deadline is then made at once,
+/// not after a wake-up; sends due meanwhile wait for it (decisions come before sends), at
+/// most the lead.
+fn spin_target(schedules: &[Schedule], now: Instant) -> Option<Instant> {
+    let decisive = schedules
+        .iter()
+        .filter(|s| s.next_miss == NextMiss::Decides)
+        .filter_map(Schedule::first_deadline)
+        .min()?;
+    if decisive <= now || decisive - now > DECISIVE_LEAD {
+        return None;
+    }
+    Some(first_deadline(schedules).map_or(decisive, |d| d.min(decisive)))
 }
 
 /// Attempts driven to their end by the schedule's loop: (check, attempt number, result).
@@ -226,6 +277,8 @@ struct Schedule {
     /// spread over the ticks, its interval otherwise.
     period: Duration,
     sequence: u64,
+    /// What its next miss would do, as its last outcome's report answered.
+    next_miss: NextMiss,
 }
 
 /// An attempt not decided yet (its deadline is `sent` + the timeout).
@@ -250,9 +303,16 @@ impl Schedule {
         self.pending.front().map(|p| p.sent + timeout)
     }
 
-    /// The earliest of the next send and the first deadline.
-    fn next_wake(&self) -> Instant {
+    /// The earliest of the next send and the first deadline; with `early`, a decisive
+    /// deadline counts [`DECISIVE_LEAD`] ahead of itself.
+    fn next_wake(&self, early: bool) -> Instant {
+        let lead = if early && self.next_miss == NextMiss::Decides {
+            DECISIVE_LEAD
+        } else {
+            Duration::ZERO
+        };
         self.first_deadline()
+            .map(|deadline| deadline.checked_sub(lead).unwrap_or(deadline))
             .map_or(self.next_send, |deadline| deadline.min(self.next_send))
     }
 
@@ -260,10 +320,11 @@ impl Schedule {
     fn settle(&mut self, number: u64, result: Result<()>, now: Instant) {
         let at = self.pending.iter().position(|p| p.number == number);
         if let Some(Pending { sent, .. }) = at.and_then(|at| self.pending.remove(at)) {
-            (self.check.report)(Outcome {
+            self.next_miss = (self.check.report)(Outcome {
                 result,
                 sent,
                 decided: now,
+                seen: now,
                 took: now - sent,
             });
         }
@@ -277,6 +338,7 @@ impl Schedule {
             timing,
             report,
         } = &mut self.check;
+        let next_miss = &mut self.next_miss;
         if !matches!(probe, Probe::Udp(_) | Probe::Icmp(_)) {
             return;
         }
@@ -302,10 +364,11 @@ impl Schedule {
             } else {
                 answer.result
             };
-            report(Outcome {
+            *next_miss = report(Outcome {
                 result,
                 sent: pending.sent,
                 decided: now,
+                seen: now,
                 took,
             });
             false
@@ -320,10 +383,11 @@ impl Schedule {
             if deadline > now {
                 break;
             }
-            (self.check.report)(Outcome {
+            self.next_miss = (self.check.report)(Outcome {
                 result: Err(anyhow!("no answer within {timeout:?}")),
                 sent: expired.sent,
                 decided: deadline,
+                seen: now,
                 took: timeout,
             });
             self.pending.pop_front();
@@ -342,10 +406,11 @@ impl Schedule {
         self.sequence += 1;
         let (polled, echo, awaited) = match self.check.probe.attempt() {
             Attempt::Decided(result) => {
-                (self.check.report)(Outcome {
+                self.next_miss = (self.check.report)(Outcome {
                     result,
                     sent: now,
                     decided: now,
+                    seen: now,
                     took: Duration::ZERO,
                 });
                 return None;
@@ -377,44 +442,6 @@ async fn bounded(
     (index, number, result)
 }
 
-/// Where each check's sends fall on the prober's ticks: for every check (in order), given
-/// as its interval and whether its attempts send anything (a link check only reads the
-/// carrier table), its offset from the interval's grid and the timer period that fits its
-/// sends. The prober's tick is the finest interval of the checks that send, at most
-/// [`STAGGER_TICK`]; the sending checks of one interval take the interval's ticks in turn,
-/// as few ticks as hold them [`STAGGER_BATCH`] to a tick, at most the interval's count of
-/// them. Checks that fit in one tick, and checks that send nothing, stay on the grid, with
-/// their interval as the period.
-fn stagger(checks: &[(Duration, bool)]) -> Vec<(Duration, Duration)> {
-    let sending = || checks.iter().filter(|(_, sends)| *sends).map(|(i, _)| *i);
-    let tick = sending()
-        .filter(|i| !i.is_zero())
-        .fold(STAGGER_TICK, Duration::min);
-    let mut sharing: HashMap<Duration, usize> = HashMap::new();
-    for interval in sending() {
-        *sharing.entry(interval).or_default() += 1;
-    }
-    let mut taken: HashMap<Duration, usize> = HashMap::new();
-    checks
-        .iter()
-        .map(|&(interval, sends)| {
-            if !sends {
-                return (Duration::ZERO, interval);
-            }
-            let ticks = usize::try_from(interval.as_nanos() / tick.as_nanos().max(1))
-                .unwrap_or(usize::MAX)
-                .min(sharing[&interval].div_ceil(STAGGER_BATCH));
-            if ticks <= 1 {
-                return (Duration::ZERO, interval);
-            }
-            let rank = taken.entry(interval).or_default();
-            let slot = u32::try_from(*rank % ticks).unwrap_or(0);
-            *rank += 1;
-            (tick * slot, tick)
-        })
-        .collect()
-}
-
 /// The first send time on the grid from `next` that is still ahead of `now`.
 fn skip_missed(next: Instant, now: Instant, interval: Duration) -> Instant {
     if next > now {
@@ -428,6 +455,76 @@ fn skip_missed(next: Instant, now: Instant, interval: Duration) -> Instant {
 mod tests {
     use super::*;
 
+    /// A schedule of one link check (the probe never runs) with one attempt pending until
+    /// `deadline`, whose miss `decides` or not.
+    fn pending_until(deadline: Instant, decides: bool) -> Schedule {
+        let timeout = Duration::from_millis(50);
+        let interval = Duration::from_secs(3600);
+        Schedule {
+            check: Check {
+                probe: Probe::Link {
+                    carriers: Default::default(),
+                    ifindex: 0,
+                },
+                timing: Timing { interval, timeout },
+                report: Box::new(|_| NextMiss::Counts),
+            },
+            pending: VecDeque::from([Pending {
+                number: 0,
+                sent: deadline - timeout,
+                polled: None,
+                echo: None,
+            }]),
+            next_send: deadline + interval,
+            period: interval,
+            sequence: 1,
+            next_miss: if decides {
+                NextMiss::Decides
+            } else {
+                NextMiss::Counts
+            },
+        }
+    }
+
+    #[test]
+    fn the_prober_is_on_the_cpu_at_a_deadline_that_decides() {
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let decisive = pending_until(deadline, true);
+        assert_eq!(decisive.next_wake(true), deadline - DECISIVE_LEAD);
+        assert_eq!(decisive.next_wake(false), deadline);
+        let counting = pending_until(deadline, false);
+        assert_eq!(
+            counting.next_wake(true),
+            deadline,
+            "no lead for a miss that counts"
+        );
+        let lead = DECISIVE_LEAD;
+        let before = |ahead: Duration| deadline - ahead;
+        // Farther than the lead, passed, or a miss that only counts: no spinning.
+        assert_eq!(
+            spin_target(&[pending_until(deadline, true)], before(2 * lead)),
+            None
+        );
+        assert_eq!(
+            spin_target(&[pending_until(deadline, true)], deadline),
+            None
+        );
+        assert_eq!(spin_target(&[counting], before(lead / 2)), None);
+        // Within the lead: up to the deadline.
+        assert_eq!(spin_target(&[decisive], before(lead)), Some(deadline));
+        // Another check's deadline before it ends the spin there, to be decided first.
+        let other = pending_until(before(lead / 4), false);
+        let schedules = [pending_until(deadline, true), other];
+        assert_eq!(
+            spin_target(&schedules, before(lead / 2)),
+            Some(before(lead / 4))
+        );
+        // A spin returns at its instant, not before.
+        let at = Instant::now() + lead;
+        timer::spin_until(at);
+        assert!(Instant::now() >= at);
+    }
+
     #[test]
     fn missed_sends_are_skipped_on_the_grid() {
         let start = Instant::now();
@@ -437,59 +534,5 @@ mod tests {
         let next = skip_missed(start, start + ms * 7 / 2, ms);
         assert_eq!(next, start + 4 * ms);
         assert_eq!(skip_missed(start, start, ms), start + ms);
-    }
-
-    #[test]
-    fn checks_sharing_an_interval_are_spread_over_the_finest_ticks() {
-        let ms = Duration::from_millis(1);
-        let batch = STAGGER_BATCH;
-        let sending = |intervals: Vec<Duration>| -> Vec<(Duration, bool)> {
-            intervals.into_iter().map(|i| (i, true)).collect()
-        };
-        // One 1 ms check, 3 batches and one check more at 10 ms, one 5 s check alone.
-        let mut intervals = vec![ms];
-        intervals.extend(vec![10 * ms; 3 * batch + 1]);
-        intervals.push(Duration::from_secs(5));
-        let placed = stagger(&sending(intervals));
-        assert_eq!(placed[0], (Duration::ZERO, ms));
-        let offsets: Vec<usize> = placed[1..=3 * batch + 1]
-            .iter()
-            .map(|(offset, period)| {
-                assert_eq!(*period, ms, "spread checks wake on the tick");
-                usize::try_from(offset.as_micros() / 1000).unwrap()
-            })
-            .collect();
-        // Four ticks hold them, in turn.
-        assert_eq!(offsets[..6], [0, 1, 2, 3, 0, 1]);
-        assert!(offsets.iter().all(|&o| o < 4));
-        assert_eq!(
-            offsets.iter().filter(|&&o| o == 0).count(),
-            (3 * batch + 1).div_ceil(4)
-        );
-        assert_eq!(
-            placed[3 * batch + 2],
-            (Duration::ZERO, Duration::from_secs(5))
-        );
-        // Ten batches at 10 ms take every tick of the interval, no more.
-        let placed = stagger(&sending(vec![10 * ms; 12 * batch]));
-        assert_eq!(placed.iter().map(|p| p.0).max(), Some(9 * ms));
-        // Checks that fit in one tick stay on the grid.
-        let placed = stagger(&sending(vec![10 * ms, 10 * ms]));
-        assert_eq!(placed, [(Duration::ZERO, 10 * ms); 2]);
-        // Checks that send nothing stay on the grid and count for nothing: a batch and one
-        // more sending checks take two ticks, whatever the link checks beside them.
-        let mut checks = vec![(10 * ms, false); 4 * batch];
-        checks.extend(sending(vec![10 * ms; batch + 1]));
-        let placed = stagger(&checks);
-        assert!(placed[..4 * batch]
-            .iter()
-            .all(|p| *p == (Duration::ZERO, 10 * ms)));
-        assert_eq!(placed[4 * batch..].iter().map(|p| p.0).max(), Some(ms));
-        // A sub-millisecond interval makes the tick finer.
-        let micros = Duration::from_micros(250);
-        let mut intervals = vec![micros];
-        intervals.extend(vec![ms; batch + 1]);
-        let placed = stagger(&sending(intervals));
-        assert_eq!(placed[1..3], [(Duration::ZERO, micros), (micros, micros)]);
     }
 }

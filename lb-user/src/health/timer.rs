@@ -7,7 +7,9 @@
 //! never put off to coalesce it with others), and it costs one `read` per expiry, no
 //! thread. Armed periodic on the probe grid, it needs no
 //! `timerfd_settime` while the wake-ups stay on that grid, which at 1 ms checks is every
-//! wake-up of a healthy pool.
+//! wake-up of a healthy pool. A wake-up is still late by whatever the host runs first (its
+//! interrupts and receive work); before a deadline that decides a flip the prober wakes
+//! early and stays on the CPU for the rest ([`spin_until`]).
 
 use std::{
     os::fd::{AsFd, AsRawFd, RawFd},
@@ -141,6 +143,16 @@ impl PreciseTimer {
                 Err(e) => return Err(e).context("cannot read the probe schedule's timerfd"),
             }
         }
+    }
+}
+
+/// Stays on the CPU until `deadline` (returns at once if it has passed): the last stretch
+/// before an instant that must not be missed, which a wake-up — late by whatever the host
+/// runs first — could miss. Costs the CPU for as long as it waits, so it is kept to a few
+/// hundred microseconds, and only before a deadline that decides something.
+pub fn spin_until(deadline: Instant) {
+    while Instant::now() < deadline {
+        std::hint::spin_loop();
     }
 }
 

@@ -161,6 +161,8 @@ impl Kind {
 pub struct Flip {
     /// Deciding event → map write done, in µs.
     pub us: f64,
+    /// Of it, deciding event → the agent acting on it (its prober woken late), in µs.
+    pub waited_us: f64,
     /// What decided it.
     pub cause: String,
 }
@@ -464,6 +466,7 @@ impl Rig {
                 moved.then_some(())?;
                 Some(Flip {
                     us: fields["flip_us"].as_f64()?,
+                    waited_us: fields["waited_us"].as_f64().unwrap_or(0.0),
                     cause: fields["cause"].as_str().unwrap_or("").to_string(),
                 })
             })

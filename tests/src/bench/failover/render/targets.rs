@@ -25,7 +25,11 @@ pub fn render_flips(text: &mut String, results: &[SystemResults]) {
         "Deciding event (carrier loss, last failed or passed check) → map write done, as the \
          agent measured and logged it for every move of the `requests` service between \
          master and slave in this run, in microseconds. With 10 trials or fewer per \
-         experiment, p99 in the tables above is the largest trial.\n"
+         experiment, p99 in the tables above is the largest trial. *Waited*: the part of a \
+         flip between the event and the agent acting on it, which for a missed deadline is \
+         how late the prober thread ran after it (the agent wakes {} µs ahead of a deadline \
+         that decides, and stays on the CPU until it); the rest is the agent's own work.\n",
+        lb_user::health::pipeline::DECISIVE_LEAD.as_micros()
     );
     let _ = writeln!(
         text,
@@ -47,10 +51,10 @@ pub fn render_flips(text: &mut String, results: &[SystemResults]) {
     );
     let _ = writeln!(
         text,
-        "| system | flips | n | called for | mean | min | max | p50 | p99 | cause of the \
-         slowest |"
+        "| system | flips | n | called for | mean | min | max | p50 | p99 | waited p99 | \
+         cause of the slowest |"
     );
-    let _ = writeln!(text, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(text, "|---|---|---|---|---|---|---|---|---|---|---|");
     for system in systems {
         for (what, flips, called_for) in [
             (
@@ -63,14 +67,18 @@ pub fn render_flips(text: &mut String, results: &[SystemResults]) {
             let Some(s) = Summary::of(&micros(flips)) else {
                 continue;
             };
+            let waited = Summary::of(&flips.iter().map(|f| f.waited_us).collect::<Vec<_>>())
+                .map_or(0.0, |w| w.p99);
             let slowest = flips
                 .iter()
                 .max_by(|a, b| a.us.total_cmp(&b.us))
-                .map_or("", |f| f.cause.as_str());
+                .map_or(String::new(), |f| {
+                    format!("{} (waited {:.1})", f.cause, f.waited_us)
+                });
             let _ = writeln!(
                 text,
                 "| {} | {what} | {} | {called_for} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | \
-                 {slowest} |",
+                 {waited:.1} | {slowest} |",
                 system.label, s.n, s.mean, s.min, s.max, s.p50, s.p99
             );
         }
