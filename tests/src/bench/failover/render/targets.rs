@@ -90,21 +90,41 @@ fn micros(flips: &[Flip]) -> Vec<f64> {
     flips.iter().map(|f| f.us).collect()
 }
 
-/// What delays a flip of `system`.
+/// What delays a flip of `system`, from its slowest flip: the wait before the agent acted
+/// on the evidence, and the agent's own work after it.
 fn flip_delay(system: &SystemResults) -> String {
+    let slowest = system
+        .flips
+        .iter()
+        .chain(&system.flips_loaded)
+        .max_by(|a, b| a.us.total_cmp(&b.us));
+    let split = slowest.map_or(String::new(), |f| {
+        format!(
+            " The slowest flip of this setup took {:.1} µs: {:.1} µs before the agent acted on \
+             the evidence, {:.1} µs of its own work after it (the answers due at that moment \
+             read, the decision, the write).",
+            f.us,
+            f.waited_us,
+            f.us - f.waited_us
+        )
+    });
     let cure = if system.tuning.is_some_and(|t| t.realtime.is_some()) {
-        "This setup's prober already runs under `SCHED_FIFO`, so no ordinary process delays \
-         it; what still runs first is the kernel's interrupt and receive work (the client's \
-         traffic through veth and XDP), which holds a core for hundreds of microseconds at \
-         a time here."
+        format!(
+            "This setup's prober runs under `SCHED_FIFO`, so no ordinary process delays it, \
+             and it is on the CPU at a deadline that decides (woken {} µs ahead); what can \
+             still take the CPU from it is the kernel's interrupt and receive work (the \
+             client's traffic through veth and XDP), and a wake-up later than the lead.",
+            lb_user::health::pipeline::DECISIVE_LEAD.as_micros()
+        )
     } else {
         "`[prober] realtime_priority` takes the thread out of the scheduler's competition."
+            .to_string()
     };
     format!(
         "The flip is one map update syscall, made on the prober thread that saw the \
          evidence; a slow one is that thread woken late, descheduled or busy with other \
          checks between the evidence and the write, which the machine's load (client, \
-         servers and agent on 2 cores) explains. {cure}"
+         servers and agent on 2 cores) explains.{split} {cure}"
     )
 }
 
