@@ -234,7 +234,7 @@ fn print_status(status: &Status) {
             }
         }
         if let Some(change) = &service.last_change {
-            let waited = if change.waited_us > 0.0 {
+            let waited = if change.waited_us >= 0.05 {
                 format!(" ({:.1} us of it waiting to run)", change.waited_us)
             } else {
                 String::new()

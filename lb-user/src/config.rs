@@ -125,9 +125,10 @@ fn default_gratuitous_arp_interval() -> Duration {
 pub struct ProberConfig {
     /// `SCHED_FIFO` priority (1–99) for the prober thread; none by default. With it, no
     /// ordinary process on the host can delay a check or a flip; the risk is the other way
-    /// round: while it runs, nothing but the kernel runs on its CPU (it stays on the CPU up
-    /// to 300 µs before a deadline that decides a flip), and a prober with too many checks
-    /// for its intervals would hold that CPU, so keep checks at sane intervals. Needs
+    /// round: while it runs, no ordinary process runs on its CPU (it stays on the CPU up to
+    /// [`DECISIVE_LEAD`](crate::health::pipeline::DECISIVE_LEAD) before a deadline that
+    /// would take the active backend down), and a prober with too many checks for its
+    /// intervals would hold that CPU, so keep checks at sane intervals. Needs
     /// `CAP_SYS_NICE`.
     pub realtime_priority: Option<u8>,
     /// Niceness of the prober thread when it is not real-time (-20 … 19). Default 0; a

@@ -1,7 +1,7 @@
 //! Benches end to end, short: the failover bench with one trial per experiment for `lb` and
-//! for keepalived at its fastest interval, and the scale bench on a small scale. Each must
-//! measure (figures within generous bounds), write its report (and pictures), and leave
-//! nothing behind.
+//! for keepalived at its fastest interval, the throughput bench's agent overhead with short
+//! windows, and the scale bench on a small scale. Each must measure (figures within generous
+//! bounds), write its report (and pictures), and leave nothing behind.
 
 use std::{process::Command, sync::Mutex};
 
@@ -14,12 +14,23 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Runs `lb-bench ARGS… --report REPORT`; returns its stdout, after checking it succeeded.
-fn run_bench(args: &[&str], report: &std::path::Path) -> String {
+/// A bench run into a directory of its own.
+struct Run {
+    /// Holds the report and the pictures; removed with the run.
+    dir: tempfile::TempDir,
+    /// The report written.
+    text: String,
+}
+
+/// Runs `lb-bench ARGS… --report DIR/BENCHMARKS.md` in a fresh directory, and checks that
+/// it succeeded, showed `progress` while it ran, and wrote its `section`.
+fn run_bench(args: &[&str], progress: &str, section: &str) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("BENCHMARKS.md");
     let output = Command::new(env!("CARGO_BIN_EXE_lb-bench"))
         .args(args)
         .arg("--report")
-        .arg(report)
+        .arg(&report)
         .output()
         .expect("lb-bench runs");
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
@@ -28,7 +39,16 @@ fn run_bench(args: &[&str], report: &std::path::Path) -> String {
         "lb-bench failed:\n{stdout}\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    stdout
+    assert!(
+        stdout.contains(&format!("bench: {progress}")),
+        "no progress shown:\n{stdout}"
+    );
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        text.contains(&format!("<!-- bench:{section} begin -->")),
+        "{text}"
+    );
+    Run { dir, text }
 }
 
 /// The mean (ms) of `label`'s row in the first table after `heading`.
@@ -47,9 +67,7 @@ fn mean_after(report: &str, heading: &str, label: &str) -> f64 {
 #[test]
 fn failover_bench_measures_reports_and_cleans_up() {
     let _serial = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("BENCHMARKS.md");
-    let stdout = run_bench(
+    let Run { dir, text } = run_bench(
         &[
             "failover",
             "--trials",
@@ -59,15 +77,10 @@ fn failover_bench_measures_reports_and_cleans_up() {
             "--keepalived-advert",
             "0.01",
         ],
-        &report,
+        "lb (XDP",
+        "failover",
     );
-    assert!(
-        stdout.contains("bench: lb (XDP"),
-        "no progress shown:\n{stdout}"
-    );
-    let text = std::fs::read_to_string(&report).unwrap();
     assert!(text.starts_with("# Benchmarks"), "{text}");
-    assert!(text.contains("<!-- bench:failover begin -->"), "{text}");
     assert!(text.contains("- Machine: "), "{text}");
     // Both default setups of `lb` are measured.
     for lb in [
@@ -93,6 +106,24 @@ fn failover_bench_measures_reports_and_cleans_up() {
         vrrp_down > 0.0 && vrrp_down < 2000.0,
         "keepalived link-down downtime {vrrp_down} ms"
     );
+    // Every flip split into the wait before the agent acted and the rest (the split's
+    // format; its figures are the run's).
+    let flips = &text[text.find("### Flip latency of `lb`").expect("flip section")..];
+    assert!(flips.contains("| waited p99 |"), "{flips}");
+    let rows: Vec<&str> = flips
+        .lines()
+        .filter(|l| l.starts_with("| lb (XDP") && l.contains("| during the experiments above |"))
+        .collect();
+    assert_eq!(rows.len(), 2, "a flip row per setup:\n{flips}");
+    for row in rows {
+        let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+        let p99: f64 = cells[9].parse().unwrap_or_else(|_| panic!("p99 in {row}"));
+        let waited: f64 = cells[10]
+            .parse()
+            .unwrap_or_else(|_| panic!("waited in {row}"));
+        assert!(p99 > 0.0 && (0.0..=p99).contains(&waited), "{row}");
+        assert!(cells[11].contains("(waited "), "{row}");
+    }
     assert!(text.contains("### Targets (`lb`)"), "{text}");
     for picture in [
         "failover-lb.svg",
@@ -171,14 +202,87 @@ fn interrupted_failover_bench_leaves_nothing_behind() {
     }
 }
 
+/// The throughput bench's agent overhead alone, with short windows: every scenario measured
+/// with its checks running and its backends up, the wake-up floor beside it, and no
+/// namespace or pin left behind.
+#[test]
+fn throughput_bench_measures_the_agents_overhead_and_cleans_up() {
+    let _serial = one_at_a_time();
+    let Run { dir: _dir, text } = run_bench(
+        &[
+            "throughput",
+            "--no-traffic",
+            "--no-cost",
+            "--overhead-secs",
+            "2",
+            "--services",
+            "10",
+        ],
+        "agent overhead",
+        "throughput",
+    );
+    // Each scenario measured in each of its placements: probes sent at about the rate the
+    // checks call for, the backends up (at 1 ms a healthy backend on this loaded testbed
+    // may be out for a moment when the window ends), CPU time counted.
+    for (scenario, backends, least_up, least_probes) in [
+        ("1 service, 2 backends, 1 ms checks", 2, 1, 1000.0),
+        ("10 services, 2 backends each, 100 ms checks", 20, 20, 100.0),
+    ] {
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with(&format!("| {scenario} |")))
+            .collect();
+        assert!(!rows.is_empty(), "no row for {scenario}:\n{text}");
+        for row in rows {
+            let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+            let probes: f64 = cells[5]
+                .parse()
+                .unwrap_or_else(|_| panic!("probes/s in {row}"));
+            let failed: f64 = cells[6]
+                .parse()
+                .unwrap_or_else(|_| panic!("failed in {row}"));
+            assert!(probes >= least_probes, "{row}");
+            assert!(failed < probes / 10.0, "{row}");
+            let (up, of) = cells[7]
+                .split_once('/')
+                .unwrap_or_else(|| panic!("up in {row}"));
+            assert_eq!(of, backends.to_string(), "{row}");
+            assert!(up.parse::<usize>().is_ok_and(|up| up >= least_up), "{row}");
+            let cpu: f64 = cells[8]
+                .split_whitespace()
+                .next()
+                .and_then(|c| c.parse().ok())
+                .unwrap_or_else(|| panic!("CPU in {row}"));
+            assert!(cpu > 0.0 && cpu < 100.0, "{row}");
+        }
+    }
+    assert!(
+        text.contains("a thread that only waits on the agent's timer"),
+        "no wake-up floor:\n{text}"
+    );
+    let namespaces = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    let namespaces = String::from_utf8_lossy(&namespaces.stdout);
+    assert!(
+        !namespaces.contains("lbt-"),
+        "namespaces left behind:\n{namespaces}"
+    );
+    let pins: Vec<String> = std::fs::read_dir("/sys/fs/bpf")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|name| name.starts_with("lbt-"))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(pins.is_empty(), "pins left behind: {pins:?}");
+}
+
 /// The scale bench, small: it measures both shapes and the agent, writes its section, and
 /// leaves no namespace, pin or attachment behind.
 #[test]
 fn scale_bench_measures_reports_and_cleans_up() {
     let _serial = one_at_a_time();
-    let dir = tempfile::tempdir().unwrap();
-    let report = dir.path().join("BENCHMARKS.md");
-    let stdout = run_bench(
+    let Run { dir: _dir, text } = run_bench(
         &[
             "scale",
             "--services",
@@ -190,14 +294,9 @@ fn scale_bench_measures_reports_and_cleans_up() {
             "--runs",
             "1000",
         ],
-        &report,
+        "per-packet cost",
+        "scale",
     );
-    assert!(
-        stdout.contains("bench: per-packet cost"),
-        "no progress shown:\n{stdout}"
-    );
-    let text = std::fs::read_to_string(&report).unwrap();
-    assert!(text.contains("<!-- bench:scale begin -->"), "{text}");
     // Both shapes measured, every flow written found in the table.
     for row in ["| 1 | 4096 | 4096 |", "| 50 | 20000 | 20000 |"] {
         assert!(text.contains(row), "no row {row}:\n{text}");

@@ -247,6 +247,9 @@ mod tests {
         c.record(false, 2, 3);
         c.record(false, 2, 3);
         assert!(!c.next_failure_decides(3), "down already");
+        let mut c = CheckCounter::starting_up();
+        c.record(false, 2, 2);
+        assert!(c.next_failure_decides(2), "one miss of two");
         let passing = CheckCounter::starting_up();
         assert!(
             !passing.next_failure_decides(1),

@@ -224,7 +224,8 @@ impl ServiceRuntime {
     }
 
     /// Records one probe result of check `check` of backend `position`; returns what the
-    /// check's next miss would do, for the prober to be awake at a deadline that decides.
+    /// check's next miss would do: [`NextMiss::Decides`] when it would take the active
+    /// backend down, for the prober to be on the CPU at that deadline.
     pub fn record(
         self: &Arc<Self>,
         position: usize,
@@ -260,8 +261,11 @@ impl ServiceRuntime {
             };
             report = self.apply(&mut state, position, at, &cause);
         }
+        // Only the active backend's going down moves traffic: the prober is on the CPU for
+        // that deadline alone.
         let backend = &state.backends[position];
-        let next_miss = if backend.up && backend.checks[check].next_failure_decides(health.fall) {
+        let flips = state.active == Some(position) && backend.up && !backend.drained;
+        let next_miss = if flips && backend.checks[check].next_failure_decides(health.fall) {
             NextMiss::Decides
         } else {
             NextMiss::Counts
@@ -407,7 +411,11 @@ impl ServiceRuntime {
                     let mut state = runtime.state.lock().expect("service state lock");
                     state.recheck_at = None;
                     let cause = || "failback delay elapsed".to_string();
-                    if let Some(change) = runtime.decide(&mut state, Evidence::now(), &cause) {
+                    let at = Evidence {
+                        at: due,
+                        seen: Instant::now(),
+                    };
+                    if let Some(change) = runtime.decide(&mut state, at, &cause) {
                         runtime.log_change(&change);
                     }
                 });

@@ -7,6 +7,7 @@
 
 pub mod icmp;
 pub mod pipeline;
+mod schedule;
 pub mod stagger;
 pub mod thread;
 pub mod timer;

@@ -8,8 +8,8 @@
 //! thread. Armed periodic on the probe grid, it needs no
 //! `timerfd_settime` while the wake-ups stay on that grid, which at 1 ms checks is every
 //! wake-up of a healthy pool. A wake-up is still late by whatever the host runs first (its
-//! interrupts and receive work); before a deadline that decides a flip the prober wakes
-//! early and stays on the CPU for the rest ([`spin_until`]).
+//! interrupts and receive work); before a deadline that would take the active backend down
+//! a real-time prober wakes early and stays on the CPU for the rest ([`spin_until`]).
 
 use std::{
     os::fd::{AsFd, AsRawFd, RawFd},
@@ -154,6 +154,27 @@ pub fn spin_until(deadline: Instant) {
     while Instant::now() < deadline {
         std::hint::spin_loop();
     }
+}
+
+/// Whether the calling thread may wait on the CPU ([`spin_until`]): it runs under a
+/// real-time policy, so no ordinary process preempts it while it spins (an ordinary thread
+/// that spins uses up its share, and the scheduler may then put it aside for a whole slice
+/// right at the instant it waits for), and it may run on more than one CPU, so that its
+/// spin leaves another CPU to everything else. Asked of the kernel each time: the thread's
+/// policy and CPUs can be changed under it (`chrt`, `taskset`, a cpuset).
+pub fn may_spin() -> bool {
+    use nix::sched::{sched_getaffinity, CpuSet};
+    // SAFETY: sched_getscheduler(2) of the calling thread (pid 0) only reads its policy.
+    let policy = unsafe { libc::sched_getscheduler(0) };
+    if policy != libc::SCHED_FIFO && policy != libc::SCHED_RR {
+        return false;
+    }
+    sched_getaffinity(nix::unistd::Pid::from_raw(0)).is_ok_and(|set| {
+        (0..CpuSet::count())
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .nth(1)
+            .is_some()
+    })
 }
 
 #[cfg(test)]
