@@ -223,10 +223,17 @@ fn throughput_bench_measures_the_agents_overhead_and_cleans_up() {
     );
     // Each scenario measured in each of its placements: probes sent at about the rate the
     // checks call for, the backends up (at 1 ms a healthy backend on this loaded testbed
-    // may be out for a moment when the window ends), CPU time counted.
-    for (scenario, backends, least_up, least_probes) in [
-        ("1 service, 2 backends, 1 ms checks", 2, 1, 1000.0),
-        ("10 services, 2 backends each, 100 ms checks", 20, 20, 100.0),
+    // may be out for a moment when the window ends), CPU time counted (the kernel counts it
+    // in 10 ms ticks, which 2 s of 100 ms checks may not reach).
+    for (scenario, backends, least_up, least_probes, some_cpu) in [
+        ("1 service, 2 backends, 1 ms checks", 2, 1, 1000.0, true),
+        (
+            "10 services, 2 backends each, 100 ms checks",
+            20,
+            20,
+            100.0,
+            false,
+        ),
     ] {
         let rows: Vec<&str> = text
             .lines()
@@ -253,7 +260,10 @@ fn throughput_bench_measures_the_agents_overhead_and_cleans_up() {
                 .next()
                 .and_then(|c| c.parse().ok())
                 .unwrap_or_else(|| panic!("CPU in {row}"));
-            assert!(cpu > 0.0 && cpu < 100.0, "{row}");
+            assert!(
+                (0.0..100.0).contains(&cpu) && (cpu > 0.0 || !some_cpu),
+                "{row}"
+            );
         }
     }
     assert!(
