@@ -184,7 +184,9 @@ pub async fn run(checks: Vec<Check>) -> Result<()> {
             woke = timer.sleep_until(wake, period) => {
                 woke?;
                 decide(&mut schedules, echo_socket.as_deref(), Instant::now());
-                let spin = spin_target(&schedules, Instant::now()).filter(|_| early.is_some());
+                // Only a wake-up that may have been early looks for a spin: a healthy pool's
+                // wake-ups scan nothing more.
+                let spin = early.and_then(|_| spin_target(&schedules, Instant::now()));
                 if let Some(until) = spin {
                     timer::spin_until(until);
                     decide(&mut schedules, echo_socket.as_deref(), Instant::now());
