@@ -1,5 +1,6 @@
 //! The commands that talk to a running agent through its control socket: `lb status`,
-//! `lb flows`, `lb activate`, `lb drain`, `lb undrain`, `lb reload`, `lb role`, `lb notify`.
+//! `lb flows`, `lb activate`, `lb drain`, `lb undrain`, `lb reload`, `lb role`, `lb notify`,
+//! and `lb down` while an agent runs.
 
 use std::path::{Path, PathBuf};
 
@@ -91,6 +92,14 @@ impl Agent {
         let text = self.call(reqwest::Method::POST, "/reload").await?;
         println!("{}", text.trim());
         Ok(())
+    }
+
+    /// `lb down` while the agent runs: asks it to remove the dataplane pinned in `pin_path`
+    /// and stop; what it removed.
+    pub async fn down(&self, pin_path: &Path) -> Result<String> {
+        let pin_path = pin_path.to_string_lossy();
+        self.call_with(reqwest::Method::POST, "/down", &[("pin_path", &pin_path)])
+            .await
     }
 
     /// `lb role ROLE` and `lb notify`: makes the agent's host `role`; `why` goes to its log.

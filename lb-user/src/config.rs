@@ -118,7 +118,8 @@ fn default_gratuitous_arp_interval() -> Duration {
 }
 
 /// Scheduling of the prober thread (`[prober]`): the one thread that sends every health
-/// check, sees its answer or its deadline, decides, and writes the flip. The agent's other
+/// check, sees its answer or its deadline, reads the kernel's link events, decides, and
+/// writes the flip. The agent's other
 /// work (scrapes, control requests, logging) runs on other threads.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]

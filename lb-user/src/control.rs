@@ -4,9 +4,10 @@
 //!   `/flows` (the connection table) — [`read_router`];
 //! - the control socket (`control_socket`, a Unix socket only root may open): the same,
 //!   plus what changes state: `POST /services/{service}/activate/{backend}`,
-//!   `…/drain/{backend}`, `…/undrain/{backend}`, `POST /reload` and `POST /role/{role}`
-//!   (pair mode) — [`control_router`].
-//!   Every `lb` command but `run`, `down` and `demo` talks to it.
+//!   `…/drain/{backend}`, `…/undrain/{backend}`, `POST /reload`, `POST /role/{role}`
+//!   (pair mode) and `POST /down` — [`control_router`].
+//!   Every `lb` command but `run`, `check-config` and `demo` talks to it (`down` only
+//!   while an agent runs).
 
 use std::{
     os::unix::fs::PermissionsExt,
@@ -50,8 +51,8 @@ pub struct AgentState {
     pub census: Arc<std::sync::Mutex<Census>>,
     /// The engine and attachments in force; a reload replaces them.
     running: RwLock<Arc<Running>>,
-    /// Where `POST /reload` hands a reload to the agent's main loop.
-    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+    /// Where `POST /reload` and `POST /down` hand their request to the agent's main loop.
+    reloads: tokio::sync::mpsc::Sender<AgentRequest>,
     /// What is known of the pair peer.
     pub peer: Arc<crate::pair::sync::PeerView>,
     /// The census, the pair link and the keepalived follower.
@@ -66,22 +67,36 @@ pub struct Running {
     pub interfaces: Vec<InterfaceStatus>,
 }
 
-/// A reload asked for through the control socket, and where its outcome goes (a summary,
-/// or the error that refused it).
-pub type ReloadRequest = tokio::sync::oneshot::Sender<Result<String, String>>;
+/// Where the outcome of an [`AgentRequest`] goes: a summary, or the error that refused it.
+pub type Reply = tokio::sync::oneshot::Sender<Result<String, String>>;
+
+/// What the agent's main loop is asked to do, through the control socket or by the engine.
+#[derive(Debug)]
+pub enum AgentRequest {
+    /// Read the config file again and apply it as a diff.
+    Reload(Reply),
+    /// Stop, remove the dataplane pinned in `pin_path` (which must be the agent's own),
+    /// and exit with [`crate::agent::EXIT_TAKEN_DOWN`] (`lb down`).
+    Down {
+        /// The pin directory `lb down` means to remove.
+        pin_path: std::path::PathBuf,
+        /// Told what was removed, just before the agent exits.
+        reply: Reply,
+    },
+}
 
 /// Shared handle on the agent state.
 pub type Shared = Arc<AgentState>;
 
 impl AgentState {
-    /// The state of a started agent; reload requests go to `reloads`.
+    /// The state of a started agent; reload and down requests go to `reloads`.
     pub fn new(
         plan: CurrentPlan,
         maps: Arc<MapWriter>,
         metrics: Arc<Metrics>,
         census: Arc<std::sync::Mutex<Census>>,
         running: Running,
-        reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+        reloads: tokio::sync::mpsc::Sender<AgentRequest>,
         peer: Arc<crate::pair::sync::PeerView>,
     ) -> Self {
         AgentState {
@@ -98,7 +113,7 @@ impl AgentState {
 
     /// A sender of reload requests to the agent's main loop (for reloads the agent decides
     /// itself, such as a NIC made again; their outcome is only logged).
-    pub fn reload_requests(&self) -> tokio::sync::mpsc::Sender<ReloadRequest> {
+    pub fn reload_requests(&self) -> tokio::sync::mpsc::Sender<AgentRequest> {
         self.reloads.clone()
     }
 
@@ -347,6 +362,7 @@ pub fn control_router(state: Shared) -> Router {
         .route("/services/{service}/drain/{backend}", post(drain))
         .route("/services/{service}/undrain/{backend}", post(undrain))
         .route("/reload", post(reload))
+        .route("/down", post(down))
         .route("/role/{role}", post(set_role))
         .with_state(state)
 }
@@ -400,7 +416,36 @@ async fn healthz(State(state): State<Shared>) -> (StatusCode, String) {
 /// `POST /reload`: handed to the agent's main loop; answers with its outcome.
 async fn reload(State(state): State<Shared>) -> (StatusCode, String) {
     let (reply, outcome) = tokio::sync::oneshot::channel();
-    if state.reloads.send(reply).await.is_err() {
+    ask_main_loop(&state, AgentRequest::Reload(reply), outcome).await
+}
+
+/// Where `lb down` says which dataplane it means.
+#[derive(Debug, Deserialize)]
+struct DownTarget {
+    pin_path: std::path::PathBuf,
+}
+
+/// `POST /down?pin_path=DIR`: handed to the agent's main loop, which removes the dataplane
+/// and answers with what it removed before it exits.
+async fn down(
+    State(state): State<Shared>,
+    Query(target): Query<DownTarget>,
+) -> (StatusCode, String) {
+    let (reply, outcome) = tokio::sync::oneshot::channel();
+    let request = AgentRequest::Down {
+        pin_path: target.pin_path,
+        reply,
+    };
+    ask_main_loop(&state, request, outcome).await
+}
+
+/// Sends `request` to the agent's main loop and answers with its `outcome`.
+async fn ask_main_loop(
+    state: &AgentState,
+    request: AgentRequest,
+    outcome: tokio::sync::oneshot::Receiver<Result<String, String>>,
+) -> (StatusCode, String) {
+    if state.reloads.send(request).await.is_err() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is stopping\n".into(),

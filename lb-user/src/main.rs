@@ -75,16 +75,21 @@ enum Command {
         #[command(flatten)]
         socket: Socket,
     },
-    /// Remove the dataplane for good: detach the program from every NIC and remove its
-    /// pinned maps (the connection table and counters with them). `lb run` leaves the
-    /// dataplane forwarding when it stops; this is how it goes. Refused while an agent runs.
+    /// Stop for good: detach the program from every NIC and remove its pinned maps (the
+    /// connection table and counters with them). A running agent is asked to do it through
+    /// its control socket, and exits with status 3, which its service manager does not
+    /// restart; without an agent, `lb down` removes the pins itself.
     Down {
-        /// Take `pin_path` from this config file.
+        /// Take `pin_path` and `control_socket` from this config file.
         #[arg(long, short)]
         config: Option<PathBuf>,
         /// The pin directory [default: the config's `pin_path`, else /sys/fs/bpf/lb].
         #[arg(long, env = "LB_PIN_PATH")]
         pin_path: Option<PathBuf>,
+        /// The running agent's control socket [default: the config's `control_socket`,
+        /// else /run/lb/lb.sock].
+        #[arg(long = "socket", env = "LB_SOCKET")]
+        socket: Option<PathBuf>,
     },
     /// Validate a config file and print the resolved plan.
     CheckConfig {
@@ -204,7 +209,7 @@ fn main() -> Result<()> {
                 pin_path,
                 control_socket,
             } => {
-                agent::run(RunOptions {
+                let ended = agent::run(RunOptions {
                     config,
                     ifaces,
                     xdp_mode,
@@ -212,16 +217,28 @@ fn main() -> Result<()> {
                     pin_path,
                     control_socket,
                 })
-                .await
+                .await?;
+                if ended == agent::Ended::TakenDown {
+                    // Everything is removed already; the status tells a service manager
+                    // not to start the agent again.
+                    std::process::exit(agent::EXIT_TAKEN_DOWN);
+                }
+                Ok(())
             }
             Command::CheckConfig { config } => check_config(&config).await,
-            Command::Down { config, pin_path } => {
-                let pin_path = match (pin_path, config) {
-                    (Some(pin_path), _) => pin_path,
-                    (None, Some(config)) => Config::load(&config)?.pin_path,
-                    (None, None) => DEFAULT_PIN_PATH.into(),
-                };
-                down(&pin_path)
+            Command::Down {
+                config,
+                pin_path,
+                socket,
+            } => {
+                let config = config.map(|path| Config::load(&path)).transpose()?;
+                let pin_path = pin_path
+                    .or_else(|| config.as_ref().map(|c| c.pin_path.clone()))
+                    .unwrap_or_else(|| DEFAULT_PIN_PATH.into());
+                let socket = socket
+                    .or_else(|| config.as_ref().map(|c| c.control_socket.clone()))
+                    .unwrap_or_else(|| DEFAULT_CONTROL_SOCKET.into());
+                down(&pin_path, &socket).await
             }
             Command::Demo { duration } => demo::run(std::time::Duration::from_secs(duration)).await,
             Command::Status { socket } => client::Agent::new(&socket.path)?.status().await,
@@ -329,19 +346,23 @@ async fn check_config(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn down(pin_path: &std::path::Path) -> Result<()> {
-    let removed = agent::down(pin_path)?;
-    if removed.links.is_empty() && removed.maps.is_empty() {
-        println!("nothing pinned in {}", pin_path.display());
-        return Ok(());
-    }
-    for iface in &removed.links {
-        println!("detached from {iface}");
-    }
-    println!(
-        "removed {} maps and {}",
-        removed.maps.len(),
-        pin_path.display()
-    );
+/// `lb down`: through the running agent when there is one, else by itself.
+async fn down(pin_path: &std::path::Path, socket: &std::path::Path) -> Result<()> {
+    let text = if agent::agent_runs_on(pin_path)? {
+        client::Agent::new(socket)?
+            .down(pin_path)
+            .await
+            .with_context(|| {
+                format!(
+                    "an lb agent runs on pin directory {}, and it did not take the dataplane \
+                     down (its control socket: --socket, LB_SOCKET or the config's \
+                     control_socket)",
+                    pin_path.display()
+                )
+            })?
+    } else {
+        agent::down(pin_path)?.describe(pin_path)
+    };
+    print!("{text}");
     Ok(())
 }

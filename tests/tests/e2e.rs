@@ -78,6 +78,33 @@ fn http_udp_and_ping_reach_the_master_through_the_vip_and_follow_a_flip() {
         status.contains("last change: master -> slave (manual activation)"),
         "{status}"
     );
+    // Each backend's checks: the last result and when.
+    let checks: Vec<&str> = status
+        .lines()
+        .filter(|l| l.trim_start().starts_with("checks: "))
+        .collect();
+    assert!(
+        checks.len() >= 2
+            && checks
+                .iter()
+                .all(|l| l.contains(" ok ") && l.contains(" ms ago") && !l.contains("FAILED")),
+        "{status}"
+    );
+
+    // Once every check has passed `rise` times, no backend is said to be starting.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (_, status, _) = bed.output(Host::Switch, &lb, &["status"]).unwrap();
+        if !status.contains("(starting)") {
+            assert!(status.contains("(every check passed 3 times)"), "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still starting after 5 s of passing checks:\n{status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 
     // And back.
     let (ok, _, err) = bed
@@ -196,14 +223,69 @@ fn a_second_agent_on_the_same_nics_is_refused() {
     assert!(ok, "{err}");
     assert!(!std::path::Path::new("/sys/fs/bpf/lbe2e-twice-other").exists());
 
-    // `lb down` is refused while the agent runs; the first agent is unharmed.
-    let (ok, _, err) = bed.output(Host::Switch, &lb, &["down"]).unwrap();
+    // `lb down` that cannot reach the running agent is refused: the pins are not taken
+    // from under it, and the first agent is unharmed.
+    let (ok, _, err) = bed
+        .output(Host::Switch, "env", &[other_socket, &lb, "down"])
+        .unwrap();
     assert!(!ok, "lb down removed a running agent's dataplane");
-    assert!(err.contains("an lb agent is running"), "{err}");
+    assert!(err.contains("an lb agent runs on pin directory"), "{err}");
     assert_eq!(bed.http_get_vip().unwrap(), "master");
     assert!(bed.processes[first].terminate().unwrap());
     assert!(bed.output(Host::Switch, &lb, &["down"]).unwrap().0);
     assert!(!bed.switch_has_xdp().unwrap());
+}
+
+#[test]
+fn lb_down_stops_a_running_agent_for_good_in_one_command() {
+    let mut bed = Testbed::new("lbe2e-down").expect("testbed");
+    bed.start_web_server(Host::Master, "master").unwrap();
+    let config = bed.write_file("lb.toml", &bed.config(LISTEN)).unwrap();
+    // The agent's log goes to a file, as under a service manager.
+    let log_path = bed.write_file("lb.log", "").unwrap();
+    let mut run = bed.lb_command().unwrap();
+    run.args(["run", "--config", config.to_str().unwrap()])
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    bed.processes
+        .push(lb_user::testbed::process::Process::spawn(run, "lb").unwrap());
+    let agent = bed.processes.len() - 1;
+    bed.wait_for_agent(agent, LISTEN).unwrap();
+    assert_eq!(bed.http_get_vip().unwrap(), "master");
+
+    let lb = lb_binary().unwrap();
+    let (ok, out, err) = bed.output(Host::Switch, &lb, &["down"]).unwrap();
+    assert!(ok, "lb down failed: {out}{err}");
+    assert!(out.contains("detached from c0"), "{out}");
+    // The agent exits with the status a service manager does not restart.
+    let status = bed.processes[agent]
+        .wait_exit(std::time::Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        status.code(),
+        Some(lb_user::agent::EXIT_TAKEN_DOWN),
+        "the agent exited with {status}"
+    );
+    assert!(
+        !bed.switch_has_xdp().unwrap(),
+        "an XDP program was left attached"
+    );
+    assert!(!bed.pin_path().exists(), "pins left behind");
+    assert!(
+        !bed.control_socket().exists(),
+        "the control socket was left behind"
+    );
+    assert!(bed.http_get_vip().is_err(), "the VIP still answers");
+    // Nothing is left to remove.
+    let (ok, out, err) = bed.output(Host::Switch, &lb, &["down"]).unwrap();
+    assert!(ok && out.starts_with("nothing pinned"), "{out}{err}");
+    // A log that is not a terminal is plain text.
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("lb down: stopping"), "{log}");
+    assert!(
+        !log.contains(''),
+        "ANSI escape codes in the log file:
+{log}"
+    );
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! `lb run`: resolve the plan, load the program on the pinned maps (adopting a running
 //! dataplane), write the plan, attach, start the failover engine and the endpoints; apply
 //! a changed config on SIGHUP or `lb reload`; on SIGINT/SIGTERM stop, leaving the dataplane
-//! forwarding. `lb down` removes it.
+//! forwarding. `lb down` removes it (asking the running agent to, when there is one).
 //!
 //! - `setup`: starting (load, adopt, write, attach, engine);
 //! - `reload`: a changed config applied as a diff;
@@ -18,10 +18,24 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     config::{Config, XdpModeSetting},
-    control,
+    control::{self, AgentRequest},
     dataplane::pins::{self, Pins, Removed},
     plan::Plan,
 };
+
+/// Exit status of `lb run` when `lb down` took its dataplane down: not a failure, and not
+/// to be restarted (the systemd unit says both: `SuccessExitStatus=`,
+/// `RestartPreventExitStatus=`).
+pub const EXIT_TAKEN_DOWN: i32 = 3;
+
+/// How a run of the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// SIGINT or SIGTERM: the agent stopped alone; the dataplane forwards on.
+    Stopped,
+    /// `lb down`: the dataplane is removed; `lb run` exits with [`EXIT_TAKEN_DOWN`].
+    TakenDown,
+}
 
 /// Options of `lb run` beyond the config file.
 #[derive(Debug, Clone, Default)]
@@ -54,13 +68,19 @@ impl RunOptions {
     }
 }
 
-/// Runs the agent until SIGINT or SIGTERM.
+/// Runs the agent until SIGINT, SIGTERM or `lb down`.
 ///
 /// The dataplane is pinned in the config's `pin_path`: what a previous agent left there is
 /// adopted (see [`crate::dataplane::Dataplane::load_pinned`]), and on SIGINT/SIGTERM the
 /// agent stops alone — the program stays attached and forwards with the last decision
-/// until an agent adopts it again, or [`down`] removes it.
-pub async fn run(options: RunOptions) -> Result<()> {
+/// until an agent adopts it again, or [`down`] removes it. Asked by `lb down` (through the
+/// control socket), the agent stops and removes the dataplane itself.
+pub async fn run(options: RunOptions) -> Result<Ended> {
+    // First of all: a signal that arrives while the agent starts is acted on once it has
+    // started (SIGHUP's default action would kill it).
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let mut config = options.load_config()?;
     let plan = Plan::resolve(&config, &options.ifaces).await?;
     // Taken before anything is attached: a busy port must not cost any traffic.
@@ -128,15 +148,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // Without a watchdog the tick is never fed to anyone: a day apart costs nothing.
     let mut watchdog =
         tokio::time::interval(watchdog_interval.unwrap_or(Duration::from_secs(86_400)));
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let mut taken_down = None;
     loop {
         let reply = tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM received, stopping"); break; }
             _ = int.recv() => { tracing::info!("SIGINT received, stopping"); break; }
             _ = hup.recv() => { tracing::info!("SIGHUP received, reloading"); None }
-            Some(reply) = reloads.recv() => Some(reply),
+            Some(request) = reloads.recv() => match request {
+                AgentRequest::Reload(reply) => Some(reply),
+                AgentRequest::Down { pin_path, reply } => {
+                    if same_dir(&pin_path, &config.pin_path) {
+                        tracing::info!("lb down: stopping and removing the dataplane");
+                        taken_down = Some(reply);
+                        break;
+                    }
+                    let _ = reply.send(Err(format!(
+                        "this agent runs on pin directory {}, not {}",
+                        config.pin_path.display(),
+                        pin_path.display()
+                    )));
+                    continue;
+                }
+            },
             _ = watchdog.tick() => {
                 // Fed while the engine's probes and carrier watcher and the background
                 // tasks run: a dead one stops the feeding, and the service manager
@@ -174,6 +207,27 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     notify::stopping();
     let _ = stop.send(true);
+    if let Some(reply) = taken_down {
+        // The engine first, so that nothing is written on the way out; then the lock on
+        // the pin directory goes with the dataplane, and the directory with its pins.
+        state.running().engine.stop();
+        state.background.abort_all();
+        drop(dataplane);
+        let removed = pins::remove(&config.pin_path)
+            .map(|removed| removed.describe(&config.pin_path))
+            .map_err(|e| format!("{e:#}"));
+        match &removed {
+            Ok(summary) => tracing::info!("{}", summary.trim_end().replace('\n', "; ")),
+            Err(e) => tracing::error!("lb down: {e}"),
+        }
+        let _ = reply.send(removed);
+        // The control socket's server ends once `lb down` has its answer.
+        for server in [http, control_server] {
+            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+        }
+        let _ = std::fs::remove_file(&config.control_socket);
+        return Ok(Ended::TakenDown);
+    }
     for server in [http, control_server] {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
@@ -185,13 +239,28 @@ pub async fn run(options: RunOptions) -> Result<()> {
         pin_path = %config.pin_path.display(),
         "stopped; the dataplane forwards on with the last decision (`lb down` removes it)"
     );
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
-/// `lb down`: removes the dataplane pinned in `pin_path` — every attachment (the program
-/// leaves each NIC) and every map. Refused while an agent runs on it.
+/// Whether `a` and `b` name the same directory (as given, or once resolved).
+fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
+    a == b
+        || matches!(
+            (std::fs::canonicalize(a), std::fs::canonicalize(b)),
+            (Ok(a), Ok(b)) if a == b
+        )
+}
+
+/// `lb down` with no agent running: removes the dataplane pinned in `pin_path` — every
+/// attachment (the program leaves each NIC) and every map. Refused while an agent runs on
+/// it (see [`agent_runs_on`]: that agent is asked instead, through its control socket).
 pub fn down(pin_path: &std::path::Path) -> Result<Removed> {
     pins::remove(pin_path)
+}
+
+/// Whether an agent runs on pin directory `pin_path` (it holds the directory's lock).
+pub fn agent_runs_on(pin_path: &std::path::Path) -> Result<bool> {
+    pins::in_use(pin_path)
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

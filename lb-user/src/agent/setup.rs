@@ -14,10 +14,11 @@ use lb_common::map_names;
 use super::RunOptions;
 use crate::{
     config::{Config, Role, XdpModeSetting},
-    control::{AgentState, InterfaceStatus, ReloadRequest, Running},
+    control::{AgentRequest, AgentState, InterfaceStatus, Running},
     dataplane::{apply::Applied, pins::Pins, Adoption, Attached, Dataplane, MapWriter},
     failover::{engine::NetWatch, Engine},
     flows::{self, Census},
+    health::thread::ProberThread,
     metrics::Metrics,
     net::{self, events::NetEvents, Netlink, XdpAttachment},
     pair::sync::{PairLink, PeerView},
@@ -39,7 +40,7 @@ pub async fn start(
     options: &RunOptions,
     mut plan: Plan,
     pins: Pins,
-    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+    reloads: tokio::sync::mpsc::Sender<AgentRequest>,
 ) -> Result<Started> {
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
     let (mut dataplane, maps, adoption) = Dataplane::load_pinned(plan.flows.max, pins)?;
@@ -107,11 +108,14 @@ pub async fn start_engine(
     metrics: &Arc<Metrics>,
     applied: &Applied,
     previous: Option<&Engine>,
-    reloads: tokio::sync::mpsc::Sender<ReloadRequest>,
+    reloads: tokio::sync::mpsc::Sender<AgentRequest>,
 ) -> Result<Engine> {
+    // The probes, and the link events with the flips a carrier loss makes, all run on
+    // the prober thread: the thread that sees the evidence writes the map.
+    let prober = ProberThread::start(&plan.prober)?;
     // Subscribe to events before reading the current carriers: nothing in between is
     // missed.
-    let events = NetEvents::subscribe()?;
+    let events = NetEvents::subscribe(prober.handle())?;
     let netlink = Netlink::connect()?;
     let mut carriers = HashMap::new();
     for iface in &plan.interfaces {
@@ -125,10 +129,11 @@ pub async fn start_engine(
         NetWatch {
             carriers,
             events,
+            prober,
             on_nic_recreated: Box::new(move |_| {
                 // The outcome is logged by the main loop; nobody waits for it here.
                 let (reply, _) = tokio::sync::oneshot::channel();
-                let _ = reloads.try_send(reply);
+                let _ = reloads.try_send(AgentRequest::Reload(reply));
             }),
         },
         applied,

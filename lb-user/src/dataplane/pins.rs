@@ -211,6 +211,31 @@ pub struct Removed {
     pub maps: Vec<String>,
 }
 
+impl Removed {
+    /// What was removed from `dir`, one line per NIC and a last line for the maps, as
+    /// `lb down` prints it.
+    pub fn describe(&self, dir: &Path) -> String {
+        if self.links.is_empty() && self.maps.is_empty() {
+            return format!("nothing pinned in {}\n", dir.display());
+        }
+        let mut text = String::new();
+        for iface in &self.links {
+            text.push_str(&format!("detached from {iface}\n"));
+        }
+        text.push_str(&format!(
+            "removed {} maps and {}\n",
+            self.maps.len(),
+            dir.display()
+        ));
+        text
+    }
+}
+
+/// Whether an agent uses pin directory `dir` (holds its lock).
+pub fn in_use(dir: &Path) -> Result<bool> {
+    Ok(dir.exists() && lock(dir)?.is_none())
+}
+
 /// Removes pin directory `dir` and everything in it (`lb down`): every attachment goes
 /// (the program is detached from each NIC), then every map. Refused while an agent uses
 /// the directory.
@@ -221,8 +246,8 @@ pub fn remove(dir: &Path) -> Result<Removed> {
     }
     let Some(_lock) = lock(dir)? else {
         bail!(
-            "an lb agent is running on pin directory {}; stop it first (SIGTERM keeps the \
-             dataplane; `lb down` then removes it)",
+            "an lb agent is running on pin directory {}; `lb down` asks it to remove the \
+             dataplane through its control socket",
             dir.display()
         );
     };

@@ -1,5 +1,5 @@
-//! The failover engine: builds every service's state, runs the probes on the prober thread
-//! and the carrier watcher, and stops them; the decisions are the services' own
+//! The failover engine: builds every service's state, runs the probes and the carrier
+//! watcher on the prober thread, and stops them; the decisions are the services' own
 //! ([`super::service`]).
 
 use std::{
@@ -38,13 +38,16 @@ pub use super::service::{BackendState, Change, LastCheck, Report, ServiceRuntime
 pub type NicRecreated = Box<dyn Fn(&str) + Send + Sync>;
 
 /// What the engine learns about the network from: the carrier of every NIC of the plan
-/// when it starts, the link and neighbour events after that, and whom to tell when a NIC
-/// is made again.
+/// when it starts, the link and neighbour events after that, the thread they are read on,
+/// and whom to tell when a NIC is made again.
 pub struct NetWatch {
     /// Carrier per interface index, read after `events` subscribed.
     pub carriers: HashMap<u32, bool>,
-    /// Link and neighbour events.
+    /// Link and neighbour events, subscribed on `prober`'s runtime.
     pub events: NetEvents,
+    /// The thread that runs the probes and reads `events`: a carrier loss is acted on
+    /// where it is read, as a missed deadline is, under the prober's scheduling.
+    pub prober: ProberThread,
     /// Called when a NIC of the plan is made again.
     pub on_nic_recreated: NicRecreated,
 }
@@ -90,6 +93,7 @@ impl Engine {
         let NetWatch {
             carriers,
             events,
+            prober,
             on_nic_recreated,
         } = net;
         let table: Carriers = Arc::new(
@@ -103,7 +107,7 @@ impl Engine {
             services: Vec::new(),
             tasks: Mutex::new(Vec::new()),
             resolvers: Mutex::new(Vec::new()),
-            prober: ProberThread::start(&plan.prober)?,
+            prober,
         };
         for service in &plan.services {
             let first = start.active.get(&service.id).copied().unwrap_or(NO_BACKEND);
@@ -171,6 +175,7 @@ impl Engine {
                         up,
                         up_since: up.then(Instant::now),
                         last_cause,
+                        presumed: up,
                         drained: recorded_drain(&maps, &service.name, b),
                         keep_until: KEEP_FOREVER,
                         mac_known: b.mac_known,
@@ -220,7 +225,7 @@ impl Engine {
             .collect();
         let mut recreated_reported = false;
         let resyncs = metrics.netlink_resyncs.clone();
-        engine.spawn(tokio::spawn(events.run(move |event| match event {
+        let on_event = move |event: NetEvent| match event {
             NetEvent::Link {
                 carrier: event,
                 name,
@@ -257,7 +262,9 @@ impl Engine {
             NetEvent::Resynced => {
                 resyncs.inc();
             }
-        })));
+        };
+        let watcher = engine.prober.handle().spawn(events.run(on_event));
+        engine.spawn(watcher);
         let mut wanted = Vec::new();
         for service in engine.services.clone() {
             for (position, backend) in service.plan.backends.iter().enumerate() {

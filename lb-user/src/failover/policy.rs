@@ -58,6 +58,12 @@ impl CheckCounter {
         None
     }
 
+    /// Whether the check is up on evidence: its last `rise` probes passed (not only
+    /// presumed up at start).
+    pub fn confirmed(&self, rise: u32) -> bool {
+        self.up && self.successes >= rise.max(1)
+    }
+
     /// Whether the next failure changes the verdict of a check that is already failing:
     /// its next deadline decides, and the prober is awake for it. With `fall` = 1 a check
     /// has not failed yet when its next failure decides, so no deadline is singled out

@@ -70,6 +70,10 @@ pub struct BackendState {
     pub up_since: Option<Instant>,
     /// Why it last changed state.
     pub last_cause: String,
+    /// Up only by presumption since the agent started (a new service's backends, an
+    /// adopted service's active one), until every check has passed `rise` times; then
+    /// `last_cause` says so.
+    pub presumed: bool,
     /// Taken out of service by `lb drain`: it gets no new flows, whatever its health.
     pub drained: bool,
     /// Until when it may keep its sticky flows while healthy (written to `KEEP`; 0 is
@@ -211,6 +215,7 @@ impl ServiceRuntime {
             self.write_keep(position, state.backends[position].keep_until);
         }
         state.backends[position].last_cause = cause();
+        state.backends[position].presumed = false;
         self.metrics
             .backend_up
             .get_or_create(&self.backend_labels(position))
@@ -260,6 +265,17 @@ impl ServiceRuntime {
                 Err(e) => format!("{name} check failed {} times: {e:#}", health.fall),
             };
             report = self.apply(&mut state, position, at, &cause);
+        }
+        // A backend presumed up at start is up on evidence once every check has passed
+        // `rise` times.
+        let backend = &mut state.backends[position];
+        if backend.presumed
+            && backend.up
+            && result.is_ok()
+            && backend.checks.iter().all(|c| c.confirmed(health.rise))
+        {
+            backend.presumed = false;
+            backend.last_cause = format!("every check passed {} times", health.rise);
         }
         // Only the active backend's going down moves traffic: the prober is on the CPU for
         // that deadline alone.

@@ -1,6 +1,6 @@
 //! The prober thread: a single-threaded tokio runtime of its own that runs every health
-//! check of an engine, sees each answer or deadline, and makes the decision and the flip
-//! right there.
+//! check of an engine, sees each answer or deadline, reads the kernel's link events, and
+//! makes the decision and the flip right there.
 //!
 //! Kept apart from the agent's main runtime, a scrape of `/metrics`, a burst of control
 //! requests or a slow log write cannot delay a deadline or a flip; optionally the thread is

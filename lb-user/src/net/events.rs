@@ -73,11 +73,14 @@ impl Drop for NetEvents {
 
 impl NetEvents {
     /// Subscribes to the rtnetlink link and neighbour groups (of the current network
-    /// namespace).
+    /// namespace) on the runtime `on`: the socket belongs to that runtime's reactor and
+    /// its connection task runs there, so the thread that reads an event is the one that
+    /// acts on it ([`NetEvents::run`] is to be spawned there too).
     ///
     /// `LB_NETLINK_RCVBUF` (bytes) sets the socket's receive buffer, for hosts whose
     /// bursts of link events overrun the default one (an overrun costs a full re-read).
-    pub fn subscribe() -> Result<Self> {
+    pub fn subscribe(on: &tokio::runtime::Handle) -> Result<Self> {
+        let _runtime = on.enter();
         let (mut connection, handle, messages) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Neigh])
                 .context("cannot subscribe to rtnetlink events (needs CAP_NET_ADMIN)")?;

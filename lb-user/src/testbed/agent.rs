@@ -66,21 +66,27 @@ impl Testbed {
         Ok(self.processes.len() - 1)
     }
 
-    /// Stops the agent started as process `index` (SIGTERM; it is removed from the
-    /// processes) and removes the dataplane it leaves pinned (`lb down`), as an operator
-    /// stopping for good does: the switch's NICs are back on the kernel's own path.
+    /// Stops the agent started as process `index` for good, as an operator does: `lb down`,
+    /// which the agent answers by removing its dataplane and exiting with
+    /// [`crate::agent::EXIT_TAKEN_DOWN`] (it is removed from the processes). The switch's
+    /// NICs are back on the kernel's own path.
     pub fn stop_lb_for_good(&mut self, index: usize) -> Result<()> {
         let mut agent = self.processes.remove(index);
-        if !agent.terminate()? {
-            bail!("lb did not exit cleanly on SIGTERM");
-        }
-        let status = self
+        let down = self
             .lb_command()?
             .arg("down")
-            .status()
+            .output()
             .context("cannot run lb down")?;
-        if !status.success() {
-            bail!("lb down failed ({status})");
+        if !down.status.success() {
+            bail!(
+                "lb down failed ({}): {}",
+                down.status,
+                String::from_utf8_lossy(&down.stderr)
+            );
+        }
+        let status = agent.wait_exit(Duration::from_secs(10))?;
+        if status.code() != Some(crate::agent::EXIT_TAKEN_DOWN) {
+            bail!("lb exited with {status} after lb down");
         }
         Ok(())
     }

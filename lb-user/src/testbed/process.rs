@@ -48,6 +48,26 @@ impl Process {
         }
     }
 
+    /// Waits up to `within` for the child to exit by itself; its exit status (the child is
+    /// then gone from this process: dropping it signals nothing).
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> Result<std::process::ExitStatus> {
+        let child = self
+            .child
+            .as_mut()
+            .with_context(|| format!("{} is not running", self.what))?;
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                self.child = None;
+                return Ok(status);
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("{} did not exit within {within:?}", self.what);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
     /// Freezes the child (SIGSTOP: it runs no more, what it holds stays open, as for a hung
     /// process), or thaws it (SIGCONT).
     pub fn freeze(&self, frozen: bool) -> Result<()> {

@@ -43,6 +43,9 @@ impl TcpResponder {
             while !flag.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
+                        // A connection's thread that ended is let go (its stack freed):
+                        // health checks open a connection every millisecond.
+                        connections.retain(|c: &JoinHandle<()>| !c.is_finished());
                         let (flag, name) = (flag.clone(), name.clone());
                         connections.push(std::thread::spawn(move || serve(stream, &flag, &name)));
                     }
