@@ -52,7 +52,7 @@ pub struct AgentState {
     /// The engine and attachments in force; a reload replaces them.
     running: RwLock<Arc<Running>>,
     /// Where `POST /reload` and `POST /down` hand their request to the agent's main loop.
-    reloads: tokio::sync::mpsc::Sender<AgentRequest>,
+    requests: tokio::sync::mpsc::Sender<AgentRequest>,
     /// What is known of the pair peer.
     pub peer: Arc<crate::pair::sync::PeerView>,
     /// The census, the pair link and the keepalived follower.
@@ -89,14 +89,14 @@ pub enum AgentRequest {
 pub type Shared = Arc<AgentState>;
 
 impl AgentState {
-    /// The state of a started agent; reload and down requests go to `reloads`.
+    /// The state of a started agent; reload and down requests go to `requests`.
     pub fn new(
         plan: CurrentPlan,
         maps: Arc<MapWriter>,
         metrics: Arc<Metrics>,
         census: Arc<std::sync::Mutex<Census>>,
         running: Running,
-        reloads: tokio::sync::mpsc::Sender<AgentRequest>,
+        requests: tokio::sync::mpsc::Sender<AgentRequest>,
         peer: Arc<crate::pair::sync::PeerView>,
     ) -> Self {
         AgentState {
@@ -105,7 +105,7 @@ impl AgentState {
             metrics,
             census,
             running: RwLock::new(Arc::new(running)),
-            reloads,
+            requests,
             peer,
             background: Background::default(),
         }
@@ -114,7 +114,7 @@ impl AgentState {
     /// A sender of reload requests to the agent's main loop (for reloads the agent decides
     /// itself, such as a NIC made again; their outcome is only logged).
     pub fn reload_requests(&self) -> tokio::sync::mpsc::Sender<AgentRequest> {
-        self.reloads.clone()
+        self.requests.clone()
     }
 
     /// The engine and attachments in force.
@@ -445,7 +445,7 @@ async fn ask_main_loop(
     request: AgentRequest,
     outcome: tokio::sync::oneshot::Receiver<Result<String, String>>,
 ) -> (StatusCode, String) {
-    if state.reloads.send(request).await.is_err() {
+    if state.requests.send(request).await.is_err() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             "the agent is stopping\n".into(),

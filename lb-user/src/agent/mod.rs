@@ -207,39 +207,53 @@ pub async fn run(options: RunOptions) -> Result<Ended> {
     }
     notify::stopping();
     let _ = stop.send(true);
-    if let Some(reply) = taken_down {
-        // The engine first, so that nothing is written on the way out; then the lock on
-        // the pin directory goes with the dataplane, and the directory with its pins.
-        state.running().engine.stop();
-        state.background.abort_all();
-        drop(dataplane);
-        let removed = pins::remove(&config.pin_path)
-            .map(|removed| removed.describe(&config.pin_path))
-            .map_err(|e| format!("{e:#}"));
-        match &removed {
-            Ok(summary) => tracing::info!("{}", summary.trim_end().replace('\n', "; ")),
-            Err(e) => tracing::error!("lb down: {e}"),
+    // Taken down before the servers are waited for: the control socket's server ends
+    // once `lb down` has its answer.
+    let kept = match taken_down {
+        Some(reply) => {
+            take_down(&state, dataplane, &config.pin_path, reply);
+            None
         }
-        let _ = reply.send(removed);
-        // The control socket's server ends once `lb down` has its answer.
-        for server in [http, control_server] {
-            let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
-        }
-        let _ = std::fs::remove_file(&config.control_socket);
-        return Ok(Ended::TakenDown);
-    }
+        None => Some(dataplane),
+    };
     for server in [http, control_server] {
         let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     }
     let _ = std::fs::remove_file(&config.control_socket);
     state.background.abort_all();
     drop(state);
+    // The pin directory's lock goes last, with the dataplane, once the engine is gone.
+    let Some(dataplane) = kept else {
+        return Ok(Ended::TakenDown);
+    };
     drop(dataplane);
     tracing::info!(
         pin_path = %config.pin_path.display(),
         "stopped; the dataplane forwards on with the last decision (`lb down` removes it)"
     );
     Ok(Ended::Stopped)
+}
+
+/// `lb down` asked the running agent: stops the engine (nothing is written on the way
+/// out), lets go of the pin directory with `dataplane`, removes the directory with its pins
+/// and tells `reply` what was removed.
+fn take_down(
+    state: &control::AgentState,
+    dataplane: crate::dataplane::Dataplane,
+    pin_path: &std::path::Path,
+    reply: control::Reply,
+) {
+    state.running().engine.stop();
+    state.background.abort_all();
+    drop(dataplane);
+    let removed = pins::remove(pin_path)
+        .map(|removed| removed.describe(pin_path))
+        .map_err(|e| format!("{e:#}"));
+    match &removed {
+        Ok(summary) => tracing::info!("{}", summary.trim_end().replace('\n', "; ")),
+        Err(e) => tracing::error!("lb down: {e}"),
+    }
+    let _ = reply.send(removed);
 }
 
 /// Whether `a` and `b` name the same directory (as given, or once resolved).

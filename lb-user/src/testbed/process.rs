@@ -25,26 +25,21 @@ impl Process {
 
     /// Sends SIGTERM and waits for the exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> Result<bool> {
-        let Some(mut child) = self.child.take() else {
+        let Some(pid) = self.pid() else {
             return Ok(false);
         };
         // SAFETY: kill(2) on the pid of a child we have not reaped yet. SIGCONT after
         // SIGTERM: a frozen child takes its SIGTERM when thawed.
         unsafe {
-            libc::kill(child.id() as i32, libc::SIGTERM);
-            libc::kill(child.id() as i32, libc::SIGCONT);
+            libc::kill(pid as i32, libc::SIGTERM);
+            libc::kill(pid as i32, libc::SIGCONT);
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                return Ok(status.success());
+        match self.wait_exit(std::time::Duration::from_secs(10)) {
+            Ok(status) => Ok(status.success()),
+            Err(_) => {
+                self.kill();
+                anyhow::bail!("{} did not stop within 10 s of SIGTERM", self.what)
             }
-            if std::time::Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                anyhow::bail!("{} did not stop within 10 s of SIGTERM", self.what);
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
 
