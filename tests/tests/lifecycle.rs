@@ -124,18 +124,49 @@ fn a_stopped_and_restarted_agent_costs_no_request_and_keeps_the_connection_table
     assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
 
     // The client's flow is the one made before the restart (its age says so).
-    let (ok, after, err) = bed.output(Host::Switch, &lb, &["flows"]).unwrap();
+    assert!(flow_age(&bed) >= 3.0, "the flow was made anew");
+    assert!(bed.processes[second].terminate().unwrap());
+}
+
+/// The age in seconds of the client's flow to `echo`, as `lb flows` shows it.
+fn flow_age(bed: &Testbed) -> f64 {
+    let (ok, flows, err) = bed
+        .output(Host::Switch, &lb_binary().unwrap(), &["flows"])
+        .unwrap();
     assert!(ok, "{err}");
-    let line = after
+    let line = flows
         .lines()
         .find(|l| l.starts_with("echo"))
-        .unwrap_or_else(|| panic!("no flow after the restart: {after}"));
-    let age: f64 = line
-        .split_whitespace()
+        .unwrap_or_else(|| panic!("no flow of echo: {flows}"));
+    line.split_whitespace()
         .nth(6)
         .and_then(|age| age.trim_end_matches('s').parse().ok())
-        .unwrap_or_else(|| panic!("no age in {line:?}"));
-    assert!(age >= 3.0, "the flow was made anew: {line}");
+        .unwrap_or_else(|| panic!("no age in {line:?}"))
+}
+
+#[test]
+fn a_restart_with_another_table_size_carries_the_connection_table_over() {
+    let (mut bed, _turn) = testbed("lblc-resize");
+    let sized = |max: u32| format!("{}\n[flows]\nmax = {max}\n", config());
+    let capacity = |bed: &Testbed| {
+        let path = bed
+            .pin_path()
+            .join("maps")
+            .join(lb_common::map_names::FLOWS);
+        aya::maps::MapInfo::from_pin(&path).unwrap().max_entries()
+    };
+    let agent = start_agent(&mut bed, &sized(4096), LISTEN);
+    assert_eq!(capacity(&bed), 4096);
+    let stream = bed.udp_stream(30_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // `flows.max` changes only with a restart, which makes the table anew.
+    assert!(bed.processes[agent].terminate().unwrap());
+    let second = start_agent(&mut bed, &sized(8192), LISTEN);
+    let answers = stream.join().unwrap().unwrap();
+    assert_all_answered_by(&answers, "master");
+    assert_eq!(capacity(&bed), 8192);
+    assert!(flow_age(&bed) >= 3.0, "the flow was not carried over");
     assert!(bed.processes[second].terminate().unwrap());
 }
 
@@ -297,6 +328,59 @@ fn a_reload_adds_and_removes_services_without_disturbing_the_others() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(bed.processes[agent].is_running());
+    assert!(bed.processes[agent].terminate().unwrap());
+}
+
+#[test]
+fn a_reload_that_changes_a_services_checks_applies_them_at_once() {
+    let (mut bed, _turn) = testbed("lblc-checks");
+    let agent = start_agent(&mut bed, &config(), LISTEN);
+    let lb = lb_binary().unwrap();
+    // Checks only the slave passes: the master's answers start with "master".
+    let slave_only = config().replace(
+        r#"send = "health" }"#,
+        r#"send = "health", expect = "slave" }"#,
+    );
+    assert_ne!(slave_only, config());
+    let reload = |bed: &mut Testbed, text: &str| {
+        bed.write_file("lb.toml", text).unwrap();
+        let (ok, out, err) = bed.output(Host::Switch, &lb, &["reload"]).unwrap();
+        assert!(ok, "lb reload failed: {out}{err}");
+        assert!(out.contains("changed [echo]"), "{out}");
+    };
+    let active = |bed: &Testbed| {
+        let status = bed.agent_status(LISTEN).unwrap();
+        status.services[0].active.clone()
+    };
+    let wait_for = |bed: &Testbed, backend: &str| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while active(bed).as_deref() != Some(backend) {
+            assert!(Instant::now() < deadline, "{backend} did not become active");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    let stream = bed.udp_stream(30_000, PERIOD).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    reload(&mut bed, &slave_only);
+    wait_for(&bed, "slave");
+    let status = bed.agent_status(LISTEN).unwrap();
+    let master = &status.services[0].backends[0];
+    assert!(
+        !master.up,
+        "the master passes checks it cannot pass: {status:?}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    reload(&mut bed, &config());
+    wait_for(&bed, "master");
+    let answers = stream.join().unwrap().unwrap();
+    assert_eq!(unanswered(&answers), 0, "{}", summary(&answers));
+    assert_eq!(
+        lb_user::testbed::topology::answer_runs(&answers),
+        ["master", "slave", "master"],
+        "{}",
+        summary(&answers)
+    );
     assert!(bed.processes[agent].terminate().unwrap());
 }
 

@@ -43,7 +43,7 @@ pub async fn start(
     reloads: tokio::sync::mpsc::Sender<AgentRequest>,
 ) -> Result<Started> {
     let mode = options.xdp_mode.unwrap_or(config.xdp_mode);
-    let (mut dataplane, maps, adoption) = Dataplane::load_pinned(plan.flows.max, pins)?;
+    let (mut dataplane, maps, mut adoption) = Dataplane::load_pinned(plan.flows.max, pins)?;
     dataplane.forward_logs()?;
     let flow_reports = dataplane.take_flow_reports()?;
     let adopting = adoption.state_kept();
@@ -56,6 +56,11 @@ pub async fn start(
     if adopting {
         adopt_macs(&mut plan, &maps)?;
     }
+    // Before the plan is written: flows of services it drops go with the others.
+    let mut carried = match &adoption.old_table {
+        Some(old) => maps.carry_flows(old, |_| true)?,
+        None => 0,
+    };
     let applied = maps
         .apply_plan(&plan, &previous, adopting)
         .context("cannot write the plan into the maps")?;
@@ -63,6 +68,15 @@ pub async fn start(
     // Before the program is attached anywhere: a standby never serves, not for a packet.
     crate::pair::start(&maps, &plan, adoption.kept(map_names::ROLE))?;
     let interfaces = attach_all(&mut dataplane, &plan, mode, options.force).await?;
+    if let Some(old) = adoption.old_table.take() {
+        // The flows the old program made until the new one took its place.
+        carried += maps.carry_flows(&old, |flow| plan_serves(&plan, flow))?;
+        tracing::info!(
+            flows = carried,
+            capacity = plan.flows.max,
+            "connection table carried over into one of another capacity"
+        );
+    }
     let maps = Arc::new(maps);
     let census = Arc::new(Mutex::new(Census::default()));
     let current = CurrentPlan::new(plan.clone());
@@ -240,6 +254,13 @@ pub fn adopt_macs(plan: &mut Plan, maps: &MapWriter) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether `flow`'s service and backend are both in `plan`.
+fn plan_serves(plan: &Plan, flow: &lb_common::Flow) -> bool {
+    plan.services.iter().any(|service| {
+        service.id == flow.service && service.backends.iter().any(|b| b.index == flow.backend)
+    })
 }
 
 /// Logs what was adopted from the pin directory.

@@ -30,6 +30,7 @@ use aya::{
 use lb_common::{map_names, PASS_PROGRAM_NAME, PROGRAM_NAME};
 
 use crate::config::XdpModeSetting;
+use flows::OldTable;
 use pins::{MapShape, Pins, PINNED_MAPS};
 pub use writer::MapWriter;
 
@@ -65,10 +66,22 @@ pub enum Attached {
 }
 
 /// What a pinned load found in the pin directory.
-#[derive(Debug, Clone, Default)]
+#[derive(Default)]
 pub struct Adoption {
     /// The maps that were pinned with the shape the program needs, and are used as they are.
     pub kept_maps: Vec<String>,
+    /// The connection table pinned with another capacity (`flows.max` changed), whose
+    /// flows are to be copied into the new one ([`MapWriter::carry_flows`]).
+    pub old_table: Option<OldTable>,
+}
+
+impl std::fmt::Debug for Adoption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Adoption")
+            .field("kept_maps", &self.kept_maps)
+            .field("old_table", &self.old_table.is_some())
+            .finish()
+    }
 }
 
 impl Adoption {
@@ -100,12 +113,26 @@ impl Dataplane {
 
     /// Loads the program on the maps pinned in `pins`: each pinned map with the shape this
     /// program needs is used as it is (the connection table, the counters, the services and
-    /// their active backends carry on); any other map is made new and pinned.
+    /// their active backends carry on); any other map is made new and pinned. A connection
+    /// table pinned with another capacity is handed back as [`Adoption::old_table`].
     pub fn load_pinned(max_flows: u32, pins: Pins) -> Result<(Self, MapWriter, Adoption)> {
         let expected = map_shapes(max_flows)?;
-        let kept_maps = pins.keep_compatible(&expected)?;
+        let compatible = pins.keep_compatible(&expected)?;
+        let mut resized: std::collections::HashMap<String, aya::maps::MapData> =
+            compatible.resized.into_iter().collect();
+        let old_table = match (
+            resized.remove(map_names::FLOWS),
+            resized.remove(map_names::REPLIES),
+        ) {
+            (Some(flows), Some(replies)) => Some(OldTable::new(flows, replies)?),
+            _ => None,
+        };
         let (dataplane, maps) = Self::load_with(max_flows, Some(pins))?;
-        Ok((dataplane, maps, Adoption { kept_maps }))
+        let adoption = Adoption {
+            kept_maps: compatible.kept,
+            old_table,
+        };
+        Ok((dataplane, maps, adoption))
     }
 
     fn load_with(max_flows: u32, pins: Option<Pins>) -> Result<(Self, MapWriter)> {

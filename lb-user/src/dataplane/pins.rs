@@ -19,7 +19,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 use aya::{
-    maps::MapInfo,
+    maps::{MapData, MapInfo},
     programs::links::{FdLink, PinnedLink},
 };
 use lb_common::map_names;
@@ -94,6 +94,16 @@ impl std::fmt::Display for MapShape {
     }
 }
 
+/// What [`Pins::keep_compatible`] found among the pinned maps.
+#[derive(Debug, Default)]
+pub struct Compatible {
+    /// The maps pinned with the shape the program needs, used as they are.
+    pub kept: Vec<String>,
+    /// The maps pinned with the shape the program needs but another capacity (`flows.max`
+    /// changed), by name: unpinned, and open here for their entries to be copied over.
+    pub resized: Vec<(String, MapData)>,
+}
+
 /// A locked pin directory.
 #[derive(Debug)]
 pub struct Pins {
@@ -148,9 +158,10 @@ impl Pins {
 
     /// Compares every pinned map with the shape the new program needs (`expected`); a map
     /// whose shape differs is unpinned, so the loader creates a new one (the old one lives
-    /// on for as long as the running program uses it). Returns the names of the maps kept.
-    pub fn keep_compatible(&self, expected: &[(&str, MapShape)]) -> Result<Vec<String>> {
-        let mut kept = Vec::new();
+    /// on for as long as the running program uses it). A map that differs only in capacity
+    /// is opened before its pin goes, so that its entries can be copied into the new one.
+    pub fn keep_compatible(&self, expected: &[(&str, MapShape)]) -> Result<Compatible> {
+        let mut compatible = Compatible::default();
         for (name, shape) in expected {
             let path = self.map_path(name);
             if !path.exists() {
@@ -165,7 +176,22 @@ impl Pins {
                 }
             };
             if pinned.matches(shape) {
-                kept.push(name.to_string());
+                compatible.kept.push(name.to_string());
+                continue;
+            }
+            if pinned.matches(&MapShape {
+                max_entries: pinned.max_entries,
+                ..*shape
+            }) {
+                tracing::info!(
+                    map = name,
+                    pinned = pinned.max_entries,
+                    needed = shape.max_entries,
+                    "pinned map has another capacity; its entries move to a new one"
+                );
+                let old = MapData::from_pin(&path)
+                    .with_context(|| format!("cannot open pinned map {}", path.display()))?;
+                compatible.resized.push((name.to_string(), old));
             } else {
                 tracing::warn!(
                     map = name,
@@ -173,10 +199,10 @@ impl Pins {
                     needed = %shape,
                     "pinned map has another shape (new program version or config); starting a new one"
                 );
-                remove_pin(&path)?;
             }
+            remove_pin(&path)?;
         }
-        Ok(kept)
+        Ok(compatible)
     }
 
     /// The link pinned for NIC `iface`, if any.
