@@ -6,6 +6,7 @@ pub mod agent;
 pub mod bench;
 pub mod checks;
 pub mod procfs;
+pub mod restarts;
 pub mod rig;
 pub mod spoof;
 pub mod testrun;

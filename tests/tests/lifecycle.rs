@@ -3,75 +3,19 @@
 //! goes unanswered; a restarted agent adopts the pinned dataplane (connection table, active
 //! backends, the operator's drains) and starts in bad weather.
 
-use std::{
-    sync::{Mutex, MutexGuard},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use lb_user::testbed::{
-    topology::{lb_binary, unanswered, Answer, Testbed, UDP_PORT},
+    topology::{lb_binary, unanswered, Testbed},
     Host,
 };
-use tests::agent::{start_agent, wait_active};
-
-const LISTEN: &str = "127.0.0.1:9100";
-/// 10 000 requests per second.
-const PERIOD: Duration = Duration::from_micros(100);
-const HEALTH: &str = r#"{ checks = [{ type = "link" }, { type = "udp", send = "health" }], interval = "10ms", rise = 3, fall = 3 }"#;
-
-fn config() -> String {
-    format!(
-        "{}{}",
-        Testbed::config_head(LISTEN),
-        Testbed::service_toml("echo", "udp", UDP_PORT, HEALTH)
-    )
-}
-
-/// Held by each test for its whole run: these tests count every request at 10 000 per
-/// second and assert that none is lost, which measures the agent, not how a 2-core machine
-/// copes with seven testbeds, their agents and streams at once.
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-
-/// A testbed with UDP responders on master and slave, and this test's turn.
-fn testbed(name: &str) -> (Testbed, MutexGuard<'static, ()>) {
-    let turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let mut bed = Testbed::new(name).expect("testbed");
-    bed.start_udp_responder(Host::Master, "master").unwrap();
-    bed.start_udp_responder(Host::Slave, "slave").unwrap();
-    (bed, turn)
-}
-
-/// The id of the XDP program on the switch's client NIC, as `ip link` shows it.
-fn program_id(bed: &Testbed) -> u32 {
-    let (_, text, _) = bed
-        .output(Host::Switch, "ip", &["link", "show", "c0"])
-        .unwrap();
-    let id = text
-        .split("prog/xdp id ")
-        .nth(1)
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|id| id.parse().ok());
-    id.unwrap_or_else(|| panic!("no XDP program on c0: {text}"))
-}
-
-/// Who answered, as `backend × count` runs, for failure messages.
-fn summary(answers: &[Answer]) -> String {
-    format!(
-        "answered by {}; {}",
-        lb_user::testbed::topology::answer_runs(answers).join(", "),
-        lb_user::testbed::topology::describe_unanswered(answers)
-    )
-}
-
-/// Asserts that every request was answered, and all by `backend`.
-fn assert_all_answered_by(answers: &[Answer], backend: &str) {
-    assert_eq!(unanswered(answers), 0, "{}", summary(answers));
-    assert!(
-        answers.iter().all(|a| a.by.as_deref() == Some(backend)),
-        "{}",
-        summary(answers)
-    );
-}
+use tests::{
+    agent::{start_agent, wait_active},
+    restarts::{
+        assert_all_answered_by, config, flow_age, program_id, summary, testbed, HEALTH, LISTEN,
+        PERIOD,
+    },
+};
 
 #[test]
 fn a_killed_agent_costs_no_request_while_dead_nor_when_restarted() {
@@ -125,48 +69,6 @@ fn a_stopped_and_restarted_agent_costs_no_request_and_keeps_the_connection_table
 
     // The client's flow is the one made before the restart (its age says so).
     assert!(flow_age(&bed) >= 3.0, "the flow was made anew");
-    assert!(bed.processes[second].terminate().unwrap());
-}
-
-/// The age in seconds of the client's flow to `echo`, as `lb flows` shows it.
-fn flow_age(bed: &Testbed) -> f64 {
-    let (ok, flows, err) = bed
-        .output(Host::Switch, &lb_binary().unwrap(), &["flows"])
-        .unwrap();
-    assert!(ok, "{err}");
-    let line = flows
-        .lines()
-        .find(|l| l.starts_with("echo"))
-        .unwrap_or_else(|| panic!("no flow of echo: {flows}"));
-    line.split_whitespace()
-        .nth(6)
-        .and_then(|age| age.trim_end_matches('s').parse().ok())
-        .unwrap_or_else(|| panic!("no age in {line:?}"))
-}
-
-#[test]
-fn a_restart_with_another_table_size_carries_the_connection_table_over() {
-    let (mut bed, _turn) = testbed("lblc-resize");
-    let sized = |max: u32| format!("{}\n[flows]\nmax = {max}\n", config());
-    let capacity = |bed: &Testbed| {
-        let path = bed
-            .pin_path()
-            .join("maps")
-            .join(lb_common::map_names::FLOWS);
-        aya::maps::MapInfo::from_pin(&path).unwrap().max_entries()
-    };
-    let agent = start_agent(&mut bed, &sized(4096), LISTEN);
-    assert_eq!(capacity(&bed), 4096);
-    let stream = bed.udp_stream(30_000, PERIOD).unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-
-    // `flows.max` changes only with a restart, which makes the table anew.
-    assert!(bed.processes[agent].terminate().unwrap());
-    let second = start_agent(&mut bed, &sized(8192), LISTEN);
-    let answers = stream.join().unwrap().unwrap();
-    assert_all_answered_by(&answers, "master");
-    assert_eq!(capacity(&bed), 8192);
-    assert!(flow_age(&bed) >= 3.0, "the flow was not carried over");
     assert!(bed.processes[second].terminate().unwrap());
 }
 
@@ -438,6 +340,101 @@ fn under_systemd_the_agent_notifies_ready_reloading_watchdog_and_stopping() {
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
     expect("STOPPING=1");
     assert!(bed.processes[agent].terminate().is_ok());
+}
+
+/// The capabilities `deploy/lb.service` leaves the agent (its `CapabilityBoundingSet=`), as
+/// setpriv(1) names them (`bpf`, `net_admin`, …).
+fn unit_capabilities() -> Vec<String> {
+    let unit = include_str!("../../deploy/lb.service");
+    let line = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .expect("no CapabilityBoundingSet= in deploy/lb.service");
+    line.split_whitespace()
+        .map(|cap| cap.trim_start_matches("CAP_").to_lowercase())
+        .collect()
+}
+
+/// Starts `lb run` with `config` as root holding only `caps`, as the unit keeps it (the
+/// bounding set, no new privileges), its log in `log`; returns its process index.
+fn start_with_capabilities(bed: &mut Testbed, config: &str, caps: &[String], log: &str) -> usize {
+    let path = bed.write_file("lb.toml", config).unwrap();
+    let log = bed.write_file(log, "").unwrap();
+    let mut lb = bed.lb_command().unwrap();
+    lb.args(["run", "--config", path.to_str().unwrap()]);
+    let set: Vec<String> = std::iter::once("-all".to_string())
+        .chain(caps.iter().map(|cap| format!("+{cap}")))
+        .collect();
+    let mut command = std::process::Command::new("setpriv");
+    command
+        .args(["--bounding-set", &set.join(","), "--no-new-privs", "--"])
+        .arg(lb.get_program())
+        .args(lb.get_args())
+        .envs(lb.get_envs().filter_map(|(k, v)| Some((k, v?))))
+        .stderr(std::fs::File::create(log).unwrap());
+    bed.processes
+        .push(lb_user::testbed::process::Process::spawn(command, "lb").unwrap());
+    bed.processes.len() - 1
+}
+
+/// Capability sets of process `pid`: (effective, bounding), as `/proc/PID/status` gives them.
+fn capability_sets(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let set = |name: &str| {
+        let hex = status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {status}"));
+        u64::from_str_radix(hex.trim(), 16).unwrap()
+    };
+    (set("CapEff:"), set("CapBnd:"))
+}
+
+#[test]
+fn the_units_capabilities_are_all_the_agent_needs() {
+    let (mut bed, _turn) = testbed("lblc-caps");
+    let caps = unit_capabilities();
+    assert!(caps.iter().any(|cap| cap == "bpf"), "{caps:?}");
+    // With ICMP checks too, which need a raw socket.
+    let config = config().replace(
+        r#"{ type = "link" }, "#,
+        r#"{ type = "link" }, { type = "icmp" }, "#,
+    );
+    assert_ne!(config, tests::restarts::config());
+    let agent = start_with_capabilities(&mut bed, &config, &caps, "caps.log");
+    bed.wait_for_agent(agent, LISTEN).unwrap();
+    let pid = bed.processes[agent].pid().unwrap();
+    let (effective, bounding) = capability_sets(pid);
+    assert_eq!(bounding.count_ones() as usize, caps.len(), "{bounding:#x}");
+    assert_eq!(effective, bounding, "{effective:#x}");
+
+    // It serves, checks, reloads and stops for good with them.
+    wait_active(&bed, LISTEN, "echo", "master").unwrap();
+    let status = bed.agent_status(LISTEN).unwrap();
+    assert!(
+        status.services[0].backends.iter().all(|b| b.up),
+        "{status:?}"
+    );
+    assert_eq!(bed.udp_request_vip("caps").unwrap().0, "master caps");
+    let (ok, out, err) = bed
+        .output(Host::Switch, &lb_binary().unwrap(), &["reload"])
+        .unwrap();
+    assert!(ok, "lb reload failed: {out}{err}");
+    bed.stop_lb_for_good(agent).unwrap();
+
+    // Without CAP_NET_RAW it cannot open the ICMP checks' socket: it says so, exits, and
+    // leaves nothing.
+    let fewer: Vec<String> = caps.into_iter().filter(|cap| cap != "net_raw").collect();
+    let agent = start_with_capabilities(&mut bed, &config, &fewer, "fewer.log");
+    let exit = bed.processes[agent]
+        .wait_exit(Duration::from_secs(10))
+        .unwrap();
+    assert!(!exit.success(), "the agent ran without CAP_NET_RAW");
+    let log = std::fs::read_to_string(bed.dir().join("fewer.log")).unwrap();
+    assert!(log.contains("cannot open the ICMP socket"), "{log}");
+    let (_, links, _) = bed.output(Host::Switch, "ip", &["link"]).unwrap();
+    assert!(!links.contains("xdp"), "{links}");
+    assert!(!bed.pin_path().exists(), "pins left behind");
 }
 
 #[test]

@@ -15,7 +15,10 @@ use super::RunOptions;
 use crate::{
     config::{Config, Role, XdpModeSetting},
     control::{AgentRequest, AgentState, InterfaceStatus, Running},
-    dataplane::{apply::Applied, pins::Pins, Adoption, Attached, Dataplane, MapWriter},
+    dataplane::{
+        apply::Applied, carry::OldTable, pins::Pins, writer::monotonic_ns, Adoption, Attached,
+        Dataplane, MapWriter,
+    },
     failover::{engine::NetWatch, Engine},
     flows::{self, Census},
     health::thread::ProberThread,
@@ -56,10 +59,12 @@ pub async fn start(
     if adopting {
         adopt_macs(&mut plan, &maps)?;
     }
-    // Before the plan is written: flows of services it drops go with the others.
+    // The bulk of a table of another capacity, copied while the old program serves; before
+    // the plan is written, so that flows of services it drops go with the others.
+    let carry_from = monotonic_ns();
     let mut carried = match &adoption.old_table {
-        Some(old) => maps.carry_flows(old, |_| true)?,
-        None => 0,
+        Some(old) if adopting => carry(&maps, old, 0, plan.flows.max, |_| true),
+        _ => 0,
     };
     let applied = maps
         .apply_plan(&plan, &previous, adopting)
@@ -69,13 +74,18 @@ pub async fn start(
     crate::pair::start(&maps, &plan, adoption.kept(map_names::ROLE))?;
     let interfaces = attach_all(&mut dataplane, &plan, mode, options.force).await?;
     if let Some(old) = adoption.old_table.take() {
-        // The flows the old program made until the new one took its place.
-        carried += maps.carry_flows(&old, |flow| plan_serves(&plan, flow))?;
-        tracing::info!(
-            flows = carried,
-            capacity = plan.flows.max,
-            "connection table carried over into one of another capacity"
-        );
+        if adopting {
+            // What the old program made or moved on until the new one took its place.
+            carried += carry(&maps, &old, carry_from, plan.flows.max, |flow| {
+                plan_serves(&plan, flow)
+            });
+            tracing::info!(
+                flows = carried,
+                capacity = plan.flows.max,
+                "connection table carried over into one of another capacity"
+            );
+        }
+        old.release();
     }
     let maps = Arc::new(maps);
     let census = Arc::new(Mutex::new(Census::default()));
@@ -256,6 +266,23 @@ pub fn adopt_macs(plan: &mut Plan, maps: &MapWriter) -> Result<()> {
     Ok(())
 }
 
+/// Copies the live flows of `old` seen since `since_ns` that `keep` accepts into the new
+/// table; returns how many. A failed copy is logged, and costs the flows it missed their
+/// place in the table only (their next packet makes them again).
+fn carry(
+    maps: &MapWriter,
+    old: &OldTable,
+    since_ns: u64,
+    capacity: u32,
+    keep: impl Fn(&lb_common::Flow) -> bool,
+) -> usize {
+    maps.carry_flows(old, since_ns, capacity, keep)
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %format!("{e:#}"), "cannot carry the connection table over in full");
+            0
+        })
+}
+
 /// Whether `flow`'s service and backend are both in `plan`.
 fn plan_serves(plan: &Plan, flow: &lb_common::Flow) -> bool {
     plan.services.iter().any(|service| {
@@ -279,6 +306,7 @@ fn report_adoption(plan: &Plan, adoption: &Adoption, applied: &Applied, pin_path
         pin_path = %pin_path.display(),
         maps_kept = adoption.kept_maps.len(),
         connection_table_kept = adoption.kept(map_names::FLOWS),
+        connection_table_carried_over = adoption.old_table.is_some(),
         services_kept_on_their_backend = kept.join(","),
         flows_removed = applied.flows_removed,
         "adopted the running dataplane"

@@ -3,12 +3,14 @@
 //! The agent never deletes a flow: the program treats an expired flow as gone and replaces
 //! it when its tuple comes back, and the table evicts its least recently used entries
 //! (expired ones first) when full. A deletion from user space could race with the program
-//! re-creating the same flow. The one writer besides the program is the pair link
-//! (`crate::pair::sync`), which copies the peer's flows: over anything on a standby (its
-//! program writes none), only where there is no flow on an active host.
+//! re-creating the same flow (the exception: a plan that removes a service or backend
+//! removes its flows, see [`super::apply`]). The writers besides the program are the pair
+//! link (`crate::pair::sync`), which copies the peer's flows: over anything on a standby
+//! (its program writes none), only where there is no flow on an active host; and a restart
+//! that changes the table's capacity ([`super::carry`]).
 
-use anyhow::{anyhow, Context, Result};
-use aya::maps::{HashMap, Map, MapData, MapError};
+use anyhow::{Context, Result};
+use aya::maps::MapError;
 use lb_common::{EndpointKey, Flow, FlowKey, FlowSettings, Reply, ServiceValue};
 
 use super::MapWriter;
@@ -54,37 +56,11 @@ enum ReplyKeyState {
     Held,
 }
 
-/// The connection table of the program an agent replaces, when the new one was made with
-/// another capacity (`flows.max` changed between two runs): its flows are copied into the
-/// new table, so that they survive the restart as they do when the table is kept.
-pub struct OldTable {
-    flows: HashMap<MapData, FlowKey, Flow>,
-    replies: HashMap<MapData, FlowKey, Reply>,
-}
-
-impl OldTable {
-    /// The old table from its two maps (`FLOWS` and `REPLIES`, opened before they were
-    /// unpinned).
-    pub fn new(flows: MapData, replies: MapData) -> Result<Self> {
-        Ok(OldTable {
-            flows: old_hash(flows, "FLOWS")?,
-            replies: old_hash(replies, "REPLIES")?,
-        })
-    }
-}
-
-/// Pinned hash map `name` of an earlier program, typed.
-fn old_hash<V: aya::Pod>(data: MapData, name: &str) -> Result<HashMap<MapData, FlowKey, V>> {
-    Map::from_map_data(data)
-        .and_then(HashMap::try_from)
-        .map_err(|e| anyhow!("the pinned {name} is not the connection table: {e}"))
-}
-
 /// `BPF_NOEXIST`: a map write that adds an entry but never replaces one.
-const BPF_NOEXIST: u64 = 1;
+pub(super) const BPF_NOEXIST: u64 = 1;
 
 /// Whether a map write failed because the key exists (`BPF_NOEXIST`).
-fn exists(e: &MapError) -> bool {
+pub(super) fn exists(e: &MapError) -> bool {
     matches!(e, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::EEXIST))
 }
 
@@ -200,41 +176,6 @@ impl MapWriter {
         } else {
             ReplyKeyState::Held
         }
-    }
-
-    /// Copies into this table the flows of `old` that it does not hold and that `keep`
-    /// accepts, with their reply index entries; returns how many flows were copied. Never
-    /// replaces an entry: a flow the new program made or refreshed stays as it is. Called
-    /// before the new program is attached and again after, for the flows the old one made
-    /// in between.
-    pub fn carry_flows(&self, old: &OldTable, keep: impl Fn(&Flow) -> bool) -> Result<usize> {
-        let mut carried = 0;
-        {
-            let mut flows = self.flows.lock().expect("FLOWS map lock");
-            for (key, flow) in old.flows.iter().filter_map(|entry| entry.ok()) {
-                if !keep(&flow) {
-                    continue;
-                }
-                match flows.insert(key, flow, BPF_NOEXIST) {
-                    Ok(()) => carried += 1,
-                    Err(e) if exists(&e) => {}
-                    Err(e) => return Err(e).context("cannot copy a flow into the new table"),
-                }
-            }
-        }
-        let flows = self.flows.lock().expect("FLOWS map lock");
-        let mut replies = self.replies.lock().expect("REPLIES map lock");
-        for (key, reply) in old.replies.iter().filter_map(|entry| entry.ok()) {
-            if flows.get(&reply.flow, 0).is_err() {
-                continue;
-            }
-            match replies.insert(key, reply, BPF_NOEXIST) {
-                Ok(()) => {}
-                Err(e) if exists(&e) => {}
-                Err(e) => return Err(e).context("cannot copy a reply index entry"),
-            }
-        }
-        Ok(carried)
     }
 
     /// The service a packet with flow key `key` belongs to, looked up as the program does

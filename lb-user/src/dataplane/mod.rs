@@ -13,6 +13,7 @@
 //! [`Plan`]: crate::plan::Plan
 
 pub mod apply;
+pub mod carry;
 pub mod counters;
 pub mod flows;
 pub mod pins;
@@ -30,7 +31,7 @@ use aya::{
 use lb_common::{map_names, PASS_PROGRAM_NAME, PROGRAM_NAME};
 
 use crate::config::XdpModeSetting;
-use flows::OldTable;
+use carry::OldTable;
 use pins::{MapShape, Pins, PINNED_MAPS};
 pub use writer::MapWriter;
 
@@ -71,7 +72,8 @@ pub struct Adoption {
     /// The maps that were pinned with the shape the program needs, and are used as they are.
     pub kept_maps: Vec<String>,
     /// The connection table pinned with another capacity (`flows.max` changed), whose
-    /// flows are to be copied into the new one ([`MapWriter::carry_flows`]).
+    /// flows are to be copied into the new one ([`MapWriter::carry_flows`]); pinned back if
+    /// dropped before [`OldTable::release`].
     pub old_table: Option<OldTable>,
 }
 
@@ -118,13 +120,17 @@ impl Dataplane {
     pub fn load_pinned(max_flows: u32, pins: Pins) -> Result<(Self, MapWriter, Adoption)> {
         let expected = map_shapes(max_flows)?;
         let compatible = pins.keep_compatible(&expected)?;
-        let mut resized: std::collections::HashMap<String, aya::maps::MapData> =
-            compatible.resized.into_iter().collect();
-        let old_table = match (
-            resized.remove(map_names::FLOWS),
-            resized.remove(map_names::REPLIES),
-        ) {
-            (Some(flows), Some(replies)) => Some(OldTable::new(flows, replies)?),
+        let mut resized = compatible.resized;
+        let mut take = |name: &str| {
+            let at = resized.iter().position(|(n, _, _)| n == name)?;
+            let (_, map, capacity) = resized.swap_remove(at);
+            Some((map, pins.map_path(name), capacity))
+        };
+        // Made before the load: if it fails, the old table is pinned back as it is dropped.
+        let old_table = match (take(map_names::FLOWS), take(map_names::REPLIES)) {
+            (Some((flows, at, capacity)), Some((replies, replies_at, _))) => {
+                Some(OldTable::new((flows, at), (replies, replies_at), capacity)?)
+            }
             _ => None,
         };
         let (dataplane, maps) = Self::load_with(max_flows, Some(pins))?;

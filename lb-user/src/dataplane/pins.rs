@@ -47,6 +47,10 @@ pub const PINNED_MAPS: &[&str] = &[
     map_names::ROLE,
 ];
 
+/// The maps whose capacity the config sets (`flows.max`): pinned with another capacity, their
+/// entries are carried over into the new ones (`super::carry`).
+pub const RESIZABLE: &[&str] = &[map_names::FLOWS, map_names::REPLIES];
+
 /// `f_type` of a bpf filesystem (`BPF_FS_MAGIC`).
 const BPF_FS_MAGIC: u32 = 0xcafe_4a11;
 /// Where bpffs is mounted on a usual Linux host; mounted by the agent if it is not.
@@ -99,9 +103,10 @@ impl std::fmt::Display for MapShape {
 pub struct Compatible {
     /// The maps pinned with the shape the program needs, used as they are.
     pub kept: Vec<String>,
-    /// The maps pinned with the shape the program needs but another capacity (`flows.max`
-    /// changed), by name: unpinned, and open here for their entries to be copied over.
-    pub resized: Vec<(String, MapData)>,
+    /// The maps of [`RESIZABLE`] pinned with the shape the program needs but another
+    /// capacity, by name: unpinned, and open here for their entries to be copied over, with
+    /// their old capacity.
+    pub resized: Vec<(String, MapData, u32)>,
 }
 
 /// A locked pin directory.
@@ -159,7 +164,8 @@ impl Pins {
     /// Compares every pinned map with the shape the new program needs (`expected`); a map
     /// whose shape differs is unpinned, so the loader creates a new one (the old one lives
     /// on for as long as the running program uses it). A map that differs only in capacity
-    /// is opened before its pin goes, so that its entries can be copied into the new one.
+    /// and may be resized ([`RESIZABLE`]) is opened before its pin goes, so that its entries
+    /// can be copied into the new one.
     pub fn keep_compatible(&self, expected: &[(&str, MapShape)]) -> Result<Compatible> {
         let mut compatible = Compatible::default();
         for (name, shape) in expected {
@@ -179,19 +185,22 @@ impl Pins {
                 compatible.kept.push(name.to_string());
                 continue;
             }
-            if pinned.matches(&MapShape {
+            let resized = pinned.matches(&MapShape {
                 max_entries: pinned.max_entries,
                 ..*shape
-            }) {
+            });
+            if resized && RESIZABLE.contains(name) {
                 tracing::info!(
                     map = name,
                     pinned = pinned.max_entries,
                     needed = shape.max_entries,
-                    "pinned map has another capacity; its entries move to a new one"
+                    "pinned map has another capacity (flows.max changed); starting a new one"
                 );
                 let old = MapData::from_pin(&path)
                     .with_context(|| format!("cannot open pinned map {}", path.display()))?;
-                compatible.resized.push((name.to_string(), old));
+                compatible
+                    .resized
+                    .push((name.to_string(), old, pinned.max_entries));
             } else {
                 tracing::warn!(
                     map = name,

@@ -28,7 +28,7 @@ use super::generator::{ifindex, pin_to};
 use crate::bench::interrupt;
 
 /// The benches' XDP object (built from `bench-ebpf` by this crate's build script).
-static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-ebpf"));
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench-ebpf"));
 
 /// Frames per `BPF_PROG_TEST_RUN` call. Each call sets up and tears down a page pool,
 /// which costs milliseconds: 8192 frames per call held the generator to 0.3 Mpps. This
