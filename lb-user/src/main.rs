@@ -348,7 +348,7 @@ async fn check_config(path: &std::path::Path) -> Result<()> {
 
 /// `lb down`: through the running agent when there is one, else by itself.
 async fn down(pin_path: &std::path::Path, socket: &std::path::Path) -> Result<()> {
-    let text = if agent::agent_runs_on(pin_path)? {
+    let text = if lb_user::dataplane::pins::in_use(pin_path)? {
         client::Agent::new(socket)?
             .down(pin_path)
             .await

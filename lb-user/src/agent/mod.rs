@@ -244,7 +244,6 @@ fn take_down(
     reply: control::Reply,
 ) {
     state.running().engine.stop();
-    state.background.abort_all();
     drop(dataplane);
     let removed = pins::remove(pin_path)
         .map(|removed| removed.describe(pin_path))
@@ -267,14 +266,9 @@ fn same_dir(a: &std::path::Path, b: &std::path::Path) -> bool {
 
 /// `lb down` with no agent running: removes the dataplane pinned in `pin_path` — every
 /// attachment (the program leaves each NIC) and every map. Refused while an agent runs on
-/// it (see [`agent_runs_on`]: that agent is asked instead, through its control socket).
+/// it (see [`pins::in_use`]: that agent is asked instead, through its control socket).
 pub fn down(pin_path: &std::path::Path) -> Result<Removed> {
     pins::remove(pin_path)
-}
-
-/// Whether an agent runs on pin directory `pin_path` (it holds the directory's lock).
-pub fn agent_runs_on(pin_path: &std::path::Path) -> Result<bool> {
-    pins::in_use(pin_path)
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

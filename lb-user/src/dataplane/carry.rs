@@ -22,6 +22,7 @@ use super::{
 
 /// The connection table of the program the agent replaces, opened before its pins were
 /// removed.
+#[derive(Debug)]
 pub struct OldTable {
     flows: Map,
     replies: Map,

@@ -67,7 +67,7 @@ pub enum Attached {
 }
 
 /// What a pinned load found in the pin directory.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct Adoption {
     /// The maps that were pinned with the shape the program needs, and are used as they are.
     pub kept_maps: Vec<String>,
@@ -75,15 +75,6 @@ pub struct Adoption {
     /// flows are to be copied into the new one ([`MapWriter::carry_flows`]); pinned back if
     /// dropped before [`OldTable::release`].
     pub old_table: Option<OldTable>,
-}
-
-impl std::fmt::Debug for Adoption {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Adoption")
-            .field("kept_maps", &self.kept_maps)
-            .field("old_table", &self.old_table.is_some())
-            .finish()
-    }
 }
 
 impl Adoption {
