@@ -61,3 +61,20 @@ pub fn status_value(pid: u32, key: &str) -> Result<u64> {
         .and_then(|v| v.parse().ok())
         .with_context(|| format!("no {key} in /proc/{pid}/status"))
 }
+
+/// Datagrams dropped so far in the calling thread's network namespace because a UDP
+/// socket's receive buffer was full (`RcvbufErrors` of `/proc/thread-self/net/snmp`).
+pub fn udp_rcvbuf_errors() -> Result<u64> {
+    let path = "/proc/thread-self/net/snmp";
+    let snmp = std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp: "));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else {
+        anyhow::bail!("no Udp lines in {path}");
+    };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .with_context(|| format!("no Udp RcvbufErrors in {path}"))
+}

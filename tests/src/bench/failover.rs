@@ -29,7 +29,10 @@ use self::{
     client::{now_ns, StreamResult},
     rig::{Flip, Kind, Rig, Tuning, IPERF_PORT},
 };
-use super::{interrupt, plot, progress, report, responder::Logged};
+use super::{
+    interrupt, plot, progress, report,
+    responder::{self, Logged},
+};
 
 /// Options of the failover bench.
 #[derive(clap::Args, Debug)]
@@ -93,6 +96,12 @@ struct Trial {
     largest_send_gap: f64,
     /// Requests the client's socket refused (counted in `lost`).
     send_errors: u64,
+    /// Of the lost requests, those a server logged: the answer went out and never reached
+    /// the client. The rest never reached a server.
+    lost_after_server: u64,
+    /// Datagrams the client's and servers' own sockets dropped for a full receive buffer
+    /// during the stream: losses of the bench's endpoints, which `lost` includes.
+    socket_drops: u64,
 }
 
 /// Everything measured for one system.
@@ -122,7 +131,7 @@ struct SystemResults {
     control_plane: &'static str,
     /// The restart experiments: how the control plane was stopped, and the trials.
     restarts: Vec<(&'static str, Vec<Trial>)>,
-    plotted: Option<(StreamResult, u128)>,
+    plotted: Option<Streamed>,
     rate: u32,
 }
 
@@ -168,7 +177,12 @@ pub fn run(args: Args) -> Result<()> {
     report::update(&args.report, "failover", &body)?;
     progress(format!("wrote {}", args.report.display()));
     for system in &results {
-        if let Some((stream, fault_ns)) = &system.plotted {
+        if let Some(Streamed {
+            result: stream,
+            fault_ns,
+            ..
+        }) = &system.plotted
+        {
             let name = &system.picture;
             let path = args
                 .report
@@ -358,17 +372,28 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
     Ok(results)
 }
 
-/// Runs a request stream with `fault` applied `BEFORE_FAULT` after it starts; returns it with
-/// the time of the fault.
+/// A request stream and what happened around it.
+struct Streamed {
+    /// What the client saw.
+    result: StreamResult,
+    /// When the fault was applied (CLOCK_REALTIME ns).
+    fault_ns: u128,
+    /// Datagrams the client's and servers' sockets dropped for a full receive buffer
+    /// meanwhile.
+    socket_drops: u64,
+}
+
+/// Runs a request stream with `fault` applied `BEFORE_FAULT` after it starts.
 fn stream(
     rig: &mut Rig,
     next_seq: &mut u64,
     rate: u32,
     length: Duration,
     fault: impl FnOnce(&mut Rig) -> Result<()>,
-) -> Result<(StreamResult, u128)> {
+) -> Result<Streamed> {
     interrupt::check()?;
     rig.new_log_entries()?;
+    let drops_before = rig.endpoint_socket_drops()?;
     let first = *next_seq;
     *next_seq += (rate as f64 * length.as_secs_f64()) as u64 + 1000;
     let socket = client_socket(rig)?;
@@ -386,15 +411,23 @@ fn stream(
             fault(rig)
         },
     )?;
-    Ok((result, fault_ns))
+    let socket_drops = rig.endpoint_socket_drops()?.saturating_sub(drops_before);
+    Ok(Streamed {
+        result,
+        fault_ns,
+        socket_drops,
+    })
 }
 
-/// A UDP socket in the client's namespace.
+/// A UDP socket in the client's namespace, its receive buffer enlarged like the servers'.
 fn client_socket(rig: &Rig) -> Result<std::net::UdpSocket> {
-    rig.testbed
+    let socket = rig
+        .testbed
         .client
         .enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))?
-        .context("cannot open a UDP socket on the client")
+        .context("cannot open a UDP socket on the client")?;
+    responder::give_room(&socket)?;
+    Ok(socket)
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -409,9 +442,20 @@ enum Direction {
 /// caused: the new backend's first answer after the fault, and the old backend's last
 /// answer to a request sent before that one. A move without cause earlier or later in the
 /// stream (checks failing on a healthy backend) is not taken for it.
-fn measure(rig: &mut Rig, stream: &(StreamResult, u128), direction: Direction) -> Result<Trial> {
-    let (result, fault_ns) = stream;
+fn measure(rig: &mut Rig, stream: &Streamed, direction: Direction) -> Result<Trial> {
+    let Streamed {
+        result,
+        fault_ns,
+        socket_drops,
+    } = stream;
     let (master, slave) = rig.new_log_entries()?;
+    let answered = distinct_in_range(
+        &master,
+        &slave,
+        result.first,
+        result.first + result.sent,
+        true,
+    );
     let range = result.first..result.first + result.sent;
     let answers = |log: &[Logged]| -> Vec<(u64, u128)> {
         log.iter()
@@ -443,6 +487,8 @@ fn measure(rig: &mut Rig, stream: &(StreamResult, u128), direction: Direction) -
         achieved_rate: result.achieved_rate,
         largest_send_gap: result.largest_send_gap,
         send_errors: result.send_errors,
+        lost_after_server: answered.saturating_sub(result.replies.len() as u64),
+        socket_drops: *socket_drops,
     })
 }
 

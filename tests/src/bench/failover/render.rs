@@ -279,14 +279,19 @@ fn render_restarts(text: &mut String, results: &[SystemResults]) {
          without it and the started agent adopts them. For keepalived it is the master's \
          keepalived (on SIGKILL its VRRP child too, as in a crash of the daemon): the slave \
          takes the VIP over, and the master takes it back when it runs again. Client view: \
-         longest time without an answer (ms) and requests lost, per trial.\n",
+         longest time without an answer (ms) and requests lost, per trial. Where the lost \
+         requests went, over all trials: those a server logged (answered, the answer lost on \
+         the way back) and the datagrams the bench's own sockets (client and servers, on \
+         the same two cores) dropped for a full receive buffer; the rest never reached a \
+         server.\n",
         before = BEFORE_FAULT.as_millis(),
         dead = restart::DEAD_FOR.as_secs_f64()
     );
     let _ = writeln!(
         text,
-        "| system | stopped | how | gap p50 | gap max | lost p50 | lost max | sent per trial \
-         | trials |\n|---|---|---|---|---|---|---|---|---|"
+        "| system | stopped | how | gap p50 | gap max | lost p50 | lost max | lost in all \
+         | of them answered | endpoint socket drops | sent per trial | trials |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|"
     );
     for system in results {
         for (how, trials) in &system.restarts {
@@ -297,13 +302,16 @@ fn render_restarts(text: &mut String, results: &[SystemResults]) {
             };
             let _ = writeln!(
                 text,
-                "| {} | {} | {how} | {:.3} | {:.3} | {:.0} | {:.0} | {} | {} |",
+                "| {} | {} | {how} | {:.3} | {:.3} | {:.0} | {:.0} | {} | {} | {} | {} | {} |",
                 system.label,
                 system.control_plane,
                 g.p50 * 1e3,
                 g.max * 1e3,
                 l.p50,
                 l.max,
+                trials.iter().map(|t| t.lost).sum::<u64>(),
+                trials.iter().map(|t| t.lost_after_server).sum::<u64>(),
+                trials.iter().map(|t| t.socket_drops).sum::<u64>(),
                 trials.first().map_or(0, |t| t.sent),
                 trials.len()
             );

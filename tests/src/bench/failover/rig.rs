@@ -19,7 +19,7 @@ use super::super::{
     interrupt, keepalived,
     responder::{read_log_since, Logged},
 };
-use crate::procfs::stat_fields;
+use crate::procfs::{stat_fields, udp_rcvbuf_errors};
 
 /// The iperf3 port (control over TCP, data over UDP).
 pub const IPERF_PORT: u16 = 5201;
@@ -438,6 +438,21 @@ impl Rig {
     /// What both servers logged since the last call: (master, slave).
     pub fn new_log_entries(&mut self) -> Result<(Vec<Logged>, Vec<Logged>)> {
         Ok((self.master_log.read()?, self.slave_log.read()?))
+    }
+
+    /// Datagrams the UDP sockets of the client and both backends have dropped so far for a
+    /// full receive buffer (their namespaces' `RcvbufErrors`, summed): a loss of the bench's
+    /// own endpoints, starved of CPU, and not of the system measured.
+    pub fn endpoint_socket_drops(&self) -> Result<u64> {
+        let mut sum = 0;
+        for host in [
+            &self.testbed.client,
+            &self.testbed.master,
+            &self.testbed.slave,
+        ] {
+            sum += host.enter(udp_rcvbuf_errors)??;
+        }
+        Ok(sum)
     }
 
     /// The pid of `lb`'s agent, while it runs.
