@@ -19,6 +19,8 @@ mod render;
 mod restart;
 mod rig;
 mod tcp;
+mod trial;
+mod tuning;
 
 use std::{path::PathBuf, time::Duration};
 
@@ -26,13 +28,11 @@ use anyhow::{Context, Result};
 use lb_user::testbed::topology::{UDP_PORT, VIP};
 
 use self::{
-    client::{now_ns, StreamResult},
-    rig::{Flip, Kind, Rig, Tuning, IPERF_PORT},
+    rig::{Flip, Kind, Rig, IPERF_PORT},
+    trial::{client_socket, distinct_in_range, measure, stream, Direction, Streamed, Trial},
+    tuning::Tuning,
 };
-use super::{
-    interrupt, plot, progress, report,
-    responder::{self, Logged},
-};
+use super::{interrupt, plot, progress, report};
 
 /// Options of the failover bench.
 #[derive(clap::Args, Debug)]
@@ -57,8 +57,9 @@ pub struct Args {
     pub skip_lb: bool,
     /// The `lb` setups to measure, each a system of the report: the UDP check's timeout
     /// (checks every 1 ms, fall 3, rise 3) and, with `+fifo<N>`, the prober thread under
-    /// `SCHED_FIFO` at priority N (`[prober] realtime_priority`). By default the agent's
-    /// defaults with a 10 ms timeout, and the setting for the detection targets.
+    /// `SCHED_FIFO` at priority N (`[prober] realtime_priority`), or with `+nice<N>` an
+    /// ordinary thread at niceness N (`[prober] nice`). By default the agent's defaults with
+    /// a 10 ms timeout, and the setting for the detection targets.
     #[arg(long = "lb", value_delimiter = ',', default_values_t = [Tuning::DEFAULT, Tuning::FAST])]
     pub lb: Vec<Tuning>,
     /// keepalived advertisement intervals to compare, in seconds (1 is its default; 0.01 the
@@ -78,31 +79,6 @@ const FLIP_CYCLES: usize = 50;
 const BEFORE_FAULT: Duration = Duration::from_millis(300);
 /// A fault the rig switches on (`true`) for an experiment and off after it.
 type Toggle = fn(&Rig, bool) -> Result<()>;
-
-/// One trial of a downtime or failback experiment.
-#[derive(Debug, Clone)]
-struct Trial {
-    /// Server view: first answer of the new backend − last answer of the old one (s).
-    server_gap: Option<f64>,
-    /// Client view: longest time without an answer (s).
-    client_gap: f64,
-    /// Requests without an answer.
-    lost: u64,
-    /// Requests sent.
-    sent: u64,
-    /// Requests per second the client achieved.
-    achieved_rate: f64,
-    /// The client's longest pause between two sends (s).
-    largest_send_gap: f64,
-    /// Requests the client's socket refused (counted in `lost`).
-    send_errors: u64,
-    /// Of the lost requests, those a server logged: the answer went out and never reached
-    /// the client. The rest never reached a server.
-    lost_after_server: u64,
-    /// Datagrams the client's and servers' own sockets dropped for a full receive buffer
-    /// during the stream: losses of the bench's endpoints, which `lost` includes.
-    socket_drops: u64,
-}
 
 /// Everything measured for one system.
 struct SystemResults {
@@ -370,144 +346,6 @@ fn run_system(rig: &mut Rig, args: &Args) -> Result<SystemResults> {
         results.flips_loaded = flip_load::run(rig, tuning, FLIP_CYCLES)?;
     }
     Ok(results)
-}
-
-/// A request stream and what happened around it.
-struct Streamed {
-    /// What the client saw.
-    result: StreamResult,
-    /// When the fault was applied (CLOCK_REALTIME ns).
-    fault_ns: u128,
-    /// Datagrams the client's and servers' sockets dropped for a full receive buffer
-    /// meanwhile.
-    socket_drops: u64,
-}
-
-/// Runs a request stream with `fault` applied `BEFORE_FAULT` after it starts.
-fn stream(
-    rig: &mut Rig,
-    next_seq: &mut u64,
-    rate: u32,
-    length: Duration,
-    fault: impl FnOnce(&mut Rig) -> Result<()>,
-) -> Result<Streamed> {
-    interrupt::check()?;
-    rig.new_log_entries()?;
-    let drops_before = rig.endpoint_socket_drops()?;
-    let first = *next_seq;
-    *next_seq += (rate as f64 * length.as_secs_f64()) as u64 + 1000;
-    let socket = client_socket(rig)?;
-    let mut fault_ns = 0;
-    let result = client::request_stream(
-        socket,
-        VIP,
-        UDP_PORT,
-        first,
-        rate,
-        length,
-        BEFORE_FAULT,
-        || {
-            fault_ns = now_ns();
-            fault(rig)
-        },
-    )?;
-    let socket_drops = rig.endpoint_socket_drops()?.saturating_sub(drops_before);
-    Ok(Streamed {
-        result,
-        fault_ns,
-        socket_drops,
-    })
-}
-
-/// A UDP socket in the client's namespace, its receive buffer enlarged like the servers'.
-fn client_socket(rig: &Rig) -> Result<std::net::UdpSocket> {
-    let socket = rig
-        .testbed
-        .client
-        .enter(|| std::net::UdpSocket::bind("0.0.0.0:0"))?
-        .context("cannot open a UDP socket on the client")?;
-    responder::give_room(&socket)?;
-    Ok(socket)
-}
-
-#[derive(Clone, Copy, PartialEq)]
-enum Direction {
-    /// From the master to the slave.
-    Failover,
-    /// From the slave back to the master.
-    Failback,
-}
-
-/// The server and client views of one stream. The server view is of the move the fault
-/// caused: the new backend's first answer after the fault, and the old backend's last
-/// answer to a request sent before that one. A move without cause earlier or later in the
-/// stream (checks failing on a healthy backend) is not taken for it.
-fn measure(rig: &mut Rig, stream: &Streamed, direction: Direction) -> Result<Trial> {
-    let Streamed {
-        result,
-        fault_ns,
-        socket_drops,
-    } = stream;
-    let (master, slave) = rig.new_log_entries()?;
-    let answered = distinct_in_range(
-        &master,
-        &slave,
-        result.first,
-        result.first + result.sent,
-        true,
-    );
-    let range = result.first..result.first + result.sent;
-    let answers = |log: &[Logged]| -> Vec<(u64, u128)> {
-        log.iter()
-            .filter(|e| e.request && range.contains(&e.number))
-            .map(|e| (e.number, e.at_ns))
-            .collect()
-    };
-    let (old, new) = match direction {
-        Direction::Failover => (answers(&master), answers(&slave)),
-        Direction::Failback => (answers(&slave), answers(&master)),
-    };
-    let first_new = new
-        .iter()
-        .filter(|(_, at)| at >= fault_ns)
-        .min_by_key(|(_, at)| *at);
-    let server_gap = first_new.and_then(|(moved, first)| {
-        let last_old = old
-            .iter()
-            .filter(|(number, _)| number < moved)
-            .map(|(_, at)| *at)
-            .max()?;
-        Some((*first as f64 - last_old as f64) / 1e9)
-    });
-    Ok(Trial {
-        server_gap,
-        client_gap: result.longest_gap(),
-        lost: result.lost(),
-        sent: result.sent,
-        achieved_rate: result.achieved_rate,
-        largest_send_gap: result.largest_send_gap,
-        send_errors: result.send_errors,
-        lost_after_server: answered.saturating_sub(result.replies.len() as u64),
-        socket_drops: *socket_drops,
-    })
-}
-
-/// Distinct numbers of stream datagrams (or requests) in `first..end` that either server
-/// logged.
-fn distinct_in_range(
-    master: &[Logged],
-    slave: &[Logged],
-    first: u64,
-    end: u64,
-    requests: bool,
-) -> u64 {
-    let mut seen = std::collections::HashSet::new();
-    for entry in master.iter().chain(slave) {
-        if entry.request == requests && (first..end).contains(&entry.number) {
-            seen.insert(entry.number);
-        }
-    }
-    seen.len() as u64
 }
 
 /// One iperf3 `-u` run through the VIP without a fault: the loss iperf3 reports (%).

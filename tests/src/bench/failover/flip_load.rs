@@ -15,7 +15,8 @@ use lb_user::testbed::{process::Process, Testbed};
 
 use super::{
     super::interrupt,
-    rig::{lb_config, Flip, Rig, Tuning, LISTEN},
+    rig::{lb_config, Flip, Rig, LISTEN},
+    tuning::Tuning,
 };
 
 /// Services added for the load.

@@ -13,7 +13,9 @@ use super::{
         report::{self, summary_row},
         stats::Summary,
     },
-    restart, tcp, Args, SystemResults, Trial, BEFORE_FAULT, LOSS_DATAGRAM,
+    restart, tcp,
+    trial::Trial,
+    Args, SystemResults, BEFORE_FAULT, LOSS_DATAGRAM,
 };
 
 /// Picks one experiment's trials out of a system's results.
@@ -45,8 +47,9 @@ pub fn render(args: &Args, results: &[SystemResults]) -> String {
          its server with a UDP request every 1 ms (fall 3, rise 3), each with the time to \
          answer that the system's name gives: 10 ms is the bench's default, 1 ms the setting \
          for the detection targets; `prober SCHED_FIFO N` in the name: its prober thread runs \
-         under `SCHED_FIFO` at priority N (`[prober] realtime_priority`), otherwise it is an \
-         ordinary thread. For keepalived the switch is a Linux bridge and keepalived on \
+         under `SCHED_FIFO` at priority N (`[prober] realtime_priority`); `prober nice N`: \
+         an ordinary thread at niceness N (`[prober] nice`); otherwise an ordinary thread \
+         like the rest of the agent. For keepalived the switch is a Linux bridge and keepalived on \
          master and slave moves the VIP; the master's \
          keepalived checks its server process with a `vrrp_script` (`pgrep`) every second, \
          keepalived's shortest script interval, fall 1, so a killed server makes it give up \

@@ -13,9 +13,9 @@ use anyhow::Result;
 
 use super::{
     super::interrupt,
-    measure,
     rig::{Kind, Rig, Stop},
-    stream, Direction, Trial, BEFORE_FAULT,
+    trial::{measure, stream, Direction, Trial},
+    BEFORE_FAULT,
 };
 
 /// How long a killed control plane stays dead before it is started again.

@@ -19,87 +19,13 @@ use super::super::{
     interrupt, keepalived,
     responder::{read_log_since, Logged},
 };
+use super::tuning::Tuning;
 use crate::procfs::{stat_fields, udp_rcvbuf_errors};
 
 /// The iperf3 port (control over TCP, data over UDP).
 pub const IPERF_PORT: u16 = 5201;
 /// Where the agent serves its metrics inside the switch namespace.
 pub const LISTEN: &str = "127.0.0.1:9100";
-/// How long `lb`'s UDP check of the master may take by default, in ms (checks every 1 ms).
-/// The master's server answers the client's 20 000 requests per second on the same socket,
-/// and on 2 cores a healthy answer sometimes takes more than a millisecond or two: with a
-/// timeout that short the checks now and then fail three in a row and move the traffic
-/// without cause, which the report counts.
-pub const CHECK_TIMEOUT_MS: u64 = 10;
-
-/// How `lb` is set up: its checks' timeout and its prober thread's scheduling. Written and
-/// read as `10ms` or `1ms+fifo50` (`+fifo<N>`: `[prober] realtime_priority = N`).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tuning {
-    /// The UDP check's timeout, in ms (checks every 1 ms, fall 3, rise 3).
-    pub timeout_ms: u64,
-    /// `[prober] realtime_priority`: the prober thread under `SCHED_FIFO` at this priority.
-    pub realtime: Option<u8>,
-}
-
-impl Tuning {
-    /// As the agent runs without a `[prober]` table, with [`CHECK_TIMEOUT_MS`].
-    pub const DEFAULT: Tuning = Tuning {
-        timeout_ms: CHECK_TIMEOUT_MS,
-        realtime: None,
-    };
-    /// Set for the detection targets: a 1 ms timeout (a silent master is seen within 3 to
-    /// 4 ms) and the prober under `SCHED_FIFO`.
-    pub const FAST: Tuning = Tuning {
-        timeout_ms: 1,
-        realtime: Some(50),
-    };
-}
-
-impl std::fmt::Display for Tuning {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}ms", self.timeout_ms)?;
-        match self.realtime {
-            Some(priority) => write!(f, "+fifo{priority}"),
-            None => Ok(()),
-        }
-    }
-}
-
-impl std::str::FromStr for Tuning {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, String> {
-        let usage = || {
-            format!(
-                "`{text}`: expected a timeout and an optional priority, as `10ms` or `1ms+fifo50`"
-            )
-        };
-        let (timeout, realtime) = match text.split_once('+') {
-            Some((timeout, fifo)) => (timeout, Some(fifo)),
-            None => (text, None),
-        };
-        let timeout_ms: u64 = timeout
-            .strip_suffix("ms")
-            .and_then(|ms| ms.parse().ok())
-            .filter(|ms| *ms >= 1)
-            .ok_or_else(usage)?;
-        let realtime = match realtime {
-            Some(fifo) => Some(
-                fifo.strip_prefix("fifo")
-                    .and_then(|p| p.parse::<u8>().ok())
-                    .filter(|p| (1..=99).contains(p))
-                    .ok_or_else(|| format!("{}; the priority is 1 to 99", usage()))?,
-            ),
-            None => None,
-        };
-        Ok(Tuning {
-            timeout_ms,
-            realtime,
-        })
-    }
-}
-
 /// Which system moves the traffic.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Kind {
@@ -117,9 +43,11 @@ impl Kind {
             Kind::Lb(tuning) => format!(
                 "lb (XDP, link + 1 ms UDP checks, {} ms timeout{})",
                 tuning.timeout_ms,
-                tuning
-                    .realtime
-                    .map_or(String::new(), |p| format!(", prober SCHED_FIFO {p}"))
+                match (tuning.realtime, tuning.nice) {
+                    (Some(priority), _) => format!(", prober SCHED_FIFO {priority}"),
+                    (None, 0) => String::new(),
+                    (None, nice) => format!(", prober nice {nice}"),
+                }
             ),
             Kind::Keepalived(advert) => {
                 format!("keepalived VRRP, advert_int {} s", advert.as_secs_f64())
@@ -134,9 +62,11 @@ impl Kind {
             Kind::Lb(tuning) => format!(
                 "failover-lb-{}ms{}.svg",
                 tuning.timeout_ms,
-                tuning
-                    .realtime
-                    .map_or(String::new(), |priority| format!("-rt{priority}"))
+                match (tuning.realtime, tuning.nice) {
+                    (Some(priority), _) => format!("-rt{priority}"),
+                    (None, 0) => String::new(),
+                    (None, nice) => format!("-nice{nice}"),
+                }
             ),
             Kind::Keepalived(advert) => {
                 format!("failover-keepalived-{}.svg", advert.as_secs_f64())
@@ -507,9 +437,11 @@ pub fn lb_config(tuning: Tuning) -> String {
         + &Testbed::service_toml("connections", "tcp", TCP_PORT, &link)
         + &Testbed::service_toml("iperf-control", "tcp", IPERF_PORT, &link)
         + &Testbed::service_toml("iperf-data", "udp", IPERF_PORT, &link)
-        + &tuning.realtime.map_or(String::new(), |priority| {
-            format!("\n[prober]\nrealtime_priority = {priority}\n")
-        })
+        + &match (tuning.realtime, tuning.nice) {
+            (Some(priority), _) => format!("\n[prober]\nrealtime_priority = {priority}\n"),
+            (None, 0) => String::new(),
+            (None, nice) => format!("\n[prober]\nnice = {nice}\n"),
+        }
 }
 
 /// SIGKILL to `process` and every child it forked, as a crash of the whole daemon.
