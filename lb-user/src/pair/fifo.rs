@@ -48,20 +48,28 @@ pub fn ensure(path: &Path) -> Result<()> {
 
 /// Reads the FIFO at `path` for ever and calls `apply` with each role it asks for, in
 /// order. Opened for reading and writing, it never sees an end of file when keepalived
-/// restarts.
+/// restarts. A line that is not text or not understood is logged and skipped: a stray write
+/// to the FIFO does not stop the following.
 pub async fn follow(path: &Path, mut apply: impl FnMut(HostRole, &str)) -> Result<()> {
     ensure(path)?;
     let receiver = tokio::net::unix::pipe::OpenOptions::new()
         .read_write(true)
         .open_receiver(path)
         .with_context(|| format!("cannot open the keepalived FIFO {}", path.display()))?;
-    let mut lines = tokio::io::BufReader::new(receiver).lines();
-    while let Some(line) = lines
-        .next_line()
+    let mut lines = tokio::io::BufReader::new(receiver).split(b'\n');
+    while let Some(bytes) = lines
+        .next_segment()
         .await
         .with_context(|| format!("cannot read the keepalived FIFO {}", path.display()))?
     {
-        match parse(&line) {
+        let Ok(line) = std::str::from_utf8(&bytes) else {
+            tracing::warn!(
+                "keepalived FIFO: a line that is not UTF-8 text skipped: {:?}",
+                String::from_utf8_lossy(&bytes)
+            );
+            continue;
+        };
+        match parse(line) {
             Ok(Some((role, why))) => apply(role, &why),
             Ok(None) => {}
             Err(e) => tracing::warn!("keepalived FIFO: {e:#} in {line:?}"),
@@ -85,5 +93,46 @@ mod tests {
         assert!(parse("INSTANCE \"LB\" DELETED 0").unwrap().is_none());
         assert!(parse("").unwrap().is_none());
         assert!(parse("INSTANCE \"LB\" SIDEWAYS 1").is_err());
+    }
+
+    /// A real FIFO: a line that is not text and one that is not understood are skipped, and
+    /// the lines after them still apply, in order.
+    #[tokio::test]
+    async fn garbage_in_the_fifo_does_not_stop_the_following() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.fifo");
+        let (roles, mut applied) = tokio::sync::mpsc::unbounded_channel();
+        let follower = {
+            let path = path.clone();
+            tokio::spawn(async move {
+                follow(&path, |role, _| {
+                    let _ = roles.send(role);
+                })
+                .await
+            })
+        };
+        while !path.exists() {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        // Read and write: opening a FIFO so does not wait for its reader.
+        let mut writer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        use std::io::Write as _;
+        writer
+            .write_all(b"INSTANCE \"LB\" \xff\xfe 1\nINSTANCE \"LB\" SIDEWAYS 1\n")
+            .unwrap();
+        writer
+            .write_all(b"INSTANCE \"LB\" BACKUP 100\nINSTANCE \"LB\" MASTER 150\n")
+            .unwrap();
+        let wait = std::time::Duration::from_secs(5);
+        let first = tokio::time::timeout(wait, applied.recv()).await.unwrap();
+        let second = tokio::time::timeout(wait, applied.recv()).await.unwrap();
+        assert_eq!(first, Some(HostRole::Standby));
+        assert_eq!(second, Some(HostRole::Active));
+        assert!(!follower.is_finished(), "the follower stopped");
+        follower.abort();
     }
 }
