@@ -42,3 +42,46 @@ impl Drop for Background {
         self.abort_all();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Background;
+
+    /// A task that ends is named as dead, one that runs is not, and dropping the set stops
+    /// the ones still running.
+    #[tokio::test]
+    async fn an_ended_task_is_named_dead() {
+        let background = Background::default();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        background.add(
+            "watcher",
+            tokio::spawn(async {
+                let _ = stopped.await;
+            }),
+        );
+        let forever = tokio::spawn(std::future::pending::<()>());
+        let forever_abort = forever.abort_handle();
+        background.add("follower", forever);
+        tokio::task::yield_now().await;
+        assert!(background.dead().is_empty());
+        stop.send(()).unwrap();
+        for _ in 0..100 {
+            if !background.dead().is_empty() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(background.dead(), vec!["watcher"]);
+        drop(background);
+        for _ in 0..100 {
+            if forever_abort.is_finished() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(
+            forever_abort.is_finished(),
+            "a dropped set left its task running"
+        );
+    }
+}
