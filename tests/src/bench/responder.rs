@@ -92,14 +92,15 @@ fn bind_freely(address: SocketAddrV4) -> Result<UdpSocket> {
 const ENDPOINT_RCVBUF: libc::c_int = 8 << 20;
 
 /// Gives `socket` a receive buffer of [`ENDPOINT_RCVBUF`] bytes (`SO_RCVBUFFORCE`, past
-/// `net.core.rmem_max`; the bench runs as root). The bench's client and servers share two
+/// `net.core.rmem_max`; the bench runs as root; the kernel doubles the value for its own
+/// bookkeeping). The bench's client and servers share two
 /// cores with the system measured: a server kept off the CPU for a few milliseconds (while
 /// an agent starts, say) would otherwise overflow the default buffer at 20 000 requests/s
 /// and count its own drops as the system's losses.
 pub fn give_room(socket: &impl std::os::fd::AsRawFd) -> Result<()> {
     let size = ENDPOINT_RCVBUF;
-    // SAFETY: setsockopt reads `size` (a c_int of the length given) and changes only this
-    // socket's buffer.
+    // SAFETY: the fd is open for the call (`socket` is borrowed); setsockopt reads `size`
+    // (a c_int of the length given) and changes only this socket's buffer.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),

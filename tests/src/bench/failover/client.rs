@@ -181,26 +181,41 @@ fn receive_replies(socket: UdpSocket, first: u64, stop: Arc<AtomicBool>) -> Vec<
     let mut seen = std::collections::HashSet::new();
     let mut buf = [0u8; 512];
     while !stop.load(Ordering::Relaxed) {
-        let Ok((len, _)) = socket.recv_from(&mut buf) else {
-            continue;
-        };
-        let at_ns = now_ns();
-        let text = String::from_utf8_lossy(&buf[..len]);
-        let mut words = text.split_whitespace();
-        let (Some(by), Some("seq"), Some(seq)) = (words.next(), words.next(), words.next()) else {
-            continue;
-        };
-        let Ok(seq) = seq.parse::<u64>() else {
-            continue;
-        };
-        if seq >= first && seen.insert(seq) {
-            replies.push(Reply {
-                by: by.to_string(),
-                at_ns,
-            });
+        if let Ok((len, _)) = socket.recv_from(&mut buf) {
+            record_reply(&buf[..len], first, &mut seen, &mut replies);
+        }
+    }
+    // What is still queued arrived in time too: a client that fell behind reads it now.
+    if socket.set_nonblocking(true).is_ok() {
+        while let Ok((len, _)) = socket.recv_from(&mut buf) {
+            record_reply(&buf[..len], first, &mut seen, &mut replies);
         }
     }
     replies
+}
+
+/// Keeps `datagram` when it is the first answer to a request numbered `first` or later.
+fn record_reply(
+    datagram: &[u8],
+    first: u64,
+    seen: &mut std::collections::HashSet<u64>,
+    replies: &mut Vec<Reply>,
+) {
+    let at_ns = now_ns();
+    let text = String::from_utf8_lossy(datagram);
+    let mut words = text.split_whitespace();
+    let (Some(by), Some("seq"), Some(seq)) = (words.next(), words.next(), words.next()) else {
+        return;
+    };
+    let Ok(seq) = seq.parse::<u64>() else {
+        return;
+    };
+    if seq >= first && seen.insert(seq) {
+        replies.push(Reply {
+            by: by.to_string(),
+            at_ns,
+        });
+    }
 }
 
 /// Sends datagrams `loss N` padded to `size` bytes to `vip:port` at `pps` for `duration`

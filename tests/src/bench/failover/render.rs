@@ -282,11 +282,11 @@ fn render_restarts(text: &mut String, results: &[SystemResults]) {
          without it and the started agent adopts them. For keepalived it is the master's \
          keepalived (on SIGKILL its VRRP child too, as in a crash of the daemon): the slave \
          takes the VIP over, and the master takes it back when it runs again. Client view: \
-         longest time without an answer (ms) and requests lost, per trial. Where the lost \
-         requests went, over all trials: those a server logged (answered, the answer lost on \
-         the way back) and the datagrams the bench's own sockets (client and servers, on \
-         the same two cores) dropped for a full receive buffer; the rest never reached a \
-         server.\n",
+         longest time without an answer (ms) and requests lost, per trial. Over all trials: \
+         the requests lost, those of them a server logged (answered, the answer not \
+         received; no server logged the rest), and the datagrams of any kind (requests, \
+         answers, health probes) that the bench's own sockets, the client's and the \
+         servers' on the same two cores, dropped for a full receive buffer.\n",
         before = BEFORE_FAULT.as_millis(),
         dead = restart::DEAD_FOR.as_secs_f64()
     );

@@ -34,11 +34,13 @@ pub struct Trial {
     pub largest_send_gap: f64,
     /// Requests the client's socket refused (counted in `lost`).
     pub send_errors: u64,
-    /// Of the lost requests, those a server logged: the answer went out and never reached
-    /// the client. The rest never reached a server.
+    /// Of the lost requests, those a server logged: answered, and the answer not received
+    /// by the client. No server logged the rest.
     pub lost_after_server: u64,
-    /// Datagrams the client's and servers' own sockets dropped for a full receive buffer
-    /// during the stream: losses of the bench's endpoints, which `lost` includes.
+    /// Datagrams of any kind (requests, answers, health probes) that the bench's own
+    /// sockets, the client's and the servers', dropped for a full receive buffer during the
+    /// stream: a sign that the bench's endpoints, not the system measured, lost some of
+    /// `lost`.
     pub socket_drops: u64,
 }
 
