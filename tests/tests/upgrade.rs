@@ -18,19 +18,23 @@ fn pinned_shape(bed: &Testbed, name: &str) -> (u32, u32) {
     (info.value_size(), info.max_entries())
 }
 
+/// [`config`] with a connection table of `max` flows.
+fn sized_config(max: u32) -> String {
+    format!("{}\n[flows]\nmax = {max}\n", config())
+}
+
 #[test]
 fn a_restart_with_another_table_size_carries_the_connection_table_over() {
     let (mut bed, _turn) = testbed("lbup-resize");
-    let sized = |max: u32| format!("{}\n[flows]\nmax = {max}\n", config());
     let capacity = |bed: &Testbed| pinned_shape(bed, map_names::FLOWS).1;
-    let agent = start_agent(&mut bed, &sized(4096), LISTEN);
+    let agent = start_agent(&mut bed, &sized_config(4096), LISTEN);
     assert_eq!(capacity(&bed), 4096);
     let stream = bed.udp_stream(30_000, PERIOD).unwrap();
     std::thread::sleep(Duration::from_millis(500));
 
     // `flows.max` changes only with a restart, which makes the table anew.
     assert!(bed.processes[agent].terminate().unwrap());
-    let second = start_agent(&mut bed, &sized(8192), LISTEN);
+    let second = start_agent(&mut bed, &sized_config(8192), LISTEN);
     let answers = stream.join().unwrap().unwrap();
     assert_all_answered_by(&answers, "master");
     assert_eq!(capacity(&bed), 8192);
@@ -67,8 +71,7 @@ fn an_upgrade_whose_program_changes_a_maps_layout_keeps_the_rest() {
 #[test]
 fn a_failed_start_with_another_table_size_leaves_the_old_table_pinned() {
     let (mut bed, _turn) = testbed("lbup-fail");
-    let sized = |max: u32| format!("{}\n[flows]\nmax = {max}\n", config());
-    let agent = start_agent(&mut bed, &sized(4096), LISTEN);
+    let agent = start_agent(&mut bed, &sized_config(4096), LISTEN);
     let stream = bed.udp_stream(40_000, PERIOD).unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(bed.processes[agent].terminate().unwrap());
@@ -83,7 +86,7 @@ fn a_failed_start_with_another_table_size_leaves_the_old_table_pinned() {
         .join()
         .unwrap()
         .unwrap();
-    let path = bed.write_file("bigger.toml", &sized(8192)).unwrap();
+    let path = bed.write_file("bigger.toml", &sized_config(8192)).unwrap();
     let (ok, _, err) = lb_on(
         &bed,
         Host::Switch,
@@ -98,7 +101,7 @@ fn a_failed_start_with_another_table_size_leaves_the_old_table_pinned() {
     );
     drop(foreign);
 
-    let second = start_agent(&mut bed, &sized(4096), LISTEN);
+    let second = start_agent(&mut bed, &sized_config(4096), LISTEN);
     let answers = stream.join().unwrap().unwrap();
     assert_all_answered_by(&answers, "master");
     assert!(flow_age(&bed) >= 3.0, "the connection table was lost");

@@ -89,33 +89,21 @@ fn bind_freely(address: SocketAddrV4) -> Result<UdpSocket> {
 }
 
 /// Bytes of receive buffer for the bench's own UDP endpoints (client and servers).
-const ENDPOINT_RCVBUF: libc::c_int = 8 << 20;
+const ENDPOINT_RCVBUF: usize = 8 << 20;
 
 /// Gives `socket` a receive buffer of [`ENDPOINT_RCVBUF`] bytes (`SO_RCVBUFFORCE`, past
 /// `net.core.rmem_max`; the bench runs as root; the kernel doubles the value for its own
-/// bookkeeping). The bench's client and servers share two
-/// cores with the system measured: a server kept off the CPU for a few milliseconds (while
-/// an agent starts, say) would otherwise overflow the default buffer at 20 000 requests/s
-/// and count its own drops as the system's losses.
-pub fn give_room(socket: &impl std::os::fd::AsRawFd) -> Result<()> {
-    let size = ENDPOINT_RCVBUF;
-    // SAFETY: the fd is open for the call (`socket` is borrowed); setsockopt reads `size`
-    // (a c_int of the length given) and changes only this socket's buffer.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUFFORCE,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error()).context(
-            "cannot enlarge a bench socket's receive buffer (SO_RCVBUFFORCE; run as root)",
-        );
-    }
-    Ok(())
+/// bookkeeping). The bench's client and servers share two cores with the system measured: a
+/// server kept off the CPU for a few milliseconds (while an agent starts, say) would
+/// otherwise overflow the default buffer at 20 000 requests/s and count its own drops as the
+/// system's losses.
+pub fn give_room(socket: &impl std::os::fd::AsFd) -> Result<()> {
+    nix::sys::socket::setsockopt(
+        socket,
+        nix::sys::socket::sockopt::RcvBufForce,
+        &ENDPOINT_RCVBUF,
+    )
+    .context("cannot enlarge a bench socket's receive buffer (SO_RCVBUFFORCE; run as root)")
 }
 
 /// One line of a responder log.

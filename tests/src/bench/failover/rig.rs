@@ -43,11 +43,7 @@ impl Kind {
             Kind::Lb(tuning) => format!(
                 "lb (XDP, link + 1 ms UDP checks, {} ms timeout{})",
                 tuning.timeout_ms,
-                match (tuning.realtime, tuning.nice) {
-                    (Some(priority), _) => format!(", prober SCHED_FIFO {priority}"),
-                    (None, 0) => String::new(),
-                    (None, nice) => format!(", prober nice {nice}"),
-                }
+                tuning.prober.label()
             ),
             Kind::Keepalived(advert) => {
                 format!("keepalived VRRP, advert_int {} s", advert.as_secs_f64())
@@ -62,11 +58,7 @@ impl Kind {
             Kind::Lb(tuning) => format!(
                 "failover-lb-{}ms{}.svg",
                 tuning.timeout_ms,
-                match (tuning.realtime, tuning.nice) {
-                    (Some(priority), _) => format!("-rt{priority}"),
-                    (None, 0) => String::new(),
-                    (None, nice) => format!("-nice{nice}"),
-                }
+                tuning.prober.file_suffix()
             ),
             Kind::Keepalived(advert) => {
                 format!("failover-keepalived-{}.svg", advert.as_secs_f64())
@@ -437,11 +429,7 @@ pub fn lb_config(tuning: Tuning) -> String {
         + &Testbed::service_toml("connections", "tcp", TCP_PORT, &link)
         + &Testbed::service_toml("iperf-control", "tcp", IPERF_PORT, &link)
         + &Testbed::service_toml("iperf-data", "udp", IPERF_PORT, &link)
-        + &match (tuning.realtime, tuning.nice) {
-            (Some(priority), _) => format!("\n[prober]\nrealtime_priority = {priority}\n"),
-            (None, 0) => String::new(),
-            (None, nice) => format!("\n[prober]\nnice = {nice}\n"),
-        }
+        + &tuning.prober.config_table()
 }
 
 /// SIGKILL to `process` and every child it forked, as a crash of the whole daemon.

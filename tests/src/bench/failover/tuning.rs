@@ -15,35 +15,71 @@ pub const CHECK_TIMEOUT_MS: u64 = 10;
 pub struct Tuning {
     /// The UDP check's timeout, in ms (checks every 1 ms, fall 3, rise 3).
     pub timeout_ms: u64,
-    /// `[prober] realtime_priority`: the prober thread under `SCHED_FIFO` at this priority.
-    pub realtime: Option<u8>,
-    /// `[prober] nice`: the prober an ordinary thread at this niceness (0: as the agent).
-    pub nice: i8,
+    /// How the prober thread is scheduled.
+    pub prober: Prober,
+}
+
+/// How the prober thread is scheduled (`[prober]`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Prober {
+    /// An ordinary thread like the rest of the agent (no `[prober]` table).
+    Ordinary,
+    /// An ordinary thread at this niceness (`nice`).
+    Nice(i8),
+    /// Under `SCHED_FIFO` at this priority (`realtime_priority`).
+    Fifo(u8),
+}
+
+impl Prober {
+    /// As the report's system names say it (after a comma), or nothing.
+    pub fn label(self) -> String {
+        match self {
+            Prober::Ordinary => String::new(),
+            Prober::Nice(nice) => format!(", prober nice {nice}"),
+            Prober::Fifo(priority) => format!(", prober SCHED_FIFO {priority}"),
+        }
+    }
+
+    /// As file names of the report's pictures end, or nothing.
+    pub fn file_suffix(self) -> String {
+        match self {
+            Prober::Ordinary => String::new(),
+            Prober::Nice(nice) => format!("-nice{nice}"),
+            Prober::Fifo(priority) => format!("-rt{priority}"),
+        }
+    }
+
+    /// The agent config's `[prober]` table, or nothing.
+    pub fn config_table(self) -> String {
+        match self {
+            Prober::Ordinary => String::new(),
+            Prober::Nice(nice) => format!("\n[prober]\nnice = {nice}\n"),
+            Prober::Fifo(priority) => format!("\n[prober]\nrealtime_priority = {priority}\n"),
+        }
+    }
 }
 
 impl Tuning {
     /// As the agent runs without a `[prober]` table, with [`CHECK_TIMEOUT_MS`].
     pub const DEFAULT: Tuning = Tuning {
         timeout_ms: CHECK_TIMEOUT_MS,
-        realtime: None,
-        nice: 0,
+        prober: Prober::Ordinary,
     };
     /// Set for the detection targets: a 1 ms timeout (a silent master is seen within 3 to
     /// 4 ms) and the prober under `SCHED_FIFO`.
     pub const FAST: Tuning = Tuning {
         timeout_ms: 1,
-        realtime: Some(50),
-        nice: 0,
+        prober: Prober::Fifo(50),
     };
 }
 
 impl std::fmt::Display for Tuning {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}ms", self.timeout_ms)?;
-        match (self.realtime, self.nice) {
-            (Some(priority), _) => write!(f, "+fifo{priority}"),
-            (None, 0) => Ok(()),
-            (None, nice) => write!(f, "+nice{nice}"),
+        match self.prober {
+            Prober::Ordinary => Ok(()),
+            Prober::Nice(nice) => write!(f, "+nice{nice}"),
+            Prober::Fifo(priority) => write!(f, "+fifo{priority}"),
         }
     }
 }
@@ -67,31 +103,25 @@ impl std::str::FromStr for Tuning {
             .and_then(|ms| ms.parse().ok())
             .filter(|ms| *ms >= 1)
             .ok_or_else(usage)?;
-        let mut tuning = Tuning {
-            timeout_ms,
-            ..Tuning::DEFAULT
-        };
-        match scheduling {
-            None => {}
-            Some(fifo) if fifo.starts_with("fifo") => {
-                tuning.realtime = Some(
-                    fifo["fifo".len()..]
-                        .parse::<u8>()
-                        .ok()
-                        .filter(|p| (1..=99).contains(p))
-                        .ok_or_else(|| format!("{}; the priority is 1 to 99", usage()))?,
-                );
-            }
-            Some(nice) if nice.starts_with("nice") => {
-                tuning.nice = nice["nice".len()..]
+        let prober = match scheduling {
+            None => Prober::Ordinary,
+            Some(fifo) if fifo.starts_with("fifo") => Prober::Fifo(
+                fifo["fifo".len()..]
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| (1..=99).contains(p))
+                    .ok_or_else(|| format!("{}; the priority is 1 to 99", usage()))?,
+            ),
+            Some(nice) if nice.starts_with("nice") => Prober::Nice(
+                nice["nice".len()..]
                     .parse::<i8>()
                     .ok()
                     .filter(|n| (-20..=19).contains(n))
-                    .ok_or_else(|| format!("{}; the niceness is -20 to 19", usage()))?;
-            }
+                    .ok_or_else(|| format!("{}; the niceness is -20 to 19", usage()))?,
+            ),
             Some(_) => return Err(usage()),
-        }
-        Ok(tuning)
+        };
+        Ok(Tuning { timeout_ms, prober })
     }
 }
 

@@ -5,7 +5,7 @@
 use std::fmt::Write as _;
 
 use super::super::{
-    super::stats::Summary, flip_load, rig::Flip, SystemResults, Trial, FLIP_CYCLES,
+    super::stats::Summary, flip_load, rig::Flip, tuning::Prober, SystemResults, Trial, FLIP_CYCLES,
 };
 
 /// The `lb` systems of the run.
@@ -115,7 +115,10 @@ fn flip_delay(system: &SystemResults, flips: &[Flip]) -> String {
             f.us - f.waited_us
         )
     });
-    let cure = if system.tuning.is_some_and(|t| t.realtime.is_some()) {
+    let cure = if system
+        .tuning
+        .is_some_and(|t| matches!(t.prober, Prober::Fifo(_)))
+    {
         format!(
             "This setup's prober runs under `SCHED_FIFO`, so no ordinary process delays it, \
              and it is on the CPU at a deadline that decides (woken {} µs ahead); what can \
